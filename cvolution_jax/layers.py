@@ -1,0 +1,165 @@
+"""Flax linen layers: the kernel generator, involution and C-volution.
+
+Spec: `docs/cvolution.md` ("Involution", "C-volution"). All layers are NHWC and
+take `train` to switch BatchNorm between batch statistics and running averages.
+
+Parameter layout (so PyTorch involution / mmcls weights map one to one):
+
+| here | involution PyTorch module |
+|---|---|
+| `generator/reduce_conv/kernel` `[1, 1, C, C/4]` | `conv1.conv.weight` `[C/4, C, 1, 1]` |
+| `generator/reduce_bn/{scale,bias}`, stats `{mean,var}` | `conv1.bn.{weight,bias,running_mean,running_var}` |
+| `generator/span_conv/{kernel,bias}` `[1, 1, C/4, G*K*K]` | `conv2.conv.{weight,bias}` |
+| `generator/context_conv`, `generator/context_bn` | (C-volution only) |
+| `static_kernel` `[K*K, C]` | (C-volution only) |
+
+The generated channel `g*K*K + kh*K + kw` is tap `(kh, kw)` of group `g`, the reference's
+`view(b, G, K*K, h, w)`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from cvolution_jax import ops
+
+CONTEXTS = ("none", "dilated3x3")
+REDUCTION = 4
+
+# He-normal on fan_out for ReLU networks, as the involution and torchvision code initialise convs.
+he_normal = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def conv(features: int, kernel_size: int, stride: int = 1, *, dilation: int = 1, use_bias: bool = False, dtype: Any = jnp.float32, name: str | None = None) -> nn.Conv:
+    """A KxK NHWC convolution with PyTorch's symmetric padding `d*(K-1)/2`.
+
+    Flax's "SAME" pads stride-2 inputs asymmetrically; explicit padding keeps the outputs (and
+    imported PyTorch weights) identical to the reference networks.
+    """
+    pad = dilation * (kernel_size - 1) // 2
+    return nn.Conv(
+        features, (kernel_size, kernel_size), strides=stride, padding=((pad, pad), (pad, pad)),
+        kernel_dilation=dilation, use_bias=use_bias, dtype=dtype, kernel_init=he_normal, name=name,
+    )
+
+
+def batch_norm(train: bool, *, dtype: Any = jnp.float32, zero_init: bool = False, name: str | None = None) -> nn.BatchNorm:
+    """BatchNorm with PyTorch's defaults (momentum 0.1 there is 0.9 here, eps 1e-5).
+
+    `zero_init` starts gamma at 0: the last BN of a residual branch, so each block starts as identity.
+    """
+    return nn.BatchNorm(
+        use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
+        scale_init=nn.initializers.zeros if zero_init else nn.initializers.ones, name=name,
+    )
+
+
+def avg_pool_ceil(x, stride: int):
+    """`[B, H, W, C] -> [B, ceil(H/s), ceil(W/s), C]`: window s, stride s, averaging real pixels only.
+
+    The reference pools with floor-mode AvgPool(s, s) but aggregates over ceil(H/s) rows, so it
+    only runs on sizes divisible by s; ceil mode equals it there and defines the odd sizes.
+    """
+    if stride == 1:
+        return x
+    b, h, w, c = x.shape
+    ho, wo = -(-h // stride), -(-w // stride)
+    pad = ((0, 0), (0, ho * stride - h), (0, wo * stride - w), (0, 0))
+    sums = jnp.pad(x, pad).reshape(b, ho, stride, wo, stride, c).sum(axis=(2, 4))
+    counts = jnp.pad(jnp.ones((1, h, w, 1), x.dtype), pad).reshape(1, ho, stride, wo, stride, 1).sum(axis=(2, 4))
+    return sums / counts
+
+
+class KernelGenerator(nn.Module):
+    """Generates the dynamic kernel `Hd: [B, Ho, Wo, G, K*K]` from `x: [B, H, W, C]`.
+
+    `x_s = AvgPool(s)(x)`, `u = ReLU(BN(Conv1x1(C -> C/4)(x_s)))`; with `context="dilated3x3"`
+    (C-volution) `u = ReLU(BN(Conv3x3 dilation 2 (C/4 -> C/4)(u)))`, so each kernel sees a 5x5
+    window; `Hd = Conv1x1(C/4 -> G*K*K, bias)(u)`.
+    """
+
+    channels: int
+    kernel_size: int
+    stride: int = 1
+    context: str = "none"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        if self.context not in CONTEXTS:
+            raise ValueError(f"KernelGenerator: context must be one of {CONTEXTS}; got {self.context!r}.")
+        reduced = self.channels // REDUCTION
+        groups = self.channels // ops.GROUP_CHANNELS
+        bn = functools.partial(batch_norm, train, dtype=self.dtype)
+        u = avg_pool_ceil(x, self.stride)
+        u = nn.relu(bn(name="reduce_bn")(conv(reduced, 1, dtype=self.dtype, name="reduce_conv")(u)))
+        if self.context == "dilated3x3":
+            u = nn.relu(bn(name="context_bn")(conv(reduced, 3, dilation=2, dtype=self.dtype, name="context_conv")(u)))
+        span = conv(groups * self.kernel_size**2, 1, use_bias=True, dtype=self.dtype, name="span_conv")(u)
+        return span.reshape(*span.shape[:3], groups, self.kernel_size**2)
+
+
+class Involution(nn.Module):
+    """Involution (Li et al., CVPR 2021): `[B, H, W, C] -> [B, ceil(H/s), ceil(W/s), C]`."""
+
+    channels: int
+    kernel_size: int = 7
+    stride: int = 1
+    dilation: int = 1
+    dtype: Any = jnp.float32
+    impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        dynamic = KernelGenerator(self.channels, self.kernel_size, self.stride, dtype=self.dtype, name="generator")(x, train)
+        return ops.aggregate(x, dynamic, kernel_size=self.kernel_size, stride=self.stride, dilation=self.dilation, impl=self.impl)
+
+
+class CVolution(nn.Module):
+    """C-volution: `[B, H, W, C] -> [B, ceil(H/s), ceil(W/s), C]`.
+
+    A dynamic spatial kernel from a larger context (`context="dilated3x3"`) plus a static
+    per-channel kernel `S: [K*K, C]` (`channel_branch=True`), applied in one aggregation pass.
+    `context="none", channel_branch=False` is exactly `Involution`, with the same parameters.
+    """
+
+    channels: int
+    kernel_size: int = 7
+    stride: int = 1
+    context: str = "dilated3x3"
+    channel_branch: bool = True
+    dilation: int = 1
+    dtype: Any = jnp.float32
+    impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        dynamic = KernelGenerator(self.channels, self.kernel_size, self.stride, self.context, dtype=self.dtype, name="generator")(x, train)
+        static = None
+        if self.channel_branch:
+            # Initialised as a depthwise conv would be: variance 1/fan_in with fan_in = K*K.
+            static = self.param("static_kernel", nn.initializers.variance_scaling(1.0, "fan_in", "normal"), (self.kernel_size**2, self.channels))
+        return ops.aggregate(x, dynamic, static, kernel_size=self.kernel_size, stride=self.stride, dilation=self.dilation, impl=self.impl)
+
+
+SPATIAL_OPS = ("conv", "involution", "cvolution")
+
+
+def spatial_op(kind: str, channels: int, kernel_size: int, stride: int = 1, *, name: str, dtype: Any = jnp.float32, impl: str = "auto", context: str = "dilated3x3", channel_branch: bool = True):
+    """The spatial op of a network, `(x, train) -> y`, chosen by name (call inside a compact method).
+
+    `"conv"` is a KxK convolution with `channels` outputs; `"involution"` and `"cvolution"` keep
+    the channel count. `context` and `channel_branch` are C-volution's switches (its ablations).
+    """
+    if kind == "conv":
+        layer = conv(channels, kernel_size, stride, dtype=dtype, name=name)
+        return lambda x, train: layer(x)
+    if kind == "involution":
+        return Involution(channels, kernel_size, stride, dtype=dtype, impl=impl, name=name)
+    if kind == "cvolution":
+        return CVolution(channels, kernel_size, stride, context=context, channel_branch=channel_branch, dtype=dtype, impl=impl, name=name)
+    raise ValueError(f"spatial op must be one of {SPATIAL_OPS}; got {kind!r}.")

@@ -1,0 +1,54 @@
+"""The model registry: `create(name)` builds any network of the zoo by its name.
+
+    model = cvolution_jax.models.create("cednet50", num_classes=1000, dtype=jnp.bfloat16)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
+    logits = model.apply(variables, images, train=False)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+
+from cvolution_jax.models.resnet import Bottleneck, ResNet
+
+STAGE_SIZES = {
+    26: (1, 2, 4, 1),
+    38: (2, 3, 5, 2),
+    50: (3, 4, 6, 3),
+    101: (3, 4, 23, 3),
+    152: (3, 8, 36, 3),
+}
+
+# family -> (depths, ResNet fields)
+FAMILIES = {
+    "resnet": ((50, 101, 152), dict(op="conv", stem="resnet", kernel_size=3)),
+    "rednet": ((26, 38, 50, 101, 152), dict(op="involution", stem="rednet", kernel_size=7)),
+    "cednet": ((26, 38, 50, 101, 152), dict(op="cvolution", stem="rednet", kernel_size=7)),
+}
+
+
+def names() -> list[str]:
+    """Every registered model name, e.g. `resnet50`, `rednet26`, `cednet152`."""
+    return [f"{family}{depth}" for family, (depths, _) in FAMILIES.items() for depth in depths]
+
+
+def create(name: str, *, num_classes: int = 1000, dtype: Any = jnp.float32, **overrides) -> ResNet:
+    """Builds the model `name` (see `names()`).
+
+    Args:
+      name: e.g. "resnet50", "rednet38", "cednet50".
+      num_classes: classifier outputs.
+      dtype: compute dtype (e.g. jnp.bfloat16); parameters stay float32.
+      **overrides: other `ResNet` fields, e.g. `widths=(16, 32, 64, 128)` or
+        `op_kwargs=(("context", "none"), ("channel_branch", True))` for an ablation.
+    """
+    for family, (depths, fields) in FAMILIES.items():
+        suffix = name[len(family):]
+        if name.startswith(family) and suffix.isdigit() and int(suffix) in depths:
+            return ResNet(STAGE_SIZES[int(suffix)], num_classes=num_classes, dtype=dtype, **{**fields, **overrides})
+    raise ValueError(f"Unknown model {name!r}. Valid names: {', '.join(names())}.")
+
+
+__all__ = ["Bottleneck", "ResNet", "STAGE_SIZES", "FAMILIES", "names", "create"]

@@ -1,0 +1,97 @@
+"""ResNet, RedNet and CedNet: one bottleneck network parametrised by its spatial op.
+
+Spec: `docs/cvolution.md` ("Networks"). NHWC input `[B, H, W, 3]`, logits
+`[B, num_classes]` in float32 whatever the compute dtype; parameters are always float32.
+
+Module names follow mmcls (`layer3_5/conv2` is `layer3.5.conv2`) so PyTorch weights map by name.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from cvolution_jax.layers import batch_norm, conv, spatial_op
+
+EXPANSION = 4
+STEMS = ("resnet", "rednet")
+
+
+class Bottleneck(nn.Module):
+    """conv1x1 -> op(K, stride) -> conv1x1 (x4), each followed by BN; ReLU after the residual add.
+
+    `[B, H, W, Cin] -> [B, ceil(H/s), ceil(W/s), 4*width]`. The op is a 3x3 convolution in
+    ResNet, a 7x7 involution in RedNet and a 7x7 C-volution in CedNet.
+    """
+
+    width: int
+    stride: int = 1
+    op: str = "conv"
+    kernel_size: int = 3
+    op_kwargs: Any = ()  # (key, value) pairs for `spatial_op`: context, channel_branch, impl
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        bn = functools.partial(batch_norm, train, dtype=self.dtype)
+        y = nn.relu(bn(name="bn1")(conv(self.width, 1, dtype=self.dtype, name="conv1")(x)))
+        op = spatial_op(self.op, self.width, self.kernel_size, self.stride, name="conv2", dtype=self.dtype, **dict(self.op_kwargs))
+        y = nn.relu(bn(name="bn2")(op(y, train)))
+        y = bn(zero_init=True, name="bn3")(conv(self.width * EXPANSION, 1, dtype=self.dtype, name="conv3")(y))
+        if x.shape[-1] != self.width * EXPANSION or self.stride != 1:
+            x = conv(self.width * EXPANSION, 1, self.stride, dtype=self.dtype, name="downsample_conv")(x)
+            x = bn(name="downsample_bn")(x)
+        return nn.relu(x + y)
+
+
+class ResNet(nn.Module):
+    """A bottleneck network: stem, four stages, global average pool, dense classifier.
+
+    Attributes:
+      stage_sizes: blocks per stage, e.g. (3, 4, 6, 3) for depth 50.
+      op: the spatial op of the bottlenecks (and of the RedNet stem): conv, involution, cvolution.
+      stem: "resnet" (conv7x7 s2, maxpool) or "rednet" (conv3x3 s2, op(K=3), conv3x3, maxpool).
+      kernel_size: K of the bottleneck op (3 for conv, 7 for involution and C-volution).
+      widths: bottleneck widths m per stage; stage outputs are 4m.
+      stem_width: output channels of the stem.
+      op_kwargs: (key, value) pairs passed to `cvolution_jax.layers.spatial_op`.
+    """
+
+    stage_sizes: Sequence[int]
+    op: str = "conv"
+    stem: str = "resnet"
+    kernel_size: int = 3
+    num_classes: int = 1000
+    widths: Sequence[int] = (64, 128, 256, 512)
+    stem_width: int = 64
+    op_kwargs: Any = ()
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        """`[B, H, W, 3] -> [B, num_classes]` logits (float32)."""
+        if self.stem not in STEMS:
+            raise ValueError(f"ResNet: stem must be one of {STEMS}; got {self.stem!r}.")
+        bn = functools.partial(batch_norm, train, dtype=self.dtype)
+        x = x.astype(self.dtype)
+        if self.stem == "resnet":
+            x = nn.relu(bn(name="stem_bn1")(conv(self.stem_width, 7, 2, dtype=self.dtype, name="stem_conv1")(x)))
+        else:
+            half = self.stem_width // 2
+            x = nn.relu(bn(name="stem_bn1")(conv(half, 3, 2, dtype=self.dtype, name="stem_conv1")(x)))
+            op = spatial_op(self.op, half, 3, name="stem_op", dtype=self.dtype, **dict(self.op_kwargs))
+            x = nn.relu(bn(name="stem_bn2")(op(x, train)))
+            x = nn.relu(bn(name="stem_bn3")(conv(self.stem_width, 3, dtype=self.dtype, name="stem_conv2")(x)))
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        for stage, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
+            for block in range(blocks):
+                x = Bottleneck(
+                    width, 2 if stage > 0 and block == 0 else 1, self.op, self.kernel_size,
+                    self.op_kwargs, self.dtype, name=f"layer{stage + 1}_{block}",
+                )(x, train)
+        x = x.mean(axis=(1, 2))
+        x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.normal(0.01), name="fc")(x)
+        return x.astype(jnp.float32)

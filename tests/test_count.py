@@ -1,0 +1,69 @@
+"""`python -m cvolution_jax.count`: the spec's parameter and MAC requirements and the CLI."""
+
+import json
+import math
+
+import flax.linen as nn
+import jax.numpy as jnp
+import pytest
+
+from cvolution_jax import count, models
+
+
+@pytest.fixture(scope="module")
+def counts():
+    return {name: count.count(models.create(name)) for name in ["resnet50", "rednet38", "rednet50", "rednet101", "cednet50"]}
+
+
+@pytest.mark.parametrize("name,params_m", [("resnet50", 25.56), ("rednet38", 12.39), ("rednet50", 15.54), ("rednet101", 25.65)])
+def test_params_match_reference_networks(counts, name, params_m):
+    assert abs(counts[name]["params"] / 1e6 - params_m) <= 0.01
+
+
+def test_cednet50_params_within_one_percent_of_paper(counts):
+    assert abs(counts["cednet50"]["params"] / 16.3e6 - 1) <= 0.01
+
+
+@pytest.mark.parametrize("name,macs_g,tolerance", [("resnet50", 4.1, 0.02), ("rednet50", 2.71, 0.03)])
+def test_macs_match_published(counts, name, macs_g, tolerance):
+    assert abs(counts[name]["macs"] / (macs_g * 1e9) - 1) <= tolerance
+
+
+def test_macs_of_single_layers_match_closed_forms():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Conv(8, (3, 3), strides=2, padding=1, feature_group_count=1)(x)  # 5*5*8 * 3*3*4
+            x = nn.Conv(8, (3, 3), padding=1, feature_group_count=8)(x)  # 5*5*8 * 3*3*1
+            return nn.Dense(6)(x.reshape(x.shape[0], -1))  # 200 * 6
+
+    result = count.count(Net(), image_size=9)
+    # Net takes 3 input channels: the first conv's kernel is [3, 3, 3, 8].
+    assert result["macs"] == 25 * 8 * 27 + 25 * 8 * 9 + 200 * 6
+    assert result["params"] == (27 * 8 + 8) + (9 * 8 + 8) + (200 * 6 + 6)
+
+
+def test_aggregation_macs_are_output_size_times_taps():
+    from cvolution_jax.layers import Involution
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Conv(16, (1, 1))(x)  # 10*10 * 16*3
+            return Involution(16, 7, stride=2)(x)  # generator: 5*5*(16*4 + 4*49); aggregation 5*5*16*49
+
+    assert count.count(Net(), image_size=10)["macs"] == 100 * 48 + 25 * (16 * 4 + 4 * 49) + 25 * 16 * 49
+
+
+def test_cli_json(capsys):
+    count.main(["rednet26", "cednet26", "--json", "--image-size", "224"])
+    rows = json.loads(capsys.readouterr().out)
+    assert [row["model"] for row in rows] == ["rednet26", "cednet26"]
+    assert round(rows[0]["params"] / 1e6, 2) == 9.23 and round(rows[1]["params"] / 1e6, 2) == 9.64
+    assert math.isclose(rows[1]["macs"] - rows[0]["macs"], 0.06e9, rel_tol=0.1)
+
+
+def test_cli_rejects_unknown_model(capsys):
+    with pytest.raises(SystemExit):
+        count.main(["resnet18"])
+    assert "unknown model(s) resnet18; valid names: resnet50" in capsys.readouterr().err

@@ -1,0 +1,97 @@
+"""The model registry and the three families: shapes, finite gradients, BatchNorm modes, dtypes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from cvolution_jax import models
+
+
+def test_names_cover_the_zoo():
+    assert models.names() == [
+        "resnet50", "resnet101", "resnet152",
+        "rednet26", "rednet38", "rednet50", "rednet101", "rednet152",
+        "cednet26", "cednet38", "cednet50", "cednet101", "cednet152",
+    ]
+
+
+@pytest.mark.parametrize("name", ["resnet26", "cednet", "rednet50x", "vit"])
+def test_unknown_name_lists_valid_names(name):
+    with pytest.raises(ValueError, match=rf"Unknown model '{name}'\. Valid names: resnet50, .*cednet152"):
+        models.create(name)
+
+
+# The RedNet/CedNet size is odd so stride-2 ops see odd inputs (ceil-mode pooling in the generator).
+@pytest.mark.parametrize("name,size", [("resnet50", 32), ("rednet26", 33), ("cednet26", 33)])
+def test_forward_backward_is_finite(name, size):
+    model = models.create(name, num_classes=7)
+    images = jax.random.normal(jax.random.key(0), (2, size, size, 3))
+    labels = jnp.array([1, 5])
+    variables = jax.jit(model.init)(jax.random.key(1), images)
+
+    def loss_fn(params):
+        logits, updates = model.apply({**variables, "params": params}, images, train=True, mutable=["batch_stats"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), (logits, updates)
+
+    (loss, (logits, updates)), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables["params"])
+    assert logits.shape == (2, 7) and logits.dtype == jnp.float32
+    assert np.isfinite(loss)
+    assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+    # The classifier and the first convolution both receive gradient.
+    assert np.abs(grads["fc"]["kernel"]).sum() > 0 and np.abs(grads["stem_conv1"]["kernel"]).sum() > 0
+    assert jax.tree.structure(updates["batch_stats"]) == jax.tree.structure(variables["batch_stats"])
+
+
+def test_last_batchnorm_of_each_block_starts_at_zero():
+    params = jax.jit(models.create("rednet26").init)(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"]
+    blocks = [k for k in params if k.startswith("layer")]
+    assert len(blocks) == 1 + 2 + 4 + 1
+    for block in blocks:
+        assert not np.asarray(params[block]["bn3"]["scale"]).any()
+        assert np.asarray(params[block]["bn2"]["scale"]).all()
+
+
+def test_eval_mode_uses_running_statistics():
+    """In eval mode an image's logits do not depend on the rest of its batch; in train mode they do."""
+    model = models.create("cednet26", num_classes=5, widths=(16, 16, 16, 16), stem_width=32)
+    images = jax.random.normal(jax.random.key(2), (3, 33, 33, 3))
+    variables = jax.jit(model.init)(jax.random.key(3), images)
+    apply = jax.jit(model.apply, static_argnames=("train", "mutable"))
+    _, updates = apply(variables, images, train=True, mutable=("batch_stats",))
+    variables = {**variables, **updates}
+    # Give the residual branches weight so batch statistics reach the logits.
+    variables["params"] = jax.tree_util.tree_map_with_path(lambda p, v: jnp.ones_like(v) if "bn3" in str(p) and "scale" in str(p) else v, variables["params"])
+    alone = apply(variables, images[:1])
+    batched = apply(variables, images)
+    np.testing.assert_allclose(alone[0], batched[0], rtol=1e-5, atol=1e-6)
+    alone_train, _ = apply(variables, images[:2], train=True, mutable=("batch_stats",))
+    batched_train, _ = apply(variables, images, train=True, mutable=("batch_stats",))
+    assert np.abs(alone_train[0] - batched_train[0]).max() > 1e-4
+
+
+def test_bfloat16_compute_keeps_float32_parameters():
+    images = jax.random.normal(jax.random.key(4), (2, 33, 33, 3))
+    f32 = models.create("cednet26", num_classes=10)
+    bf16 = models.create("cednet26", num_classes=10, dtype=jnp.bfloat16)
+    variables = jax.jit(f32.init)(jax.random.key(5), images)
+    assert {leaf.dtype for leaf in jax.tree.leaves(jax.eval_shape(bf16.init, jax.random.key(5), images))} == {jnp.dtype(jnp.float32)}
+    variables["params"] = jax.tree_util.tree_map_with_path(lambda p, v: jnp.ones_like(v) if "bn3" in str(p) and "scale" in str(p) else v, variables["params"])
+    variables["params"]["fc"]["kernel"] = variables["params"]["fc"]["kernel"] * 100
+    out32 = jax.jit(f32.apply)(variables, images)
+    out16 = jax.jit(bf16.apply)(variables, images)
+    assert out16.dtype == jnp.float32
+    scale = np.abs(np.asarray(out32)).max()
+    assert scale > 1e-2
+    np.testing.assert_allclose(out16, out32, atol=0.1 * scale)
+    assert np.abs(out16 - out32).max() > 0  # it really ran in bfloat16
+
+
+def test_cvolution_ablation_switches_reach_every_op():
+    variables = jax.eval_shape(
+        models.create("cednet26", op_kwargs=(("context", "none"), ("channel_branch", False))).init,
+        jax.random.key(0), jnp.zeros((1, 64, 64, 3)),
+    )
+    reference = jax.eval_shape(models.create("rednet26").init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+    assert jax.tree.map(lambda v: v.shape, variables) == jax.tree.map(lambda v: v.shape, reference)
