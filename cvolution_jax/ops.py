@@ -4,16 +4,37 @@
 `cvolution_jax.layers` generate its kernels. Implementations live in `kernels/`:
 
 - `"xla"`: the plain-jnp reference (`kernels.reference`), on every backend.
-- `"auto"`: the fastest implementation for the backend. Only `"xla"` exists so far, so `"auto"`
-  resolves to it everywhere; the Pallas (Triton) kernels will take GPUs when they land.
+- `"pallas"`: the Pallas kernels lowered through Triton (`kernels.pallas`), forward and a custom
+  VJP (`dx` as a gather, `dHd`, `dS` from per-block partial sums), float32 or bfloat16. On a GPU
+  they are compiled; on any other backend they run in Pallas's interpreter (correct but slow,
+  for tests), and the first such call says so in the log.
+- `"auto"`: the Pallas kernels when `jax.default_backend() == "gpu"` and the inputs suit them
+  (float32/bfloat16, fewer than 2**31 elements per array), the XLA reference otherwise.
 """
 
 from __future__ import annotations
 
-from kernels import reference
+import logging
+
+import jax
+
+from kernels import pallas, reference
 
 GROUP_CHANNELS = reference.GROUP_CHANNELS
-IMPLS = ("auto", "xla")
+IMPLS = ("auto", "xla", "pallas")
+
+logger = logging.getLogger(__name__)
+_interpret_logged = False
+
+
+def _log_interpret_once(backend: str) -> None:
+    global _interpret_logged
+    if not _interpret_logged:
+        _interpret_logged = True
+        logger.warning(
+            "aggregate(impl='pallas') on backend %r: no GPU, so the Pallas kernels run in interpret "
+            "mode (correct, much slower). Use impl='auto' or 'xla' off GPU.", backend,
+        )
 
 
 def _check_positive_int(name: str, value, *, odd: bool = False) -> None:
@@ -45,13 +66,16 @@ def aggregate(x, dynamic_kernel, static_kernel=None, *, kernel_size: int, stride
       kernel_size: K, odd.
       stride: s >= 1.
       dilation: d >= 1.
-      impl: `"auto"` or `"xla"`.
+      impl: `"auto"` (Pallas on GPU, XLA elsewhere), `"xla"` (the jnp reference, any backend) or
+        `"pallas"` (the Triton kernels; interpret mode, logged once, off GPU).
 
     Returns:
       `[B, Ho, Wo, C]` in the dtype of `x`, accumulated in float32.
 
     Raises:
-      ValueError: naming the argument, what it was and what was expected.
+      ValueError: naming the argument, what it was and what was expected; for `impl="pallas"`
+        also when the kernels do not take the inputs (a dtype other than float32/bfloat16,
+        an array of 2**31 elements or more).
     """
     if impl not in IMPLS:
         raise ValueError(f"aggregate: impl must be one of {IMPLS}; got {impl!r}.")
@@ -78,4 +102,16 @@ def aggregate(x, dynamic_kernel, static_kernel=None, *, kernel_size: int, stride
     )
     if static_kernel is not None:
         _check_shape("static_kernel", static_kernel.shape, (kernel_size**2, c), f"[K*K, C] for K={kernel_size}, C={c}")
-    return reference.aggregate(x, dynamic_kernel, static_kernel, kernel_size=kernel_size, stride=stride, dilation=dilation)
+    config = dict(kernel_size=kernel_size, stride=stride, dilation=dilation)
+    backend = jax.default_backend()
+    if impl == "auto":
+        on_gpu = backend == "gpu" and pallas.unsupported_reason(x, dynamic_kernel, static_kernel) is None
+        impl = "pallas" if on_gpu else "xla"
+    if impl == "xla":
+        return reference.aggregate(x, dynamic_kernel, static_kernel, **config)
+    reason = pallas.unsupported_reason(x, dynamic_kernel, static_kernel)
+    if reason:
+        raise ValueError(f"aggregate: impl='pallas' cannot take these inputs: {reason}. Use impl='xla' or 'auto'.")
+    if backend != "gpu":
+        _log_interpret_once(backend)
+    return pallas.aggregate(x, dynamic_kernel, static_kernel, **config, interpret=backend != "gpu")

@@ -45,15 +45,17 @@ def aggregate(x, dynamic_kernel, static_kernel, *, kernel_size: int, stride: int
     pad_w = (pad, max(0, s * (wo - 1) + d * (k - 1) - pad - w + 1))
     x_pad = jnp.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))
     acc = jnp.promote_types(x.dtype, jnp.float32)  # bf16 accumulates in fp32; fp64 (tests) stays fp64
-    dynamic = dynamic_kernel.astype(acc)
+    # Per-tap pieces come from jnp.split, whose transpose is one concatenate: indexing tap k
+    # instead would transpose to K*K zero-padded copies of the whole kernel in the backward pass.
+    dynamic = jnp.split(dynamic_kernel.astype(acc), k * k, axis=-1)  # K*K x [B, Ho, Wo, G, 1]
     if static_kernel is not None:
-        static = static_kernel.astype(acc).reshape(k * k, groups, GROUP_CHANNELS)
+        static = jnp.split(static_kernel.astype(acc).reshape(k * k, groups, GROUP_CHANNELS), k * k, axis=0)  # K*K x [1, G, 16]
     out = jnp.zeros((b, ho, wo, groups, GROUP_CHANNELS), acc)
     for kh in range(k):
         for kw in range(k):
             tap = x_pad[:, kh * d : kh * d + s * (ho - 1) + 1 : s, kw * d : kw * d + s * (wo - 1) + 1 : s, :]
             tap = tap.astype(acc).reshape(b, ho, wo, groups, GROUP_CHANNELS)
-            weight = dynamic[..., kh * k + kw, None]  # [B, Ho, Wo, G, 1]: shared by a group's 16 channels
+            weight = dynamic[kh * k + kw]  # shared by a group's 16 channels
             if static_kernel is not None:
                 weight = weight + static[kh * k + kw]
             out = out + weight * tap

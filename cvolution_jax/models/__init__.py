@@ -41,13 +41,14 @@ def create(name: str, *, num_classes: int = 1000, dtype: Any = jnp.float32, **ov
       name: e.g. "resnet50", "rednet38", "cednet50".
       num_classes: classifier outputs.
       dtype: compute dtype (e.g. jnp.bfloat16); parameters stay float32.
-      **overrides: other `ResNet` fields, e.g. `widths=(16, 32, 64, 128)` or
+      **overrides: other `ResNet` fields, e.g. `stage_sizes=(1, 1, 1), widths=(16, 32, 64)` or
         `op_kwargs=(("context", "none"), ("channel_branch", True))` for an ablation.
     """
     for family, (depths, fields) in FAMILIES.items():
         suffix = name[len(family):]
         if name.startswith(family) and suffix.isdigit() and int(suffix) in depths:
-            return ResNet(STAGE_SIZES[int(suffix)], num_classes=num_classes, dtype=dtype, **{**fields, **overrides})
+            fields = {"stage_sizes": STAGE_SIZES[int(suffix)], **fields, **overrides}
+            return ResNet(num_classes=num_classes, dtype=dtype, **fields)
     raise ValueError(f"Unknown model {name!r}. Valid names: {', '.join(names())}.")
 
 

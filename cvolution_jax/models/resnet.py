@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from cvolution_jax.layers import batch_norm, conv, spatial_op
 
 EXPANSION = 4
-STEMS = ("resnet", "rednet")
+STEMS = ("resnet", "rednet", "small")
 
 
 class Bottleneck(nn.Module):
@@ -53,7 +53,9 @@ class ResNet(nn.Module):
     Attributes:
       stage_sizes: blocks per stage, e.g. (3, 4, 6, 3) for depth 50.
       op: the spatial op of the bottlenecks (and of the RedNet stem): conv, involution, cvolution.
-      stem: "resnet" (conv7x7 s2, maxpool) or "rednet" (conv3x3 s2, op(K=3), conv3x3, maxpool).
+      stem: "resnet" (conv7x7 s2, maxpool), "rednet" (conv3x3 s2, op(K=3), conv3x3, maxpool) or
+        "small", the RedNet stem without its max pool (one downsampling instead of two), for
+        32x32-class inputs.
       kernel_size: K of the bottleneck op (3 for conv, 7 for involution and C-volution).
       widths: bottleneck widths m per stage; stage outputs are 4m.
       stem_width: output channels of the stem.
@@ -85,7 +87,8 @@ class ResNet(nn.Module):
             op = spatial_op(self.op, half, 3, name="stem_op", dtype=self.dtype, **dict(self.op_kwargs))
             x = nn.relu(bn(name="stem_bn2")(op(x, train)))
             x = nn.relu(bn(name="stem_bn3")(conv(self.stem_width, 3, dtype=self.dtype, name="stem_conv2")(x)))
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        if self.stem != "small":
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for stage, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
             for block in range(blocks):
                 x = Bottleneck(

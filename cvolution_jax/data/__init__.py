@@ -1,0 +1,149 @@
+"""Input pipelines: `create_split(config.data, train=..., batch_size=..., seed=...)` -> `Split`.
+
+    split = cvolution_jax.data.create_split(config.data, train=True, batch_size=128, seed=0)
+    it = iter(split.dataset)
+    batch = next(it)   # {"image": f32 [128, H, W, C], "label": i32 [128], "mask": f32 [128],
+                       #  "corrupt": i32 [128]}
+    state = it.get_state()   # JSON-serialisable; `it.set_state(state)` resumes exactly here
+
+Datasets, by `config.name` (see `default_config` for every field):
+  digits         scikit-learn's 1797 8x8 digits, fixed stratified split (no files needed)
+  fashion_mnist  60000/10000 28x28 from the Debian package dataset-fashion-mnist
+  imagenet       ILSVRC2012 from an ImageFolder tree or tensorflow-datasets (user-provided)
+  synthetic      random images for benchmarks
+
+`batch_size` is per process; the global batch is `batch_size * process_count`. Each batch's
+`mask` is 1 for a real example and 0 for eval padding or an image that failed to decode;
+losses and metrics must weight examples by it. `corrupt` marks the decode failures so the
+training loop can count them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import grain
+import ml_collections
+
+from cvolution_jax.data import digits, fashion_mnist, imagenet, synthetic
+from cvolution_jax.data.pipeline import Examples, eval_pass, train_stream
+
+log = logging.getLogger(__name__)
+
+# name -> create(config, *, train, seed) -> Examples
+DATASETS = {
+    "digits": digits.create,
+    "fashion_mnist": fashion_mnist.create,
+    "imagenet": imagenet.create,
+    "synthetic": synthetic.create,
+}
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The `data` sub-config with every field; each dataset reads only the fields it needs."""
+    config = ml_collections.ConfigDict()
+    config.name = "digits"  # one of DATASETS: "digits" | "fashion_mnist" | "imagenet" | "synthetic"
+    config.image_size = 32  # output height = width in pixels (224 for ImageNet)
+    config.num_workers = 0  # grain worker processes per host; 0 decodes in the main process
+    config.num_threads = 4  # threads per process (main or worker), each building one batch at a time
+    # digits
+    config.test_fraction = 0.2  # share of the 1797 images in the fixed stratified test split
+    # fashion_mnist
+    config.path = "/usr/share/datasets/fashion-mnist"  # folder of the four *-ubyte.gz idx files
+    # imagenet
+    config.source = "imagefolder"  # "imagefolder" (data_dir/{train,val}/<wnid>/*.JPEG) or "tfds"
+    config.data_dir = ""  # imagefolder: the tree's root; tfds: its data_dir ("" = tfds default)
+    config.manual_dir = ""  # tfds: folder holding ILSVRC2012_img_{train,val}.tar ("" = tfds default)
+    # synthetic
+    config.num_classes = 1000  # labels are drawn from [0, num_classes)
+    config.num_examples = 1024  # size of the (fixed) synthetic dataset
+    return config
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """One split of a dataset, ready for the training or evaluation loop.
+
+    Attributes:
+      dataset: `iter(dataset)` gives a grain DatasetIterator (with `get_state`/`set_state`)
+        of batches {"image": float32 [b, H, W, C], "label": int32 [b], "mask": float32 [b],
+        "corrupt": int32 [b]}, b the per-process batch size. Train: infinite. Eval: one pass,
+        the same number of batches in every process.
+      num_examples: real examples in the split over all processes (before padding/dropping).
+      num_classes: labels are in [0, num_classes).
+      image_shape: (H, W, C) of the images.
+    """
+
+    dataset: grain.IterDataset
+    num_examples: int
+    num_classes: int
+    image_shape: tuple[int, int, int]
+
+
+def create_split(
+    config: ml_collections.ConfigDict,
+    *,
+    train: bool,
+    batch_size: int,
+    seed: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> Split:
+    """Builds this process's input pipeline for one split.
+
+    Args:
+      config: the `data` sub-config (fields in `default_config`).
+      train: True: infinite stream of this process's shard, reshuffled every epoch, augmented,
+        bit-for-bit reproducible from `seed`. False: one unshuffled pass, padded to whole
+        batches with mask-0 examples; over all processes every example appears exactly once.
+      batch_size: examples per batch in THIS process.
+      seed: shuffling and augmentation seed (a non-negative int). It never changes which
+        examples form a split.
+      process_index, process_count: this process's place among the data-parallel processes;
+        default `jax.process_index()` / `jax.process_count()`.
+    """
+    if config.name not in DATASETS:
+        raise ValueError(f"Unknown data.name {config.name!r}. Valid names: {', '.join(DATASETS)}.")
+    if process_index is None or process_count is None:
+        # Imported here so grain's worker processes, which import this package to unpickle the
+        # pipeline, need not import jax.
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index must be in [0, process_count), got {process_index} of {process_count}.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size (per process) must be >= 1, got {batch_size}.")
+    if seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed}.")
+    if config.num_workers < 0 or config.num_threads < 1:
+        raise ValueError(
+            f"data.num_workers must be >= 0 and data.num_threads >= 1, got {config.num_workers} "
+            f"and {config.num_threads}."
+        )
+
+    examples: Examples = DATASETS[config.name](config, train=train, seed=seed)
+    options = dict(
+        batch_size=batch_size,
+        process_index=process_index,
+        process_count=process_count,
+        num_workers=config.num_workers,
+        num_threads=config.num_threads,
+    )
+    dataset = train_stream(examples, seed=seed, **options) if train else eval_pass(examples, **options)
+    log.info(
+        "%s %s: %d examples, %d classes, images %s; process %d of %d, batch %d per process.",
+        config.name, "train" if train else "eval", len(examples.records), examples.num_classes,
+        examples.image_shape, process_index, process_count, batch_size,
+    )
+    return Split(
+        dataset=dataset,
+        num_examples=len(examples.records),
+        num_classes=examples.num_classes,
+        image_shape=examples.image_shape,
+    )
+
+
+__all__ = ["DATASETS", "Split", "create_split", "default_config"]

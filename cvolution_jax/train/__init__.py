@@ -1,0 +1,2 @@
+"""Training: optimizer and schedule (`optim`), the jitted steps (`steps`), orbax checkpoints
+(`checkpoint`), metric logging (`metrics`) and the loop that ties them (`loop`)."""

@@ -1,0 +1,200 @@
+"""The classification training loop: `train_and_evaluate(config, workdir)` and `evaluate(config, workdir)`.
+
+Data parallel over a `jax.sharding.Mesh` of every device (all processes): each process reads its
+shard of the data, `jax.make_array_from_process_local_data` assembles the global batch sharded
+over the mesh's `data` axis, and the state is replicated. One jitted `train_step`.
+
+A run is resumable: rerunning the same command with the same workdir restores the latest
+checkpoint (state and data iterator) and continues; on CPU the final parameters equal, bitwise,
+those of an uninterrupted run. SIGTERM saves a checkpoint and returns; a non-finite loss stops
+the run before anything is saved, so the last checkpoint on disk is a good one.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from cvolution_jax import data, models
+from cvolution_jax.train import checkpoint, optim, steps
+from cvolution_jax.train.metrics import MetricWriter, plot_curves
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class DivergedError(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
+def create_model(config: ml_collections.ConfigDict, num_classes: int):
+    """The model of `config.model` (`name` from the registry plus `overrides` of its fields)."""
+    if config.dtype not in DTYPES:
+        raise ValueError(f"config.dtype must be one of {sorted(DTYPES)}; got {config.dtype!r}.")
+    overrides = dict(config.model.get("overrides", {}))
+    return models.create(config.model.name, num_classes=num_classes, dtype=DTYPES[config.dtype], **overrides)
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Prints the resolved config and writes it to `<workdir>/config.json` (process 0)."""
+    if jax.process_index() != 0:
+        return
+    print(config)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+
+
+class _Mesh:
+    """The device mesh and how host batches become global arrays."""
+
+    def __init__(self, global_batch: int):
+        if global_batch % jax.device_count():
+            raise ValueError(
+                f"config.batch_size={global_batch} is not divisible by the {jax.device_count()} devices; "
+                f"use a multiple of {jax.device_count()}."
+            )
+        self.mesh = Mesh(np.asarray(jax.devices()), ("data",))
+        self.batch = NamedSharding(self.mesh, PartitionSpec("data"))
+        self.replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.per_process = global_batch // jax.process_count()
+
+    def shard(self, batch: dict) -> dict:
+        return {k: jax.make_array_from_process_local_data(self.batch, np.asarray(v)) for k, v in batch.items() if k != "corrupt"}
+
+
+def _setup(config, workdir):
+    """Everything a run needs before its first step: mesh, data, model, optimizer, initial state."""
+    mesh = _Mesh(config.batch_size)
+    train_split = data.create_split(config.data, train=True, batch_size=mesh.per_process, seed=config.seed)
+    eval_split = data.create_split(config.data, train=False, batch_size=mesh.per_process, seed=config.seed)
+    steps_per_epoch = train_split.num_examples // config.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"config.batch_size={config.batch_size} exceeds the {train_split.num_examples} training examples; lower it."
+        )
+    total_steps = config.num_train_steps if config.num_train_steps > 0 else int(config.num_epochs * steps_per_epoch)
+    model = create_model(config, train_split.num_classes)
+    tx = optim.create_optimizer(config, steps_per_epoch, total_steps)
+    init = jax.jit(functools.partial(steps.create_train_state, model, tx, train_split.image_shape), out_shardings=mesh.replicated)
+    state = init(jax.random.key(config.seed))
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
+    return mesh, train_split, eval_split, steps_per_epoch, total_steps, state, ckpt
+
+
+def run_eval(state, eval_split, mesh: _Mesh, eval_fn) -> dict:
+    """Top-1, top-5 and loss over the whole eval split (every example exactly once)."""
+    totals = None
+    for batch in eval_split.dataset:
+        sums = eval_fn(state, mesh.shard(batch))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)
+    count = float(totals["examples"])
+    if round(count) != eval_split.num_examples:
+        raise RuntimeError(f"Evaluated {count} examples but the eval split has {eval_split.num_examples}.")
+    return {"loss": totals["loss"] / count, "top1": totals["top1"] / count, "top5": totals["top5"] / count}
+
+
+def _check_finite(history: list[dict], ckpt: checkpoint.Checkpointer) -> dict:
+    """Host-side means of the per-step metrics since the last check; stops on a non-finite loss."""
+    history = jax.device_get(history)
+    for record in history:
+        if not math.isfinite(float(record["loss"])):
+            raise DivergedError(
+                f"Training loss is {float(record['loss'])}: the run diverged. Stopped without saving; the last good "
+                f"checkpoint (step {ckpt.latest_step()}) is intact. Lower --config.base_lr (or check the input data) and "
+                f"rerun the same command to resume from it."
+            )
+    return {k: float(np.mean([r[k] for r in history])) for k in ("loss", "top1")}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns the final eval metrics."""
+    save_config(config, workdir)
+    mesh, train_split, eval_split, steps_per_epoch, total_steps, state, ckpt = _setup(config, workdir)
+    train_iter = iter(train_split.dataset)
+    if ckpt.latest_step() is not None:
+        state, data_state = ckpt.restore(state)
+        if data_state is not None:
+            train_iter.set_state(data_state)
+        log.info("Resumed from %s at step %d.", ckpt.directory, int(state.step))
+    start = int(state.step)
+    train_fn = jax.jit(functools.partial(steps.train_step, label_smoothing=config.label_smoothing), donate_argnums=0)
+    eval_fn = jax.jit(steps.eval_step)
+    eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
+    writer = MetricWriter(workdir)
+
+    stop = {"signal": None}
+    previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+    history, skipped, eval_metrics = [], 0, {}
+    progress = tqdm(total=total_steps, initial=start, desc="train", unit="step", disable=jax.process_index() != 0)
+    tick, tick_step = time.perf_counter(), start
+    try:
+        for step in range(start + 1, total_steps + 1):
+            batch = next(train_iter)
+            skipped += int(np.sum(batch.get("corrupt", 0)))
+            state, metrics = train_fn(state, mesh.shard(batch))
+            history.append(metrics)
+            progress.update(1)
+            last = step == total_steps
+            if step % config.log_every_steps == 0 or step % eval_every == 0 or last or stop["signal"]:
+                summary = _check_finite(history, ckpt)
+                history = []
+                now = time.perf_counter()
+                summary["images_per_sec"] = (step - tick_step) * config.batch_size / (now - tick)
+                summary["learning_rate"] = float(optim.learning_rate_schedule(config, steps_per_epoch, total_steps)(step - 1))
+                tick, tick_step = now, step
+                writer.write(step, "train", summary)
+                progress.set_postfix(loss=f"{summary['loss']:.3f}", img_s=f"{summary['images_per_sec']:.0f}")
+                if skipped:
+                    log.warning("%d corrupt images skipped so far.", skipped)
+            if step % eval_every == 0 or last:
+                eval_metrics = run_eval(state, eval_split, mesh, eval_fn)
+                writer.write(step, "eval", eval_metrics)
+                tqdm.write(f"step {step}: eval top-1 {eval_metrics['top1']:.4f} top-5 {eval_metrics['top5']:.4f} loss {eval_metrics['loss']:.4f}")
+                ckpt.save(step, state, train_iter.get_state(), eval_metrics)
+            elif step % config.checkpoint_every_steps == 0 or stop["signal"]:
+                ckpt.save(step, state, train_iter.get_state())
+            if stop["signal"]:
+                tqdm.write(f"Received signal {stop['signal']}: saved the checkpoint of step {step}; rerun the same command to resume.")
+                break
+    finally:
+        progress.close()
+        signal.signal(signal.SIGTERM, previous_handler)
+        ckpt.close()
+        writer.close()
+    plot_curves(workdir)
+    return eval_metrics
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> dict:
+    """Restores checkpoint `step` of `workdir` (default: the latest) and evaluates it.
+
+    Prints top-1/top-5 and writes them to `<workdir>/eval_<step>.json`.
+    """
+    save_config(config, workdir)
+    mesh, _, eval_split, _, _, state, ckpt = _setup(config, workdir)
+    try:
+        state, _ = ckpt.restore(state, step)
+    finally:
+        ckpt.close()
+    metrics = run_eval(state, eval_split, mesh, jax.jit(steps.eval_step))
+    restored = int(state.step)
+    print(f"checkpoint step {restored}: top-1 {metrics['top1']:.4f}  top-5 {metrics['top5']:.4f}  loss {metrics['loss']:.4f}  ({eval_split.num_examples} images)")
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, f"eval_{restored}.json"), "w") as f:
+            json.dump({"step": restored, **metrics}, f, indent=1)
+    return metrics

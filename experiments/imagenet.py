@@ -1,0 +1,49 @@
+"""Image classification: train, resume and evaluate a registry model from a config.
+
+    python -m experiments.imagenet --config experiments/configs/default.py --workdir runs/default
+    python -m experiments.imagenet --config experiments/configs/cednet50.py --workdir runs/cednet50 \
+        --config.data.data_dir=/data/imagenet --config.batch_size=1024 --config.dtype=bfloat16
+    python -m experiments.imagenet --config experiments/configs/cednet50.py --workdir runs/cednet50 \
+        --config.mode=eval [--config.checkpoint_step=N]
+
+Rerunning a training command with the same workdir resumes from its latest checkpoint.
+`--multihost` calls `jax.distributed.initialize()`, which reads the cluster from the environment.
+"""
+
+import logging
+import sys
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from cvolution_jax.train import loop
+
+config_flags.DEFINE_config_file("config", None, "Path to a config file (get_config()).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the resolved config.")
+flags.DEFINE_bool("multihost", False, "Initialise jax.distributed (one process per host).")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.getLogger().setLevel(logging.INFO)
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes at INFO
+    if FLAGS.multihost:
+        jax.distributed.initialize()
+    config = FLAGS.config
+    try:
+        if config.mode == "train":
+            loop.train_and_evaluate(config, FLAGS.workdir)
+        elif config.mode == "eval":
+            loop.evaluate(config, FLAGS.workdir, None if config.checkpoint_step < 0 else config.checkpoint_step)
+        else:
+            raise ValueError(f"--config.mode must be 'train' or 'eval'; got {config.mode!r}.")
+    except (loop.DivergedError, FileNotFoundError, ValueError) as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    app.run(main)

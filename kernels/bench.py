@@ -1,0 +1,254 @@
+"""Times the Pallas aggregation against the XLA reference on the RedNet-50 shapes.
+
+    python -m kernels.bench                          # on a GPU: batch 64, fp32 and bf16
+    python -m kernels.bench --smoke --out-dir /tmp   # anywhere: tiny shapes, interpret mode off GPU
+
+For every aggregation of RedNet/CedNet-50 at 224x224 (the 3x3 stem op and the 7x7 op of each
+stage, the stride-2 transitions included), each dtype, and both the forward and the forward +
+backward pass, it times the Pallas kernels (`kernels.pallas`), the XLA reference
+(`kernels.reference`) and a copy that moves the same bytes (the bandwidth roof), and writes
+`aggregate_<date>_<device>.json` and `.md` to `--out-dir` (default `benchmarks/`) with the
+device, the date, the jax/jaxlib/plugin versions and the command.
+
+Traffic model (the spec's cost model, unfused, each array moved once):
+- forward: read x, read Hd, read S, write out: `|x| + |Hd| + |S| + |out|`;
+- forward + backward adds read dout, x, Hd, S and write dx, dHd, dS: `2|x| + 2|Hd| + 2|S| + |out|` more.
+Achieved GB/s is that many bytes over the measured time; "% of copy" compares it with the copy,
+a jitted `a + 1` over an array of half those bytes (read + write = the same bytes).
+
+Off GPU only `--smoke` runs: there the kernels run in Pallas's interpreter and the times say
+nothing about performance; the smoke run checks that the whole benchmark works end to end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import math
+import pathlib
+import re
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+
+from kernels import pallas, reference
+
+PASSES = ("forward", "forward+backward")
+IMPLS = ("pallas", "xla", "copy")
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+    """One aggregation: x `[batch, size, size, channels]`, kernel K, stride s, dilation 1."""
+
+    batch: int
+    size: int
+    channels: int
+    kernel_size: int
+    stride: int
+
+    @property
+    def out_size(self) -> int:
+        return reference.output_size(self.size, self.stride)
+
+    def shapes(self, with_static: bool = True) -> list[tuple[int, ...]]:
+        """Shapes of x `[B, H, W, C]`, Hd `[B, Ho, Wo, G, K*K]` and (with_static) S `[K*K, C]`."""
+        b, h, c, k, ho = self.batch, self.size, self.channels, self.kernel_size, self.out_size
+        shapes = [(b, h, h, c), (b, ho, ho, c // pallas.GROUP_CHANNELS, k * k)]
+        return shapes + [(k * k, c)] if with_static else shapes
+
+
+# RedNet/CedNet-50 at 224x224, batch 64: the stem's op(32, K=3) at 112x112, then the 7x7 op of
+# each stage, whose first block strides (56 -> 28 -> 14 -> 7) except in stage 1.
+REDNET50_OPS = {
+    "stem_c32_k3": Op(64, 112, 32, 3, 1),
+    "stage1_c64": Op(64, 56, 64, 7, 1),
+    "stage2_c128_s2": Op(64, 56, 128, 7, 2),
+    "stage2_c128": Op(64, 28, 128, 7, 1),
+    "stage3_c256_s2": Op(64, 28, 256, 7, 2),
+    "stage3_c256": Op(64, 14, 256, 7, 1),
+    "stage4_c512_s2": Op(64, 14, 512, 7, 2),
+    "stage4_c512": Op(64, 7, 512, 7, 1),
+}
+SMOKE_OPS = {"smoke_c32_k7_s2": Op(1, 10, 32, 7, 2)}  # one tiny op: the smoke run is mostly compiling
+
+
+def traffic_bytes(op: Op, itemsize: int, pass_: str, with_static: bool = True) -> int:
+    """Bytes the traffic model says `pass_` moves (see the module docstring)."""
+    x, hd, *static = (math.prod(shape) for shape in op.shapes(with_static))
+    s = static[0] if static else 0
+    out = op.batch * op.out_size**2 * op.channels
+    forward = x + hd + s + out
+    backward = out + 2 * x + 2 * hd + 2 * s
+    return itemsize * (forward if pass_ == "forward" else forward + backward)
+
+
+def _time(fn, args, *, iters: int, warmup: int, repeats: int) -> float:
+    """Median over `repeats` of the mean seconds per call over `iters` back-to-back calls."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(iters):
+            result = fn(*args)
+        jax.block_until_ready(result)
+        times.append((time.perf_counter() - start) / iters)
+    return statistics.median(times)
+
+
+def _jitted(impl: str, op: Op, pass_: str, interpret: bool):
+    config = dict(kernel_size=op.kernel_size, stride=op.stride, dilation=1)
+    if impl == "pallas":
+        aggregate = lambda x, hd, s: pallas.aggregate(x, hd, s, **config, interpret=interpret)
+    else:
+        aggregate = lambda x, hd, s: reference.aggregate(x, hd, s, **config)
+    if pass_ == "forward":
+        return jax.jit(lambda x, hd, s, g: aggregate(x, hd, s))
+
+    def forward_backward(x, hd, s, g):
+        out, vjp = jax.vjp(aggregate, x, hd, s)
+        return out, vjp(g)
+
+    return jax.jit(forward_backward)
+
+
+def run_op(name: str, op: Op, dtype, *, with_static: bool, interpret: bool, iters: int, warmup: int, repeats: int) -> list[dict]:
+    """Rows (one per pass and implementation) for one op in one dtype."""
+    keys = jax.random.split(jax.random.key(0), 4)
+    shapes = op.shapes(with_static)
+    x, hd, *static = (jax.random.normal(key, shape, dtype) for key, shape in zip(keys, shapes))
+    s = static[0] if static else None
+    g = jax.random.normal(keys[3], (op.batch, op.out_size, op.out_size, op.channels), dtype)
+    itemsize = jnp.dtype(dtype).itemsize
+    rows = []
+    for pass_ in PASSES:
+        nbytes = traffic_bytes(op, itemsize, pass_, with_static)
+        times = {}
+        for impl in ("pallas", "xla"):
+            times[impl] = _time(_jitted(impl, op, pass_, interpret), (x, hd, s, g), iters=iters, warmup=warmup, repeats=repeats)
+        # Half the bytes in, half out: the same traffic as the model, at the best the chip does.
+        buffer = jnp.zeros((nbytes // 2 // itemsize,), dtype)
+        times["copy"] = _time(jax.jit(lambda a: a + 1), (buffer,), iters=iters, warmup=warmup, repeats=repeats)
+        del buffer
+        for impl in IMPLS:
+            gb_per_s = nbytes / times[impl] / 1e9
+            rows.append(dict(
+                op=name, shape=dict(dataclasses.asdict(op), out_size=op.out_size), dtype=jnp.dtype(dtype).name,
+                **{"pass": pass_}, impl=impl, time_ms=times[impl] * 1e3, bytes=nbytes, gb_per_s=gb_per_s,
+                pct_of_copy=100 * times["copy"] / times[impl],
+                speedup_vs_xla=None if impl == "copy" else times["xla"] / times[impl],
+            ))
+    return rows
+
+
+def _versions() -> dict:
+    versions = {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "python": sys.version.split()[0]}
+    # jax runs the Triton that XLA bundles in jaxlib / the CUDA plugin; a `triton` wheel is unrelated
+    # but recorded when present.
+    for dist in ("jax-cuda12-plugin", "jax-cuda12-pjrt", "jax-cuda13-plugin", "jax-cuda13-pjrt", "triton"):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    versions["triton_in_use"] = f"bundled with XLA in jaxlib {jaxlib.__version__} / the CUDA plugin"
+    return versions
+
+
+def _markdown(result: dict) -> str:
+    lines = [
+        f"# Aggregation benchmark{' (smoke run: interpret mode, times mean nothing)' if result['smoke'] else ''}",
+        "",
+        f"- device: {result['device']} ({result['platform']}, {result['device_count']} device(s))",
+        f"- date: {result['date']}",
+        f"- versions: {', '.join(f'{k} {v}' for k, v in result['versions'].items())}",
+        f"- command: `{result['command']}`",
+        f"- static kernel (C-volution): {result['with_static']}; iterations {result['iters']}, "
+        f"warm-up {result['warmup']}, median of {result['repeats']} repeats",
+        "- traffic model: forward `|x| + |Hd| + |S| + |out|`; forward+backward adds "
+        "`2|x| + 2|Hd| + 2|S| + |out|`; copy = jitted `a + 1` moving the same bytes",
+        "",
+        "| op | x shape | K | s | dtype | pass | impl | time (ms) | GB/s | % of copy | speedup vs xla |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        sh = r["shape"]
+        lines.append(
+            f"| {r['op']} | {sh['batch']}x{sh['size']}x{sh['size']}x{sh['channels']} | {sh['kernel_size']} | {sh['stride']} "
+            f"| {r['dtype']} | {r['pass']} | {r['impl']} | {r['time_ms']:.3f} | {r['gb_per_s']:.0f} "
+            f"| {r['pct_of_copy']:.0f} | {'' if r['speedup_vs_xla'] is None else format(r['speedup_vs_xla'], '.2f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> list[pathlib.Path]:
+    """Runs the benchmark; returns the paths of the JSON and markdown files it wrote."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, few iterations; interpret mode off GPU")
+    parser.add_argument("--out-dir", default="benchmarks", help="where the JSON and markdown results go")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated dtypes")
+    parser.add_argument("--ops", default=None, help="comma-separated op names (default: all)")
+    parser.add_argument("--no-static", action="store_true", help="involution (no static kernel) instead of C-volution")
+    parser.add_argument("--iters", type=int, default=None, help="calls per timing (default 20; smoke 2)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 3; smoke 1)")
+    parser.add_argument("--repeats", type=int, default=None, help="timings, the median is kept (default 5; smoke 1)")
+    args = parser.parse_args(argv)
+
+    on_gpu = jax.default_backend() == "gpu"
+    if not on_gpu and not args.smoke:
+        parser.error(
+            f"no GPU (backend {jax.default_backend()!r}): the kernels would run in the interpreter and the "
+            f"times would mean nothing. Run on a GPU machine, or pass --smoke to check the benchmark runs."
+        )
+    ops = SMOKE_OPS if args.smoke else REDNET50_OPS
+    if args.ops:
+        unknown = set(args.ops.split(",")) - set(ops)
+        if unknown:
+            parser.error(f"unknown ops {sorted(unknown)}; choose from {sorted(ops)}")
+        ops = {name: ops[name] for name in args.ops.split(",")}
+    iters = args.iters or (2 if args.smoke else 20)
+    warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 3)
+    repeats = args.repeats or (1 if args.smoke else 5)
+    with_static = not args.no_static
+
+    rows = []
+    for name, op in ops.items():
+        for dtype_name in args.dtypes.split(","):
+            dtype = jnp.dtype(dtype_name)
+            op_rows = run_op(name, op, dtype, with_static=with_static, interpret=not on_gpu, iters=iters, warmup=warmup, repeats=repeats)
+            for r in op_rows:
+                print(f"{name:16s} {dtype_name:9s} {r['pass']:17s} {r['impl']:7s} {r['time_ms']:9.3f} ms "
+                      f"{r['gb_per_s']:7.0f} GB/s {r['pct_of_copy']:5.0f}% of copy", flush=True)
+            rows.extend(op_rows)
+
+    device = jax.devices()[0]
+    now = datetime.datetime.now(datetime.timezone.utc)
+    result = dict(
+        smoke=args.smoke, device=device.device_kind, platform=device.platform, device_count=jax.device_count(),
+        date=now.isoformat(timespec="seconds"), versions=_versions(),
+        command=" ".join(["python -m kernels.bench", *argv]).strip(),
+        with_static=with_static, iters=iters, warmup=warmup, repeats=repeats,
+        traffic_model="forward |x|+|Hd|+|S|+|out|; forward+backward adds 2|x|+2|Hd|+2|S|+|out|",
+        rows=rows,
+    )
+    out_dir = pathlib.Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", device.device_kind).strip("-").lower()
+    stem = f"aggregate_{now.strftime('%Y%m%dT%H%M%SZ')}_{slug}{'_smoke' if args.smoke else ''}"
+    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
+    paths[0].write_text(json.dumps(result, indent=1) + "\n")
+    paths[1].write_text(_markdown(result))
+    print(f"wrote {paths[0]} and {paths[1]}")
+    return paths
+
+
+if __name__ == "__main__":
+    main()
