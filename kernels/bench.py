@@ -36,7 +36,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import jaxlib
 
 from kernels import pallas, reference
 
@@ -150,7 +149,7 @@ def run_op(name: str, op: Op, dtype, *, with_static: bool, interpret: bool, iter
 
 
 def _versions() -> dict:
-    versions = {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "python": sys.version.split()[0]}
+    versions = {"jax": jax.__version__, "jaxlib": importlib.metadata.version("jaxlib"), "python": sys.version.split()[0]}
     # jax runs the Triton that XLA bundles in jaxlib / the CUDA plugin; a `triton` wheel is unrelated
     # but recorded when present.
     for dist in ("jax-cuda12-plugin", "jax-cuda12-pjrt", "jax-cuda13-plugin", "jax-cuda13-pjrt", "triton"):
@@ -158,7 +157,7 @@ def _versions() -> dict:
             versions[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             pass
-    versions["triton_in_use"] = f"bundled with XLA in jaxlib {jaxlib.__version__} / the CUDA plugin"
+    versions["triton_in_use"] = f"bundled with XLA in jaxlib {versions['jaxlib']} / the CUDA plugin"
     return versions
 
 

@@ -24,9 +24,18 @@ class CheckpointMismatchError(ValueError):
     """The checkpoint's arrays do not fit the model being restored."""
 
 
+def _key_name(key) -> str:
+    for attribute in ("key", "name", "idx"):
+        if hasattr(key, attribute):
+            return str(getattr(key, attribute))
+    return str(key)
+
+
 def _paths_and_shapes(tree) -> list[tuple[str, tuple]]:
+    """`("params/layer1_0/conv1/kernel", shape)` per leaf: the same names for a train state and
+    for the nested dicts of a checkpoint's metadata."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return [(jax.tree_util.keystr(path), tuple(getattr(leaf, "shape", ()))) for path, leaf in leaves]
+    return [("/".join(_key_name(k) for k in path), tuple(getattr(leaf, "shape", ()))) for path, leaf in leaves]
 
 
 def check_compatible(saved, target, where: str) -> None:
@@ -69,7 +78,7 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(preservation_policy=policy, create=True, cleanup_tmp_directories=True),
-            item_names=("state", "data"),
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()},
         )
 
     def latest_step(self) -> int | None:

@@ -105,20 +105,22 @@ def run_eval(state, eval_split, mesh: _Mesh, eval_fn) -> dict:
     count = float(totals["examples"])
     if round(count) != eval_split.num_examples:
         raise RuntimeError(f"Evaluated {count} examples but the eval split has {eval_split.num_examples}.")
-    return {"loss": totals["loss"] / count, "top1": totals["top1"] / count, "top5": totals["top5"] / count}
+    return {key: float(totals[key]) / count for key in ("loss", "top1", "top5")}
 
 
 def _check_finite(history: list[dict], ckpt: checkpoint.Checkpointer) -> dict:
     """Host-side means of the per-step metrics since the last check; stops on a non-finite loss."""
     history = jax.device_get(history)
     for record in history:
-        if not math.isfinite(float(record["loss"])):
+        for key, what in (("loss", "Training loss"), ("param_norm", "The parameters' norm")):
+            if math.isfinite(float(record[key])):
+                continue
             raise DivergedError(
-                f"Training loss is {float(record['loss'])}: the run diverged. Stopped without saving; the last good "
+                f"{what} is {float(record[key])}: the run diverged. Stopped without saving; the last good "
                 f"checkpoint (step {ckpt.latest_step()}) is intact. Lower --config.base_lr (or check the input data) and "
                 f"rerun the same command to resume from it."
             )
-    return {k: float(np.mean([r[k] for r in history])) for k in ("loss", "top1")}
+    return {k: float(np.mean([r[k] for r in history])) for k in ("loss", "top1", "param_norm")}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -149,8 +151,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             state, metrics = train_fn(state, mesh.shard(batch))
             history.append(metrics)
             progress.update(1)
+            # Read once: a signal arriving later in this iteration is handled at the next step.
+            stopping = stop["signal"] is not None
             last = step == total_steps
-            if step % config.log_every_steps == 0 or step % eval_every == 0 or last or stop["signal"]:
+            evaluate_now = step % eval_every == 0 or last
+            save_now = evaluate_now or step % config.checkpoint_every_steps == 0 or stopping
+            if step % config.log_every_steps == 0 or save_now:
+                # Every checkpoint is preceded by this check, so none holds a diverged state.
                 summary = _check_finite(history, ckpt)
                 history = []
                 now = time.perf_counter()
@@ -161,14 +168,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 progress.set_postfix(loss=f"{summary['loss']:.3f}", img_s=f"{summary['images_per_sec']:.0f}")
                 if skipped:
                     log.warning("%d corrupt images skipped so far.", skipped)
-            if step % eval_every == 0 or last:
+            if evaluate_now:
                 eval_metrics = run_eval(state, eval_split, mesh, eval_fn)
                 writer.write(step, "eval", eval_metrics)
                 tqdm.write(f"step {step}: eval top-1 {eval_metrics['top1']:.4f} top-5 {eval_metrics['top5']:.4f} loss {eval_metrics['loss']:.4f}")
-                ckpt.save(step, state, train_iter.get_state(), eval_metrics)
-            elif step % config.checkpoint_every_steps == 0 or stop["signal"]:
-                ckpt.save(step, state, train_iter.get_state())
-            if stop["signal"]:
+            if save_now:
+                ckpt.save(step, state, train_iter.get_state(), eval_metrics if evaluate_now else None)
+            if stopping:
                 tqdm.write(f"Received signal {stop['signal']}: saved the checkpoint of step {step}; rerun the same command to resume.")
                 break
     finally:

@@ -36,7 +36,11 @@ def weighted_cross_entropy(logits, labels, mask, label_smoothing: float):
 
 
 def train_step(state: TrainState, batch, label_smoothing: float):
-    """One SGD step. Returns the new state and `{"loss", "top1", "examples"}` of this batch."""
+    """One SGD step. Returns the new state and `{"loss", "top1", "examples", "param_norm"}`.
+
+    `param_norm` is the global norm of the updated parameters: finite loss with non-finite
+    parameters is the first sign of divergence, and a checkpoint must not be written then.
+    """
 
     def loss_fn(params):
         logits, updates = state.apply_fn(
@@ -47,7 +51,12 @@ def train_step(state: TrainState, batch, label_smoothing: float):
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     state = state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"])
     correct = (logits.argmax(-1) == batch["label"]) * batch["mask"]
-    metrics = {"loss": loss, "top1": correct.sum() / jnp.maximum(batch["mask"].sum(), 1.0), "examples": batch["mask"].sum()}
+    metrics = {
+        "loss": loss,
+        "top1": correct.sum() / jnp.maximum(batch["mask"].sum(), 1.0),
+        "examples": batch["mask"].sum(),
+        "param_norm": optax.tree.norm(state.params),
+    }
     return state, metrics
 
 

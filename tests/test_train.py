@@ -1,0 +1,127 @@
+"""Training library: optimizer recipe, loss, checkpoints, and the loop run in-process."""
+
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from cvolution_jax import models
+from cvolution_jax.train import checkpoint, loop, optim, steps
+from tests import tiny_config as tiny
+
+
+def tiny_config(**changes) -> ml_collections.ConfigDict:
+    config = tiny.get_config()
+    for key, value in changes.items():
+        config[key] = value
+    return config
+
+
+def test_learning_rate_schedule_is_warmup_then_cosine():
+    config = ml_collections.ConfigDict(dict(base_lr=0.1, batch_size=2048, warmup_epochs=5.0, warmup_factor=0.25))
+    steps_per_epoch, total = 626, 130 * 626
+    schedule = optim.learning_rate_schedule(config, steps_per_epoch, total)
+    warmup = 5 * 626
+    assert math.isclose(schedule(0), 0.2, rel_tol=1e-6)  # 0.25 x 0.8
+    assert math.isclose(schedule(warmup // 2), 0.2 + 0.6 * (warmup // 2) / warmup, rel_tol=1e-5)
+    assert math.isclose(schedule(warmup), 0.8, rel_tol=1e-6)
+    middle = warmup + (total - warmup) // 2
+    assert math.isclose(schedule(middle), 0.4, rel_tol=1e-3)
+    assert abs(schedule(total)) < 1e-9
+
+
+def test_weight_decay_skips_batchnorm_and_biases():
+    variables = jax.eval_shape(models.create("cednet26").init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+    flat = {jax.tree_util.keystr(p): m for p, m in jax.tree_util.tree_flatten_with_path(optim.decay_mask(variables["params"]))[0]}
+    assert flat["['stem_conv1']['kernel']"] and flat["['fc']['kernel']"]
+    assert flat["['layer1_0']['conv2']['static_kernel']"]
+    assert not flat["['fc']['bias']"] and not flat["['layer1_0']['bn1']['scale']"] and not flat["['layer1_0']['bn1']['bias']"]
+    assert not flat["['layer1_0']['conv2']['generator']['span_conv']['bias']"]
+
+
+def test_sgd_step_matches_pytorch_update_rule():
+    """One step of the optimizer against torch.optim.SGD's formulas written out (nesterov, wd in grad)."""
+    config = ml_collections.ConfigDict(dict(base_lr=0.1, batch_size=256, warmup_epochs=0.0, warmup_factor=1.0, weight_decay=0.01, momentum=0.9, nesterov=True))
+    tx = optim.create_optimizer(config, steps_per_epoch=10, total_steps=1000)
+    params = {"kernel": jnp.array([[1.0, -2.0]]), "bias": jnp.array([0.5])}
+    grads = {"kernel": jnp.array([[0.3, 0.1]]), "bias": jnp.array([0.2])}
+    opt_state = tx.init(params)
+    for _ in range(2):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+    # Two steps by hand: lr(0)=0.1, lr(1)=0.1*(1+cos(pi/1000))/2.
+    lr = [0.1, 0.1 * (1 + math.cos(math.pi * 1 / 1000)) / 2]
+    p, buf = np.array([1.0, -2.0]), np.zeros(2)
+    b, bbuf = np.array([0.5]), np.zeros(1)
+    for step in range(2):
+        g = np.array([0.3, 0.1]) + 0.01 * p
+        buf = 0.9 * buf + g
+        p = p - lr[step] * (g + 0.9 * buf)
+        gb = np.array([0.2])
+        bbuf = 0.9 * bbuf + gb
+        b = b - lr[step] * (gb + 0.9 * bbuf)
+    np.testing.assert_allclose(params["kernel"][0], p, rtol=1e-6)
+    np.testing.assert_allclose(params["bias"], b, rtol=1e-6)
+
+
+def test_weighted_cross_entropy_closed_form():
+    logits = jnp.array([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0], [9.0, 9.0, 9.0]])
+    labels = jnp.array([0, 2, 1])
+    mask = jnp.array([1.0, 1.0, 0.0])
+    eps = 0.1
+    log_p = np.asarray(jax.nn.log_softmax(logits))
+    expected = np.mean([-(1 - eps) * log_p[i, labels[i]] - eps / 3 * log_p[i].sum() for i in (0, 1)])
+    assert math.isclose(float(steps.weighted_cross_entropy(logits, labels, mask, eps)), expected, rel_tol=1e-6)
+
+
+def test_restoring_into_a_different_model_names_the_parameter(tmp_path):
+    tx = optax.sgd(0.1)
+    small = steps.create_train_state(models.create("rednet26", num_classes=10, widths=(16, 16, 16, 16)), tx, (32, 32, 3), jax.random.key(0))
+    wide = steps.create_train_state(models.create("rednet26", num_classes=10, widths=(16, 32, 16, 16)), tx, (32, 32, 3), jax.random.key(0))
+    ckpt = checkpoint.Checkpointer(str(tmp_path))
+    ckpt.save(1, small, {"next_index": 3})
+    ckpt.wait()
+    with pytest.raises(checkpoint.CheckpointMismatchError, match=r"params/layer2_0/bn1/bias has shape \(16,\) in the checkpoint but \(32,\)"):
+        ckpt.restore(wide)
+    restored, data_state = ckpt.restore(small)
+    assert data_state == {"next_index": 3}
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(small)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(FileNotFoundError, match=r"No checkpoint at step 7 .*steps there: \[1\]"):
+        ckpt.restore(small, step=7)
+    ckpt.close()
+
+
+def test_train_evaluate_and_restore(tmp_path):
+    workdir = str(tmp_path)
+    config = tiny_config()
+    final = loop.train_and_evaluate(config, workdir)
+    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert [r["step"] for r in records if r["split"] == "eval"] == [6, 12]
+    assert all(math.isfinite(r["loss"]) for r in records)
+    assert os.path.exists(os.path.join(workdir, "curves.png"))
+    assert json.load(open(os.path.join(workdir, "config.json")))["model"]["name"] == "cednet26"
+    assert os.listdir(os.path.join(workdir, "tensorboard"))
+    assert sorted(checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).all_steps())[-1] == 12
+    # Eval mode restores the final checkpoint and reproduces the final evaluation.
+    metrics = loop.evaluate(config, workdir)
+    for key in ("top1", "top5", "loss"):
+        assert math.isclose(metrics[key], final[key], rel_tol=1e-6)
+    assert json.load(open(os.path.join(workdir, "eval_12.json")))["step"] == 12
+
+
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    workdir = str(tmp_path)
+    loop.train_and_evaluate(tiny_config(num_train_steps=4), workdir)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    before = checkpoint.Checkpointer(ckpt_dir).all_steps()
+    assert before[-1] == 4
+    with pytest.raises(loop.DivergedError, match=r"(Training loss|The parameters' norm) is (nan|inf).*last good checkpoint \(step 4\) is intact"):
+        loop.train_and_evaluate(tiny_config(num_train_steps=12, base_lr=1e30), workdir)
+    assert checkpoint.Checkpointer(ckpt_dir).all_steps() == before
