@@ -148,7 +148,8 @@ def run_op(name: str, op: Op, dtype, *, with_static: bool, interpret: bool, iter
     return rows
 
 
-def _versions() -> dict:
+def versions() -> dict:
+    """jax, jaxlib, Python and CUDA plugin versions, for the header of every benchmark file."""
     versions = {"jax": jax.__version__, "jaxlib": importlib.metadata.version("jaxlib"), "python": sys.version.split()[0]}
     # jax runs the Triton that XLA bundles in jaxlib / the CUDA plugin; a `triton` wheel is unrelated
     # but recorded when present.
@@ -232,7 +233,7 @@ def main(argv: list[str] | None = None) -> list[pathlib.Path]:
     now = datetime.datetime.now(datetime.timezone.utc)
     result = dict(
         smoke=args.smoke, device=device.device_kind, platform=device.platform, device_count=jax.device_count(),
-        date=now.isoformat(timespec="seconds"), versions=_versions(),
+        date=now.isoformat(timespec="seconds"), versions=versions(),
         command=" ".join(["python -m kernels.bench", *argv]).strip(),
         with_static=with_static, iters=iters, warmup=warmup, repeats=repeats,
         traffic_model="forward |x|+|Hd|+|S|+|out|; forward+backward adds 2|x|+2|Hd|+2|S|+|out|",

@@ -17,7 +17,7 @@ def quickstart_commands():
 def test_quickstart_has_two_commands_and_ci_runs_the_test_one():
     commands = quickstart_commands()
     assert len(commands) == 2, commands
-    assert "cvolution_jax.count" in commands[0]
+    assert "python -m experiments.imagenet --config experiments/configs/default.py" in commands[0]
     assert "[test]" in commands[1] and "pytest" in commands[1]
     ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
     assert commands[1] in ci_lines

@@ -125,3 +125,10 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     with pytest.raises(loop.DivergedError, match=r"(Training loss|The parameters' norm) is (nan|inf).*last good checkpoint \(step 4\) is intact"):
         loop.train_and_evaluate(tiny_config(num_train_steps=12, base_lr=1e30), workdir)
     assert checkpoint.Checkpointer(ckpt_dir).all_steps() == before
+
+
+def test_bfloat16_training_runs_with_float32_parameters(tmp_path):
+    final = loop.train_and_evaluate(tiny_config(dtype="bfloat16", num_train_steps=3, eval_every_steps=3), str(tmp_path))
+    assert math.isfinite(final["loss"]) and 0 <= final["top1"] <= 1
+    restored = checkpoint.Checkpointer(str(tmp_path / "checkpoints")).manager.item_metadata(3)["state"]
+    assert {str(m.dtype) for m in jax.tree.leaves(restored["params"])} == {"float32"}
