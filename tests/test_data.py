@@ -175,21 +175,25 @@ def _identify(images, reference):
     return [int(np.flatnonzero((flat == img.reshape(-1)).all(axis=1))[0]) for img in images]
 
 
-def test_train_shards_are_disjoint_cover_the_data_and_reshuffle_each_epoch():
+def test_train_processes_split_each_global_batch_and_reshuffle_each_epoch():
+    """Two processes of 5 read disjoint halves of the same global batches of 10 that one process
+    of 10 reads; over an epoch they cover the data, and the next epoch is a new permutation."""
     # Synthetic examples are not augmented, so each image identifies its example.
     cfg = config(name="synthetic", image_size=2, num_examples=40, num_classes=5)
     _, reference = eval_batches(cfg, batch_size=40, seed=7)
     reference = reference[0]["image"]
-    epochs = []
+    single = data.create_split(cfg, train=True, batch_size=10, seed=7, process_index=0, process_count=1)
+    global_ids = [_identify(b["image"], reference) for b in take(iter(single.dataset), 8)]  # two epochs
+    halves = []
     for p in range(2):
         split = data.create_split(cfg, train=True, batch_size=5, seed=7, process_index=p, process_count=2)
-        batches = take(iter(split.dataset), 8)  # two epochs of the 20-example shard
-        ids = _identify(np.concatenate([b["image"] for b in batches]), reference)
-        first, second = ids[:20], ids[20:]
-        assert sorted(first) == sorted(second) == list(range(p, 40, 2))
-        assert first != second  # a fresh permutation each epoch
-        epochs.append(set(first))
-    assert epochs[0].isdisjoint(epochs[1]) and epochs[0] | epochs[1] == set(range(40))
+        halves.append([_identify(b["image"], reference) for b in take(iter(split.dataset), 8)])
+    for step, ids in enumerate(global_ids):
+        assert halves[0][step] + halves[1][step] == ids
+        assert set(halves[0][step]).isdisjoint(halves[1][step])
+    first, second = sum(global_ids[:4], []), sum(global_ids[4:], [])
+    assert sorted(first) == sorted(second) == list(range(40))
+    assert first != second  # a fresh permutation each epoch
 
 
 def test_resume_in_process_yields_exactly_the_next_batches():

@@ -4,6 +4,7 @@ import json
 import math
 import os
 
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -85,12 +86,15 @@ def test_restoring_into_a_different_model_names_the_parameter(tmp_path):
     small = steps.create_train_state(models.create("rednet26", num_classes=10, widths=(16, 16, 16, 16)), tx, (32, 32, 3), jax.random.key(0))
     wide = steps.create_train_state(models.create("rednet26", num_classes=10, widths=(16, 32, 16, 16)), tx, (32, 32, 3), jax.random.key(0))
     ckpt = checkpoint.Checkpointer(str(tmp_path))
-    ckpt.save(1, small, {"next_index": 3})
+    data = iter(grain.MapDataset.range(10).to_iter_dataset())
+    assert [next(data) for _ in range(3)] == [0, 1, 2]
+    ckpt.save(1, small, data)
     ckpt.wait()
     with pytest.raises(checkpoint.CheckpointMismatchError, match=r"params/layer2_0/bn1/bias has shape \(16,\) in the checkpoint but \(32,\)"):
         ckpt.restore(wide)
-    restored, data_state = ckpt.restore(small)
-    assert data_state == {"next_index": 3}
+    fresh = iter(grain.MapDataset.range(10).to_iter_dataset())
+    restored = ckpt.restore(small, data_iterator=fresh)
+    assert next(fresh) == 3
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(small)):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(FileNotFoundError, match=r"No checkpoint at step 7 .*steps there: \[1\]"):

@@ -82,20 +82,26 @@ def _padding(image_shape: tuple[int, int, int]) -> Example:
 
 
 @dataclasses.dataclass(frozen=True)
-class _TrainExample:
-    """(position in the repeated, shuffled shard, example id) -> augmented example with mask."""
+class _TrainBatch:
+    """(global batch number, example ids of the global batch) -> this process's slice, augmented."""
 
     examples: Examples
     seed: int
-    shard_size: int
+    batch_size: int
+    process_index: int
 
-    def __call__(self, position: int, example_id: int) -> Example:
-        epoch = position // self.shard_size
-        # The generator depends on (seed, epoch, example id) only: the same example gets fresh
-        # augmentation each epoch, and the stream does not depend on thread or worker timing,
-        # nor (for a given example and epoch) on the number of processes.
-        rng = np.random.default_rng((self.seed, epoch, int(example_id)))
-        return _with_mask(self.examples.preprocess(self.examples.records[int(example_id)], rng))
+    def __call__(self, batch_number: int, example_ids: np.ndarray) -> Example:
+        num_examples = len(self.examples.records)
+        first = self.process_index * self.batch_size
+        rows = []
+        for offset in range(first, first + self.batch_size):
+            example_id = int(example_ids[offset])
+            epoch = (batch_number * len(example_ids) + offset) // num_examples
+            # The generator depends on (seed, epoch, example id) only: the same example gets fresh
+            # augmentation each epoch, whatever the thread, worker or number of processes.
+            rng = np.random.default_rng((self.seed, epoch, example_id))
+            rows.append(_with_mask(self.examples.preprocess(self.examples.records[example_id], rng)))
+        return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,10 +119,10 @@ class _EvalExample:
         return _with_mask(self.examples.preprocess(self.examples.records[example_id], None))
 
 
-def _shuffle_seed(seed: int, process_index: int) -> int:
+def _shuffle_seed(seed: int) -> int:
     # grain's shuffle seeds epoch e with `seed + e`, so seeds 0 and 1 would share permutations
-    # one epoch apart; hashing (seed, process) into 32 bits keeps runs and processes unrelated.
-    return int(np.random.SeedSequence((seed, process_index)).generate_state(1)[0])
+    # one epoch apart; hashing the seed into 32 bits keeps runs unrelated.
+    return int(np.random.SeedSequence(seed).generate_state(1)[0])
 
 
 def train_stream(
@@ -129,24 +135,26 @@ def train_stream(
     num_workers: int,
     num_threads: int,
 ) -> grain.IterDataset:
-    """Infinite, shuffled, augmented batches of this process's shard.
+    """Infinite, shuffled, augmented batches: this process's slice of each global batch.
 
-    The shard is examples `process_index::process_count` (disjoint across processes, covering
-    the data). Each epoch of the shard is a fresh permutation; batches run across epoch
-    boundaries, so none is ever partial (`drop_remainder` only matters at the unreachable end).
+    Every process walks the same global order (a fresh permutation of all examples each epoch)
+    in global batches of `batch_size * process_count`; process p reads and augments only
+    examples `[p * batch_size, (p + 1) * batch_size)` of each. So the global batch, and with it
+    training, is the same on any number of processes, and each process reads only its part.
+    Batches run across epoch boundaries, so none is ever partial.
 
     Yields {"image": float32 [batch_size, H, W, C], "label": int32 [batch_size],
     "mask": float32 [batch_size], "corrupt": int32 [batch_size]}.
     """
-    shard = grain.MapDataset.range(process_index, len(examples.records), process_count)
-    if len(shard) == 0:
+    global_batch = batch_size * process_count
+    if len(examples.records) < global_batch:
         raise ValueError(
-            f"Process {process_index} of {process_count} has no training examples: the split has "
-            f"only {len(examples.records)}. Use fewer processes or a larger dataset."
+            f"The global batch ({batch_size} x {process_count} processes = {global_batch}) exceeds the "
+            f"{len(examples.records)} training examples; lower the batch size."
         )
-    ds = shard.shuffle(seed=_shuffle_seed(seed, process_index)).repeat(None)
-    ds = ds.map_with_index(_TrainExample(examples, seed, len(shard)))
-    ds = ds.batch(batch_size, drop_remainder=True)
+    order = grain.MapDataset.range(len(examples.records)).shuffle(seed=_shuffle_seed(seed)).repeat(None)
+    ds = order.batch(global_batch, drop_remainder=True)
+    ds = ds.map_with_index(_TrainBatch(examples, seed, batch_size, process_index))
     return _to_iter_dataset(ds, num_workers=num_workers, num_threads=num_threads)
 
 

@@ -1,8 +1,10 @@
 """Orbax checkpoints of a training run: one module for every entry point.
 
 A checkpoint at step N holds the train state (`state`: params, BatchNorm statistics, optimizer
-state, step) and the JSON state of the training data iterator (`data`), so a resumed run sees
-exactly the examples the interrupted one had not seen. Writes are atomic (orbax writes to a
+state, step) and the state of the training data iterator (`data`: grain's handler, one JSON file
+per process, `process_<i>-of-<n>.json`), so a resumed run sees exactly the examples the
+interrupted one had not seen. Across processes, each writes only the array shards it holds and
+orbax writes the metadata once. Writes are atomic (orbax writes to a
 temporary directory and renames it), so a run killed mid-save leaves the previous checkpoint.
 Kept: the last `keep` checkpoints plus the best one by eval top-1.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 
+import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -78,7 +81,7 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(preservation_policy=policy, create=True, cleanup_tmp_directories=True),
-            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()},
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()},
         )
 
     def latest_step(self) -> int | None:
@@ -87,19 +90,26 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def save(self, step: int, state, data_state=None, metrics: dict | None = None) -> None:
-        """Writes checkpoint `step` (asynchronously; `wait()` or `close()` to block until written)."""
+    def save(self, step: int, state, data_iterator=None, metrics: dict | None = None) -> None:
+        """Writes checkpoint `step` (asynchronously; `wait()` or `close()` to block until written).
+
+        `data_iterator`: the grain iterator of the training data, whose position is saved.
+        """
         args = {"state": ocp.args.StandardSave(state)}
-        if data_state is not None:
-            args["data"] = ocp.args.JsonSave(data_state)
+        if data_iterator is not None:
+            args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         metrics = None if metrics is None else {k: float(np.asarray(v)) for k, v in metrics.items()}
         self.manager.save(step, args=ocp.args.Composite(**args), metrics=metrics, force=True)
 
-    def restore(self, target, step: int | None = None):
+    def restore(self, target, step: int | None = None, data_iterator=None):
         """Restores checkpoint `step` (default: the latest) into the structure and shardings of `target`.
 
+        With `data_iterator`, also moves that grain iterator to the saved position. A checkpoint
+        written by a different number of processes restores the state; the data iterators then
+        start from the beginning of their new shards (logged).
+
         Returns:
-          `(state, data_state)`; `data_state` is None when the checkpoint holds none.
+          The restored state.
 
         Raises:
           FileNotFoundError: no such checkpoint.
@@ -118,11 +128,17 @@ class Checkpointer:
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)) if hasattr(x, "shape") else x, target
         )
         items = {"state": ocp.args.StandardRestore(abstract)}
-        has_data = os.path.isdir(os.path.join(where, "data"))
-        if has_data:
-            items["data"] = ocp.args.JsonRestore()
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return restored["state"], restored["data"] if has_data else None
+        if data_iterator is not None:
+            own_file = os.path.join(where, "data", f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+            if os.path.exists(own_file):
+                items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+            else:
+                log.warning(
+                    "Checkpoint %s holds no data position for process %d of %d (it was written by a different number "
+                    "of processes, or without one): the training data restarts from the beginning of this shard.",
+                    where, jax.process_index(), jax.process_count(),
+                )
+        return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -36,6 +36,12 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def report(message: str) -> None:
+    """Prints a line of the run's story once (process 0), without breaking the progress bar."""
+    if jax.process_index() == 0:
+        tqdm.write(message)
+
+
 class DivergedError(FloatingPointError):
     """The training loss became NaN or infinite."""
 
@@ -129,9 +135,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh, train_split, eval_split, steps_per_epoch, total_steps, state, ckpt = _setup(config, workdir)
     train_iter = iter(train_split.dataset)
     if ckpt.latest_step() is not None:
-        state, data_state = ckpt.restore(state)
-        if data_state is not None:
-            train_iter.set_state(data_state)
+        state = ckpt.restore(state, data_iterator=train_iter)
         log.info("Resumed from %s at step %d.", ckpt.directory, int(state.step))
     start = int(state.step)
     train_fn = jax.jit(functools.partial(steps.train_step, label_smoothing=config.label_smoothing), donate_argnums=0)
@@ -171,11 +175,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if evaluate_now:
                 eval_metrics = run_eval(state, eval_split, mesh, eval_fn)
                 writer.write(step, "eval", eval_metrics)
-                tqdm.write(f"step {step}: eval top-1 {eval_metrics['top1']:.4f} top-5 {eval_metrics['top5']:.4f} loss {eval_metrics['loss']:.4f}")
+                report(f"step {step}: eval top-1 {eval_metrics['top1']:.4f} top-5 {eval_metrics['top5']:.4f} loss {eval_metrics['loss']:.4f}")
             if save_now:
-                ckpt.save(step, state, train_iter.get_state(), eval_metrics if evaluate_now else None)
+                ckpt.save(step, state, train_iter, eval_metrics if evaluate_now else None)
             if stopping:
-                tqdm.write(f"Received signal {stop['signal']}: saved the checkpoint of step {step}; rerun the same command to resume.")
+                report(f"Received signal {stop['signal']}: saved the checkpoint of step {step}; rerun the same command to resume.")
                 break
     finally:
         progress.close()
@@ -194,12 +198,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
     save_config(config, workdir)
     mesh, _, eval_split, _, _, state, ckpt = _setup(config, workdir)
     try:
-        state, _ = ckpt.restore(state, step)
+        state = ckpt.restore(state, step)
     finally:
         ckpt.close()
     metrics = run_eval(state, eval_split, mesh, jax.jit(steps.eval_step))
     restored = int(state.step)
-    print(f"checkpoint step {restored}: top-1 {metrics['top1']:.4f}  top-5 {metrics['top5']:.4f}  loss {metrics['loss']:.4f}  ({eval_split.num_examples} images)")
+    report(f"checkpoint step {restored}: top-1 {metrics['top1']:.4f}  top-5 {metrics['top5']:.4f}  loss {metrics['loss']:.4f}  ({eval_split.num_examples} images)")
     if jax.process_index() == 0:
         with open(os.path.join(workdir, f"eval_{restored}.json"), "w") as f:
             json.dump({"step": restored, **metrics}, f, indent=1)
