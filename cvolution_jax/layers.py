@@ -15,6 +15,11 @@ Parameter layout (so PyTorch involution / mmcls weights map one to one):
 
 The generated channel `g*K*K + kh*K + kw` is tap `(kh, kw)` of group `g`, the reference's
 `view(b, G, K*K, h, w)`.
+
+`fuse_generator` on `Involution` and `CVolution` fuses the generator's last 1x1 conv into the
+aggregation (`kernels.fused`: `Hd` is recomputed in registers, never stored), with the same
+`span_conv` parameters, so checkpoints work either way. `None` (auto) will fuse where the fused
+kernels are measured faster; none has been measured yet, so auto does not fuse anywhere for now.
 """
 
 from __future__ import annotations
@@ -23,9 +28,11 @@ import functools
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from cvolution_jax import ops
+from kernels import fused as fused_kernels
 
 CONTEXTS = ("none", "dilated3x3")
 REDUCTION = 4
@@ -80,6 +87,10 @@ class KernelGenerator(nn.Module):
     `x_s = AvgPool(s)(x)`, `u = ReLU(BN(Conv1x1(C -> C/4)(x_s)))`; with `context="dilated3x3"`
     (C-volution) `u = ReLU(BN(Conv3x3 dilation 2 (C/4 -> C/4)(u)))`, so each kernel sees a 5x5
     window; `Hd = Conv1x1(C/4 -> G*K*K, bias)(u)`.
+
+    Called with `fused=True` it returns `(u, W2, b)` instead: the features `u: [B, Ho, Wo, C/4]`
+    and span_conv's kernel `[C/4, G*K*K]` and bias `[G*K*K]`, for `kernels.fused`, which computes
+    `Hd` itself. The parameters are the same either way.
     """
 
     channels: int
@@ -89,7 +100,7 @@ class KernelGenerator(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, *, fused: bool = False):
         if self.context not in CONTEXTS:
             raise ValueError(f"KernelGenerator: context must be one of {CONTEXTS}; got {self.context!r}.")
         reduced = self.channels // REDUCTION
@@ -99,8 +110,41 @@ class KernelGenerator(nn.Module):
         u = nn.relu(bn(name="reduce_bn")(conv(reduced, 1, dtype=self.dtype, name="reduce_conv")(u)))
         if self.context == "dilated3x3":
             u = nn.relu(bn(name="context_bn")(conv(reduced, 3, dilation=2, dtype=self.dtype, name="context_conv")(u)))
-        span = conv(groups * self.kernel_size**2, 1, use_bias=True, dtype=self.dtype, name="span_conv")(u)
-        return span.reshape(*span.shape[:3], groups, self.kernel_size**2)
+        span_conv = conv(groups * self.kernel_size**2, 1, use_bias=True, dtype=self.dtype, name="span_conv")
+        if not fused:
+            span = span_conv(u)
+            return span.reshape(*span.shape[:3], groups, self.kernel_size**2)
+        if self.is_initializing():
+            span_conv(u)  # creates span_conv's parameters (and counts its MACs) as the unfused path does
+        params = span_conv.variables["params"]
+        # nn.Conv computes in `dtype`; so does the fused kernel with these casts.
+        return u, params["kernel"].reshape(reduced, -1).astype(self.dtype), params["bias"].astype(self.dtype)
+
+
+def _use_fused(fuse_generator: bool | None) -> bool:
+    """Whether a layer fuses its span conv into the aggregation (`fuse_generator=None`: auto).
+
+    Auto is meant to fuse where the fused kernels are measured faster. They have not been run
+    on a GPU yet (see the README's benchmarks), so auto stays unfused until they are.
+    """
+    return bool(fuse_generator)
+
+
+def _generate(module, x, train: bool, context: str = "none"):
+    """The generator of `Involution`/`CVolution`: `Hd`, or `(u, W2, b)` when the layer fuses."""
+    fused = _use_fused(module.fuse_generator)
+    generator = KernelGenerator(module.channels, module.kernel_size, module.stride, context, dtype=module.dtype, name="generator")
+    return generator(x, train, fused=fused)
+
+
+def _aggregate(module, x, generated, static):
+    """The aggregation of `Involution`/`CVolution` on what `_generate` returned."""
+    config = dict(kernel_size=module.kernel_size, stride=module.stride, dilation=module.dilation)
+    if not isinstance(generated, tuple):
+        return ops.aggregate(x, generated, static, **config, impl=module.impl)
+    features, span_kernel, span_bias = generated
+    # Off GPU the Triton kernels run in Pallas's interpreter: correct, slow (tests only).
+    return fused_kernels.fused_aggregate(x, features, span_kernel, span_bias, static, **config, interpret=jax.default_backend() != "gpu")
 
 
 class Involution(nn.Module):
@@ -112,11 +156,11 @@ class Involution(nn.Module):
     dilation: int = 1
     dtype: Any = jnp.float32
     impl: str = "auto"
+    fuse_generator: bool | None = None  # see the module docstring; None (auto): unfused until measured
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        dynamic = KernelGenerator(self.channels, self.kernel_size, self.stride, dtype=self.dtype, name="generator")(x, train)
-        return ops.aggregate(x, dynamic, kernel_size=self.kernel_size, stride=self.stride, dilation=self.dilation, impl=self.impl)
+        return _aggregate(self, x, _generate(self, x, train), None)
 
 
 class CVolution(nn.Module):
@@ -135,31 +179,36 @@ class CVolution(nn.Module):
     dilation: int = 1
     dtype: Any = jnp.float32
     impl: str = "auto"
+    fuse_generator: bool | None = None  # see the module docstring; None (auto): unfused until measured
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        dynamic = KernelGenerator(self.channels, self.kernel_size, self.stride, self.context, dtype=self.dtype, name="generator")(x, train)
+        generated = _generate(self, x, train, self.context)
         static = None
         if self.channel_branch:
             # Initialised as a depthwise conv would be: variance 1/fan_in with fan_in = K*K.
             static = self.param("static_kernel", nn.initializers.variance_scaling(1.0, "fan_in", "normal"), (self.kernel_size**2, self.channels))
-        return ops.aggregate(x, dynamic, static, kernel_size=self.kernel_size, stride=self.stride, dilation=self.dilation, impl=self.impl)
+        return _aggregate(self, x, generated, static)
 
 
 SPATIAL_OPS = ("conv", "involution", "cvolution")
 
 
-def spatial_op(kind: str, channels: int, kernel_size: int, stride: int = 1, *, name: str, dtype: Any = jnp.float32, impl: str = "auto", context: str = "dilated3x3", channel_branch: bool = True):
+def spatial_op(kind: str, channels: int, kernel_size: int, stride: int = 1, *, name: str, dtype: Any = jnp.float32, impl: str = "auto", context: str = "dilated3x3", channel_branch: bool = True, fuse_generator: bool | None = None):
     """The spatial op of a network, `(x, train) -> y`, chosen by name (call inside a compact method).
 
     `"conv"` is a KxK convolution with `channels` outputs; `"involution"` and `"cvolution"` keep
-    the channel count. `context` and `channel_branch` are C-volution's switches (its ablations).
+    the channel count. `context` and `channel_branch` are C-volution's switches (its ablations);
+    `fuse_generator` fuses the generator's span conv into the aggregation (`kernels.fused`).
     """
     if kind == "conv":
         layer = conv(channels, kernel_size, stride, dtype=dtype, name=name)
         return lambda x, train: layer(x)
     if kind == "involution":
-        return Involution(channels, kernel_size, stride, dtype=dtype, impl=impl, name=name)
+        return Involution(channels, kernel_size, stride, dtype=dtype, impl=impl, fuse_generator=fuse_generator, name=name)
     if kind == "cvolution":
-        return CVolution(channels, kernel_size, stride, context=context, channel_branch=channel_branch, dtype=dtype, impl=impl, name=name)
+        return CVolution(
+            channels, kernel_size, stride, context=context, channel_branch=channel_branch, dtype=dtype, impl=impl,
+            fuse_generator=fuse_generator, name=name,
+        )
     raise ValueError(f"spatial op must be one of {SPATIAL_OPS}; got {kind!r}.")

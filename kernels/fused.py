@@ -1,0 +1,434 @@
+"""Fused kernel generation + aggregation: the dynamic kernel `Hd` never touches memory.
+
+The last layer of the kernel generator is a 1x1 convolution `Hd = v @ W2 + b`, with the
+generator's features `v: [B, Ho, Wo, R]` (R = C/4), `W2: [R, G*K*K]`, `b: [G*K*K]` and
+generated channel `g*K*K + kh*K + kw`. Instead of writing `Hd` (`|x| * K*K/16`, 3x `|x|` for
+K=7) and reading it back, every kernel here recomputes the part of `Hd` it needs from `v`
+(`|x| / 4`) in registers:
+
+    out[b, i, j, c] = sum_t (Hd_t[b, i, j, c // 16] + S[t, c]) * x_pad[b, s*i + kh*d, s*j + kw*d, c]
+    Hd_t[p, g]      = sum_r v[p, r] * W2[r, g*K*K + t] + b[g*K*K + t]
+
+Per tap `t`, a program multiplies its `[TW, R]` tile of `v` by the *channel-expanded* span
+weight `W2_t[r, c] = W2[r, (c // 16)*K*K + t]` (`[R, TC]`, gathered from the small `W2`, which
+stays in L1/L2): one `jnp.dot` gives the tap's weight for every lane of the `[TW, TC]` output
+tile, already broadcast over the 16 channels of each group. This does 16x the span conv's
+multiply-adds (each group's value is computed once per channel), but on tensor cores, with no
+register shuffles; a group-space product would need a per-tap column extraction that Triton
+cannot express cheaply. Triton's `tl.dot` needs every dimension >= 16, so `TW`, `TC` and the
+padded `R` (`Rp`) are all at least 16; padded rows of `v`/`W2` load as zero.
+
+Kernels (all tiles power-of-two, ragged borders masked, float32 accumulation):
+
+- forward `[B*Ho, Wo/TW, C/TC]`: recomputes `Hd_t` per tap and aggregates at once.
+- `dx` `[B*H, W/TW, C/TC]`: the gather form of `kernels.pallas`; per tap it gathers the rows of
+  `v` at the output pixels that read this input tile and recomputes their `Hd_t`.
+- `dv` `[B*Ho, Wo/TW]`: with `P_t = dout * x_tap_t` (`[TW, TC]`), `dHd` is the group sum of
+  `P_t`, so `dv = sum_t dHd_t @ W2_t^T = sum_t P_t @ W2_t^T` over the expanded weight: no group
+  reduction and no `Hd` at all. A program owns all channels of its pixels (looping over
+  channel chunks), so `dv` is written once, without partial sums.
+- `dW2`, `db`, `dS` `[blocks, Wo/TW, C/TC]`: per tap, `v^T @ P_t` (`[Rp, TC]`) and the column sums
+  of `P_t` accumulate over a block of output rows; group sums of them are `dW2` and `db`, the
+  column sums themselves `dS`. Each block writes its own partial sums (float32); `jnp.sum` over
+  blocks finishes them (a fixed order: deterministic, no atomics).
+
+What touches memory: forward reads `x`, `v`, `W2`, `b`, `S`, writes `out`; backward reads
+`dout`, `x`, `v` (each twice or three times, once per kernel), `W2`, `b`, `S`, writes `dx`,
+`dv` and the weight partial sums. Neither `Hd` nor `dHd` is ever stored: `dHd` exists only as
+`P_t` in registers, reduced straight into `dv`, `dW2`, `db`.
+
+Offsets are int32 (every array < 2**31 elements). `interpret=True` runs the same kernels in
+Pallas's interpreter on any backend (CPU tests; slow).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+from kernels import pallas, reference
+from kernels.pallas import Tiles, _Geometry, _load, _source_index, _store, _tile_ids
+
+GROUP_CHANNELS = reference.GROUP_CHANNELS
+DOT_MIN = 16  # Triton's tl.dot needs M, N, K >= 16
+# Bound on the float32 dW2 partial sums (one [R, G*K*K] matrix per row block): 64 MB.
+# For C=512, K=7 that is 83 blocks of 200K floats; small layers stay at WEIGHT_GRAD_PROGRAMS.
+WEIGHT_PARTIAL_FLOATS = 16 * 2**20
+
+
+def _warps(elements: int) -> int:
+    # As `kernels.pallas`: ~512 live accumulator elements per warp, 2 to 8 warps.
+    return min(8, max(2, elements // 512))
+
+
+def fused_tiles(width: int, channels: int) -> Tiles:
+    """Tiles of the forward, `dx` and `dv` kernels: one `[TW, TC]` tile of one row.
+
+    TW is the row rounded up to a power of two, at least 16 (the dot's M) and at most 32; TC
+    at most 64, so the expanded span weight `[Rp, TC]` (Rp up to 128 in RedNet-50) stays a
+    modest dot operand. Provisional: not yet tuned on a GPU.
+    """
+    tw = min(max(pl.next_power_of_2(width), DOT_MIN), 32)
+    tc = min(pl.next_power_of_2(channels), 64)
+    return Tiles(tw, tc, 1, _warps(tw * tc), 1)
+
+
+def weight_tiles(rows: int, width: int, channels: int, reduced: int, kernel_size: int) -> Tiles:
+    """Tiles of the `dW2`/`db`/`dS` kernel: `[TW, TC]` tiles over a block of output rows.
+
+    About `pallas.WEIGHT_GRAD_PROGRAMS` programs, but few enough blocks that the `dW2` partial
+    sums (`blocks * Wo/TW` matrices of `[R, G*K*K]` floats) stay under `WEIGHT_PARTIAL_FLOATS`.
+
+    Args:
+      rows: B * Ho.
+      width: Wo.
+      channels: C.
+      reduced: R, the channels of `v`.
+      kernel_size: K.
+    """
+    base = fused_tiles(width, channels)
+    col_tiles = pl.cdiv(width, base.width)
+    tiles_per_row = col_tiles * pl.cdiv(channels, base.channels)
+    per_partial = reduced * (channels // GROUP_CHANNELS) * kernel_size**2
+    max_blocks = max(1, WEIGHT_PARTIAL_FLOATS // (per_partial * col_tiles))
+    blocks = min(rows, max_blocks, max(1, pl.cdiv(pallas.WEIGHT_GRAD_PROGRAMS, tiles_per_row)))
+    return base._replace(rows=pl.cdiv(rows, blocks))
+
+
+@dataclasses.dataclass(frozen=True)
+class _FusedGeometry(_Geometry):
+    """`_Geometry` plus the generator's width R and whether the dots run in bfloat16."""
+
+    reduced: int = 0
+    bf16_dots: bool = False
+
+    @property
+    def reduced_padded(self) -> int:
+        return max(pl.next_power_of_2(self.reduced), DOT_MIN)
+
+    @property
+    def span_width(self) -> int:
+        return self.groups * self.taps  # G*K*K, the columns of W2
+
+
+def _dot(a, b, geo: _FusedGeometry):
+    """`a @ b` accumulated in float32.
+
+    float32 operands ask for IEEE precision: Triton's default for them is TF32 (10-bit
+    mantissa, ~1e-3 relative), far outside the 1e-5 float32 tolerance. bfloat16 operands (when
+    `v` is bfloat16) run on the bf16 tensor cores; float32 products such as `P_t` are rounded
+    to bfloat16 first (relative 2**-9, inside the 1e-2 bf16 tolerance).
+    """
+    if geo.bf16_dots:
+        return jnp.dot(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+    return jnp.dot(a, b, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+
+
+def _span_tap_operands(geo: _FusedGeometry, chans):
+    """Offsets into `W2` of tap 0 of the expanded weight `[Rp, TC]`, its mask, and `b`'s `[1, TC]`.
+
+    Adding `t` to either offset selects tap `t`: `W2[r, (c // 16)*K*K + t]`, `b[(c // 16)*K*K + t]`.
+    """
+    red = jnp.arange(geo.reduced_padded)[:, None]  # [Rp, 1]
+    group_base = (chans // GROUP_CHANNELS) * geo.taps  # [1, TC]
+    return red * geo.span_width + group_base, (red < geo.reduced) & (chans < geo.channels), group_base
+
+
+def _forward_kernel(*refs, geo: _FusedGeometry, tiles: Tiles, with_static: bool):
+    x_ref, v_ref, w_ref, b_ref, *rest = refs
+    static_ref = rest.pop(0) if with_static else None
+    (out_ref,) = rest
+    k, s, d, p = geo.kernel_size, geo.stride, geo.dilation, geo.pad
+    h, w, c, ho, wo, rr = geo.height, geo.width, geo.channels, geo.out_height, geo.out_width, geo.reduced
+    n = pl.program_id(0)  # output row b*Ho + i
+    b, i = lax.div(n, ho), lax.rem(n, ho)
+    j, ch = _tile_ids(tiles)
+    out_ok = (j < wo) & (ch < c)
+    red = jnp.arange(geo.reduced_padded)[None, :]
+    v = _load(v_ref, (n * wo + j) * rr + red, (j < wo) & (red < rr))  # [TW, Rp], once for all taps
+    span_base, span_ok, bias_base = _span_tap_operands(geo, ch)
+
+    def tap_row(kh, acc):
+        r = s * i + kh * d - p
+        row_ok = (r >= 0) & (r < h)
+        row_base = (b * h + r) * w
+        for kw in range(k):
+            t = kh * k + kw
+            q = s * j + kw * d - p
+            ok = out_ok & row_ok & (q >= 0) & (q < w)
+            # Hd_t for every lane of the tile; outside the image x loads as 0, so it adds nothing.
+            weight = _dot(v, _load(w_ref, span_base + t, span_ok), geo) + _load(b_ref, bias_base + t, ch < c)
+            if with_static:
+                weight = weight + _load(static_ref, t * c + ch, ch < c)
+            acc = acc + weight * _load(x_ref, (row_base + q) * c + ch, ok)
+        return acc
+
+    acc = lax.fori_loop(0, k, tap_row, jnp.zeros((tiles.width, tiles.channels), jnp.float32))
+    _store(out_ref, (n * wo + j) * c + ch, acc, out_ok, geo.interpret)
+
+
+def _dx_kernel(*refs, geo: _FusedGeometry, tiles: Tiles, with_static: bool):
+    dout_ref, v_ref, w_ref, b_ref, *rest = refs
+    static_ref = rest.pop(0) if with_static else None
+    (dx_ref,) = rest
+    k, s, d, p = geo.kernel_size, geo.stride, geo.dilation, geo.pad
+    h, w, c, ho, wo, rr = geo.height, geo.width, geo.channels, geo.out_height, geo.out_width, geo.reduced
+    m = pl.program_id(0)  # input row b*H + r
+    b, r = lax.div(m, h), lax.rem(m, h)
+    q, ch = _tile_ids(tiles)
+    in_ok = (q < w) & (ch < c)
+    red = jnp.arange(geo.reduced_padded)[None, :]
+    span_base, span_ok, bias_base = _span_tap_operands(geo, ch)
+
+    def tap_row(kh, acc):
+        i, row_ok = _source_index(r, kh * d - p, s, ho)  # the output row reading row r via kh
+        n = b * ho + i
+        for kw in range(k):
+            t = kh * k + kw
+            j, col_ok = _source_index(q, kw * d - p, s, wo)  # [TW, 1]
+            src_ok = row_ok & col_ok & (q < w)
+            # Hd_t at the output pixels (n, j) this tile's columns feed: their rows of v.
+            v = _load(v_ref, (n * wo + j) * rr + red, src_ok & (red < rr))
+            weight = _dot(v, _load(w_ref, span_base + t, span_ok), geo) + _load(b_ref, bias_base + t, ch < c)
+            if with_static:
+                weight = weight + _load(static_ref, t * c + ch, ch < c)
+            acc = acc + weight * _load(dout_ref, (n * wo + j) * c + ch, in_ok & src_ok)
+        return acc
+
+    acc = lax.fori_loop(0, k, tap_row, jnp.zeros((tiles.width, tiles.channels), jnp.float32))
+    _store(dx_ref, (m * w + q) * c + ch, acc, in_ok, geo.interpret)
+
+
+def _dv_kernel(x_ref, dout_ref, w_ref, dv_ref, *, geo: _FusedGeometry, tiles: Tiles):
+    k, s, d, p = geo.kernel_size, geo.stride, geo.dilation, geo.pad
+    h, w, c, ho, wo, rr = geo.height, geo.width, geo.channels, geo.out_height, geo.out_width, geo.reduced
+    n = pl.program_id(0)  # output row b*Ho + i
+    b, i = lax.div(n, ho), lax.rem(n, ho)
+    j = pl.program_id(1) * tiles.width + jnp.arange(tiles.width)[:, None]  # [TW, 1]
+    lanes = jnp.arange(tiles.channels)
+    red = jnp.arange(geo.reduced_padded)[None, :]  # [1, Rp]
+
+    def chunk(cb, acc):
+        ch = cb * tiles.channels + lanes[None, :]  # [1, TC]
+        ch_col = cb * tiles.channels + lanes[:, None]  # [TC, 1]
+        ok_c = (j < wo) & (ch < c)
+        dout = _load(dout_ref, (n * wo + j) * c + ch, ok_c)
+        # W2_t^T as [TC, Rp], gathered transposed so the dot needs no transpose.
+        span_t_base = red * geo.span_width + (ch_col // GROUP_CHANNELS) * geo.taps
+        span_t_ok = (red < rr) & (ch_col < c)
+
+        def tap(t, acc):
+            kh, kw = lax.div(t, k), lax.rem(t, k)
+            r = s * i + kh * d - p
+            q = s * j + kw * d - p
+            ok = ok_c & (r >= 0) & (r < h) & (q >= 0) & (q < w)
+            prod = dout * _load(x_ref, ((b * h + r) * w + q) * c + ch, ok)  # P_t, dHd before its group sum
+            return acc + _dot(prod, _load(w_ref, span_t_base + t, span_t_ok), geo)
+
+        return lax.fori_loop(0, geo.taps, tap, acc)
+
+    acc = lax.fori_loop(0, pl.cdiv(c, tiles.channels), chunk, jnp.zeros((tiles.width, geo.reduced_padded), jnp.float32))
+    _store(dv_ref, (n * wo + j) * rr + red, acc, (j < wo) & (red < rr), geo.interpret)
+
+
+def _weight_kernel(*refs, geo: _FusedGeometry, tiles: Tiles, with_static: bool):
+    x_ref, dout_ref, v_ref, dw_ref, db_ref, *rest = refs
+    ds_ref = rest[0] if with_static else None
+    k, s, d, p = geo.kernel_size, geo.stride, geo.dilation, geo.pad
+    h, w, c, ho, wo, rr = geo.height, geo.width, geo.channels, geo.out_height, geo.out_width, geo.reduced
+    rows, rp = geo.batch * ho, geo.reduced_padded
+    tile_groups = tiles.channels // GROUP_CHANNELS
+    block = pl.program_id(0)
+    j, ch = _tile_ids(tiles)
+    col_ok = (j < wo) & (ch < c)
+    # Program ids are read out here: the interpreter does not substitute them inside loops.
+    part = block * pl.cdiv(wo, tiles.width) + pl.program_id(1)
+    j_row = pl.program_id(1) * tiles.width + jnp.arange(tiles.width)[None, :]  # [1, TW], for v^T
+    red = jnp.arange(rp)[:, None]  # [Rp, 1]
+    g = pl.program_id(2) * tile_groups + jnp.arange(tile_groups)  # [TG]
+    chans = pl.program_id(2) * tiles.channels + jnp.arange(tiles.channels)  # [TC]
+
+    def tap(t, carry):
+        kh, kw = lax.div(t, k), lax.rem(t, k)
+        q = s * j + kw * d - p
+
+        def row(step, accs):
+            acc_w, acc_p = accs
+            n = block * tiles.rows + step  # output row b*Ho + i
+            n_ok = n < rows
+            b, i = lax.div(n, ho), lax.rem(n, ho)
+            r = s * i + kh * d - p
+            ok = col_ok & n_ok & (r >= 0) & (r < h) & (q >= 0) & (q < w)
+            prod = _load(dout_ref, (n * wo + j) * c + ch, ok) * _load(x_ref, ((b * h + r) * w + q) * c + ch, ok)
+            v_t = _load(v_ref, (n * wo + j_row) * rr + red, n_ok & (j_row < wo) & (red < rr))  # [Rp, TW]
+            return acc_w + _dot(v_t, prod, geo), acc_p + prod
+
+        zeros = jnp.zeros((tiles.width, tiles.channels), jnp.float32)
+        acc_w, acc_p = lax.fori_loop(0, tiles.rows, row, (jnp.zeros((rp, tiles.channels), jnp.float32), zeros))
+        # dW2[r, g*KK + t] and db[g*KK + t]: group sums of the per-channel sums (16 adjacent lanes).
+        dw = acc_w.reshape(rp, tile_groups, GROUP_CHANNELS).sum(axis=-1)  # [Rp, TG]
+        dw_offsets = ((part * rr + red) * geo.groups + g[None, :]) * geo.taps + t
+        _store(dw_ref, dw_offsets, dw, (red < rr) & (g[None, :] < geo.groups), geo.interpret)
+        col_sums = acc_p.sum(axis=0)  # [TC]
+        db = col_sums.reshape(tile_groups, GROUP_CHANNELS).sum(axis=-1)
+        _store(db_ref, (part * geo.groups + g) * geo.taps + t, db, g < geo.groups, geo.interpret)
+        if with_static:
+            _store(ds_ref, (part * geo.taps + t) * c + chans, col_sums, chans < c, geo.interpret)
+        return carry
+
+    lax.fori_loop(0, geo.taps, tap, 0)
+
+
+def _flat(a):
+    return a.reshape(-1)
+
+
+def _call(kernel, geo, tiles, grid, out_shape, name, *args):
+    return pl.pallas_call(
+        kernel, out_shape=out_shape, grid=grid, compiler_params=geo.compiler_params(tiles),
+        interpret=geo.interpret, name=name,
+    )(*map(_flat, args))
+
+
+def _forward(geo: _FusedGeometry, x, v, w2, b, static):
+    tiles = fused_tiles(geo.out_width, geo.channels)
+    with_static = static is not None
+    grid = (geo.batch * geo.out_height, pl.cdiv(geo.out_width, tiles.width), pl.cdiv(geo.channels, tiles.channels))
+    out = _call(
+        functools.partial(_forward_kernel, geo=geo, tiles=tiles, with_static=with_static), geo, tiles, grid,
+        jax.ShapeDtypeStruct((geo.batch * geo.out_height * geo.out_width * geo.channels,), x.dtype),
+        "cvolution_fused_forward", x, v, w2, b, *([static] if with_static else []),
+    )
+    return out.reshape(geo.batch, geo.out_height, geo.out_width, geo.channels)
+
+
+def _dx(geo: _FusedGeometry, dout, v, w2, b, static, dtype):
+    tiles = fused_tiles(geo.width, geo.channels)
+    with_static = static is not None
+    grid = (geo.batch * geo.height, pl.cdiv(geo.width, tiles.width), pl.cdiv(geo.channels, tiles.channels))
+    dx = _call(
+        functools.partial(_dx_kernel, geo=geo, tiles=tiles, with_static=with_static), geo, tiles, grid,
+        jax.ShapeDtypeStruct((geo.batch * geo.height * geo.width * geo.channels,), dtype),
+        "cvolution_fused_dx", dout, v, w2, b, *([static] if with_static else []),
+    )
+    return dx.reshape(geo.batch, geo.height, geo.width, geo.channels)
+
+
+def _dv(geo: _FusedGeometry, x, dout, w2, v):
+    tiles = fused_tiles(geo.out_width, geo.channels)
+    grid = (geo.batch * geo.out_height, pl.cdiv(geo.out_width, tiles.width))
+    dv = _call(
+        functools.partial(_dv_kernel, geo=geo, tiles=tiles), geo, tiles, grid,
+        jax.ShapeDtypeStruct((v.size,), v.dtype), "cvolution_fused_dv", x, dout, w2,
+    )
+    return dv.reshape(v.shape)
+
+
+def _weight_grads(geo: _FusedGeometry, x, dout, v, w2, b, static):
+    with_static = static is not None
+    rows = geo.batch * geo.out_height
+    tiles = weight_tiles(rows, geo.out_width, geo.channels, geo.reduced, geo.kernel_size)
+    grid = (pl.cdiv(rows, tiles.rows), pl.cdiv(geo.out_width, tiles.width), pl.cdiv(geo.channels, tiles.channels))
+    parts = grid[0] * grid[1]  # one partial sum per (row block, column tile); channel tiles are disjoint
+    out_shape = [
+        jax.ShapeDtypeStruct((parts * w2.size,), jnp.float32),
+        jax.ShapeDtypeStruct((parts * b.size,), jnp.float32),
+    ]
+    if with_static:
+        out_shape.append(jax.ShapeDtypeStruct((parts * geo.taps * geo.channels,), jnp.float32))
+    grads = _call(
+        functools.partial(_weight_kernel, geo=geo, tiles=tiles, with_static=with_static), geo, tiles, grid,
+        out_shape, "cvolution_fused_weight_grads", x, dout, v,
+    )
+    # Fixed-order sums over the blocks: deterministic.
+    dw2 = grads[0].reshape(parts, *w2.shape).sum(axis=0).astype(w2.dtype)
+    db = grads[1].reshape(parts, *b.shape).sum(axis=0).astype(b.dtype)
+    ds = grads[2].reshape(parts, geo.taps, geo.channels).sum(axis=0).astype(static.dtype) if with_static else None
+    return dw2, db, ds
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused(geo: _FusedGeometry, x, v, w2, b, static):
+    return _forward(geo, x, v, w2, b, static)
+
+
+def _fused_fwd(geo: _FusedGeometry, x, v, w2, b, static):
+    # Residuals are the inputs only: Hd is recomputed by the backward kernels, never saved.
+    return _forward(geo, x, v, w2, b, static), (x, v, w2, b, static)
+
+
+def _fused_bwd(geo: _FusedGeometry, residuals, dout):
+    x, v, w2, b, static = residuals
+    dx = _dx(geo, dout, v, w2, b, static, x.dtype)
+    dv = _dv(geo, x, dout, w2, v)
+    dw2, db, ds = _weight_grads(geo, x, dout, v, w2, b, static)
+    return dx, dv, dw2, db, ds
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def fused_aggregate(x, v, span_kernel, span_bias, static_kernel, *, kernel_size: int, stride: int, dilation: int, interpret: bool = False):
+    """`reference.aggregate(x, (v @ W2 + b).reshape(B, Ho, Wo, G, K*K), S)` without materialising Hd.
+
+    Args:
+      x: `[B, H, W, C]`, C a multiple of 16, float32 or bfloat16.
+      v: `[B, Ho, Wo, R]`, the generator's features before its span conv (R = C/4 in the layers).
+      span_kernel: `W2`, `[R, G*K*K]` or flax's `[1, 1, R, G*K*K]`; column `g*K*K + kh*K + kw`.
+      span_bias: `b`, `[G*K*K]`.
+      static_kernel: `[K*K, C]` or None.
+      kernel_size, stride, dilation: K (odd), s, d.
+      interpret: run the kernels in Pallas's interpreter (any backend; slow, for tests).
+
+    Returns:
+      `[B, Ho, Wo, C]` in the dtype of `x`, accumulated in float32 (Hd is never rounded to the
+      input dtype, unlike the unfused bfloat16 path, which stores it).
+
+    Raises:
+      ValueError: for shapes that do not fit together or dtypes/sizes the kernels do not take.
+    """
+    bsz, h, w, c = x.shape
+    if kernel_size % 2 == 0 or c % GROUP_CHANNELS:
+        raise ValueError(
+            f"fused_aggregate: needs an odd kernel_size and C a multiple of {GROUP_CHANNELS}; "
+            f"got kernel_size={kernel_size}, C={c}."
+        )
+    ho, wo = reference.output_size(h, stride), reference.output_size(w, stride)
+    span_width = (c // GROUP_CHANNELS) * kernel_size**2
+    if v.ndim != 4 or v.shape[:3] != (bsz, ho, wo):
+        raise ValueError(f"fused_aggregate: v has shape {tuple(v.shape)}; expected [B, Ho, Wo, R] = [{bsz}, {ho}, {wo}, R] for x {tuple(x.shape)}, stride {stride}.")
+    reduced = v.shape[-1]
+    w2 = span_kernel.reshape(-1, span_kernel.shape[-1])
+    if w2.shape != (reduced, span_width) or span_bias.shape != (span_width,):
+        raise ValueError(
+            f"fused_aggregate: span_kernel {tuple(span_kernel.shape)} and span_bias {tuple(span_bias.shape)} must be "
+            f"[R, G*K*K] = [{reduced}, {span_width}] and [{span_width}] (G = C/16 = {c // GROUP_CHANNELS}, K = {kernel_size})."
+        )
+    if static_kernel is not None and static_kernel.shape != (kernel_size**2, c):
+        raise ValueError(f"fused_aggregate: static_kernel has shape {tuple(static_kernel.shape)}; expected [K*K, C] = [{kernel_size**2}, {c}].")
+    reason = unsupported_reason(x, v, w2, span_bias, static_kernel)
+    if reason:
+        raise ValueError(f"fused_aggregate: {reason}. Use the unfused path (KernelGenerator + ops.aggregate).")
+    geo = _FusedGeometry(
+        bsz, h, w, c, kernel_size, stride, dilation, bool(interpret),
+        reduced=reduced, bf16_dots=jnp.dtype(v.dtype) == jnp.bfloat16,
+    )
+    return _fused(geo, x, v, w2, span_bias, static_kernel)
+
+
+def unsupported_reason(*arrays) -> str | None:
+    """Why these arrays cannot run on the fused kernels (dtype, int32 offsets), or None if they can."""
+    for a in arrays:
+        if a is None:
+            continue
+        if jnp.dtype(a.dtype) not in pallas.SUPPORTED_DTYPES:
+            return f"an input has dtype {jnp.dtype(a.dtype)}; the fused kernels take float32 or bfloat16"
+        if np.prod(a.shape) > pallas.MAX_ELEMENTS:
+            return f"an input has {np.prod(a.shape)} elements; the fused kernels index with int32 (< 2**31)"
+    return None
