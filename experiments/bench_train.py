@@ -1,5 +1,9 @@
 """Training throughput and peak device memory of ResNet-50, RedNet-50 and CedNet-50 on one GPU.
 
+CedNet-50 runs twice: as built by default and with `fuse_generator=True` (`kernels.fused`), the
+generator's span conv fused into the aggregation (on GPU only: off GPU it would run the kernels
+in Pallas's interpreter).
+
     python -m experiments.bench_train                  # on a GPU: batch 128, bfloat16, 224x224
     python -m experiments.bench_train --smoke --out-dir /tmp   # anywhere: narrow nets, 32x32, batch 8
 
@@ -30,12 +34,16 @@ from cvolution_jax.train import steps
 from kernels.bench import versions
 
 MODELS = ("resnet50", "rednet50", "cednet50")
+# name -> (registry model, model overrides); the fused CedNet only where Triton compiles it.
+VARIANTS = {name: (name, {}) for name in MODELS}
+VARIANTS["cednet50_fused"] = ("cednet50", {"op_kwargs": (("fuse_generator", True),)})
 SMOKE_OVERRIDES = {"widths": (16, 16, 16, 16), "stem_width": 32, "stage_sizes": (1, 1, 1, 1), "kernel_size": 3}
 
 
 def measure(name: str, *, batch: int, image_size: int, dtype: str, warmup: int, timed: int, smoke: bool) -> dict:
-    """Images/s and peak bytes of `name`'s train step (one process, one model)."""
-    model = models.create(name, dtype=jnp.dtype(dtype), **(SMOKE_OVERRIDES if smoke else {}))
+    """Images/s and peak bytes of variant `name`'s train step (one process, one model)."""
+    model_name, overrides = VARIANTS[name]
+    model = models.create(model_name, dtype=jnp.dtype(dtype), **overrides, **(SMOKE_OVERRIDES if smoke else {}))
     tx = optax.sgd(0.1, momentum=0.9, nesterov=True)
     state = jax.jit(functools.partial(steps.create_train_state, model, tx, (image_size, image_size, 3)))(jax.random.key(0))
     keys = jax.random.split(jax.random.key(1), 2)
@@ -86,7 +94,7 @@ def main(argv: list[str] | None = None) -> list[pathlib.Path]:
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20; smoke 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5; smoke 1)")
-    parser.add_argument("--only", choices=MODELS, help=argparse.SUPPRESS)  # one model, JSON on stdout (a child run)
+    parser.add_argument("--only", choices=sorted(VARIANTS), help=argparse.SUPPRESS)  # one model, JSON on stdout (a child run)
     args = parser.parse_args(argv)
     batch = args.batch or (8 if args.smoke else 128)
     image_size = 32 if args.smoke else 224
@@ -99,7 +107,7 @@ def main(argv: list[str] | None = None) -> list[pathlib.Path]:
 
     rows = []
     child = [sys.executable, "-m", "experiments.bench_train", f"--batch={batch}", f"--dtype={args.dtype}", f"--steps={timed}", f"--warmup={warmup}"]
-    for name in MODELS:
+    for name in MODELS + (() if args.smoke else ("cednet50_fused",)):
         output = subprocess.run([*child, *(["--smoke"] if args.smoke else []), f"--only={name}"], check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(output.strip().splitlines()[-1]))
     base = rows[0]

@@ -16,6 +16,13 @@ Traffic model (the spec's cost model, unfused, each array moved once):
 Achieved GB/s is that many bytes over the measured time; "% of copy" compares it with the copy,
 a jitted `a + 1` over an array of half those bytes (read + write = the same bytes).
 
+Fused rows (`kernels.fused`, issue "the dynamic kernel never touches memory"): the tail of a
+C-volution layer, the generator's span conv `Hd = v @ W2 + b` plus the aggregation, unfused
+(Hd written by XLA, then the Pallas aggregation) against fused (Hd recomputed per tile), forward
+and forward + backward, with the time and the compiled program's temporary memory (XLA's
+memory analysis: what the pass allocates beyond its inputs and outputs). The generator's earlier
+convolutions are the same in both and left out. `--no-fused` skips these rows.
+
 Off GPU only `--smoke` runs: there the kernels run in Pallas's interpreter and the times say
 nothing about performance; the smoke run checks that the whole benchmark works end to end.
 """
@@ -37,7 +44,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from kernels import pallas, reference
+from kernels import fused, pallas, reference
 
 PASSES = ("forward", "forward+backward")
 IMPLS = ("pallas", "xla", "copy")
@@ -148,6 +155,57 @@ def run_op(name: str, op: Op, dtype, *, with_static: bool, interpret: bool, iter
     return rows
 
 
+def _temp_bytes(jitted, args) -> int | None:
+    """Bytes of temporaries XLA allocates for one call (None where the backend does not say)."""
+    analysis = jitted.lower(*args).compile().memory_analysis()
+    return None if analysis is None else int(analysis.temp_size_in_bytes)
+
+
+def run_fused(name: str, op: Op, dtype, *, with_static: bool, interpret: bool, iters: int, warmup: int, repeats: int) -> list[dict]:
+    """Rows (per pass: unfused, fused) for the span conv + aggregation of one op in one dtype."""
+    b, ho, c, k = op.batch, op.out_size, op.channels, op.kernel_size
+    reduced, groups = c // 4, c // reference.GROUP_CHANNELS
+    keys = jax.random.split(jax.random.key(1), 5)
+    x = jax.random.normal(keys[0], (b, op.size, op.size, c), dtype)
+    v = jax.random.normal(keys[1], (b, ho, ho, reduced), dtype)
+    w2 = (jax.random.normal(keys[2], (reduced, groups * k * k)) / reduced**0.5).astype(dtype)
+    bias = jnp.zeros((groups * k * k,), dtype)
+    s = jax.random.normal(keys[3], (k * k, c), dtype) if with_static else None
+    g = jax.random.normal(keys[4], (b, ho, ho, c), dtype)
+    config = dict(kernel_size=k, stride=op.stride, dilation=1, interpret=interpret)
+
+    def unfused_layer(x, v, w2, bias, s):
+        hd = (v @ w2 + bias).reshape(b, ho, ho, groups, k * k)
+        return pallas.aggregate(x, hd, s, **config)
+
+    def fused_layer(x, v, w2, bias, s):
+        return fused.fused_aggregate(x, v, w2, bias, s, **config)
+
+    rows = []
+    for pass_ in PASSES:
+        times, temps = {}, {}
+        for impl, layer in (("unfused", unfused_layer), ("fused", fused_layer)):
+            if pass_ == "forward":
+                fn = jax.jit(lambda x, v, w2, bias, s, g, layer=layer: layer(x, v, w2, bias, s))
+            else:
+                def forward_backward(x, v, w2, bias, s, g, layer=layer):
+                    out, vjp = jax.vjp(layer, x, v, w2, bias, s)
+                    return out, vjp(g)
+
+                fn = jax.jit(forward_backward)
+            args = (x, v, w2, bias, s, g)
+            temps[impl] = _temp_bytes(fn, args)
+            times[impl] = _time(fn, args, iters=iters, warmup=warmup, repeats=repeats)
+        for impl in ("unfused", "fused"):
+            rows.append(dict(
+                op=name, shape=dict(dataclasses.asdict(op), out_size=op.out_size), dtype=jnp.dtype(dtype).name,
+                **{"pass": pass_}, impl=impl, time_ms=times[impl] * 1e3, temp_bytes=temps[impl],
+                speedup_vs_unfused=times["unfused"] / times[impl],
+                temp_vs_unfused=None if not temps["unfused"] or temps[impl] is None else temps[impl] / temps["unfused"],
+            ))
+    return rows
+
+
 def versions() -> dict:
     """jax, jaxlib, Python and CUDA plugin versions, for the header of every benchmark file."""
     versions = {"jax": jax.__version__, "jaxlib": importlib.metadata.version("jaxlib"), "python": sys.version.split()[0]}
@@ -185,6 +243,22 @@ def _markdown(result: dict) -> str:
             f"| {r['dtype']} | {r['pass']} | {r['impl']} | {r['time_ms']:.3f} | {r['gb_per_s']:.0f} "
             f"| {r['pct_of_copy']:.0f} | {'' if r['speedup_vs_xla'] is None else format(r['speedup_vs_xla'], '.2f')} |"
         )
+    if result.get("fused_rows"):
+        lines += [
+            "",
+            "## Fused span conv + aggregation (`kernels.fused`) against unfused (`Hd` in memory, then `kernels.pallas`)",
+            "",
+            "| op | x shape | K | s | dtype | pass | impl | time (ms) | temp memory (MiB) | speedup vs unfused | memory vs unfused |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in result["fused_rows"]:
+            sh = r["shape"]
+            temp = "n/a" if r["temp_bytes"] is None else f"{r['temp_bytes'] / 2**20:.1f}"
+            ratio = "n/a" if r["temp_vs_unfused"] is None else f"{r['temp_vs_unfused']:.2f}"
+            lines.append(
+                f"| {r['op']} | {sh['batch']}x{sh['size']}x{sh['size']}x{sh['channels']} | {sh['kernel_size']} | {sh['stride']} "
+                f"| {r['dtype']} | {r['pass']} | {r['impl']} | {r['time_ms']:.3f} | {temp} | {r['speedup_vs_unfused']:.2f} | {ratio} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -197,6 +271,7 @@ def main(argv: list[str] | None = None) -> list[pathlib.Path]:
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated dtypes")
     parser.add_argument("--ops", default=None, help="comma-separated op names (default: all)")
     parser.add_argument("--no-static", action="store_true", help="involution (no static kernel) instead of C-volution")
+    parser.add_argument("--no-fused", action="store_true", help="skip the fused span conv + aggregation rows")
     parser.add_argument("--iters", type=int, default=None, help="calls per timing (default 20; smoke 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 3; smoke 1)")
     parser.add_argument("--repeats", type=int, default=None, help="timings, the median is kept (default 5; smoke 1)")
@@ -219,7 +294,7 @@ def main(argv: list[str] | None = None) -> list[pathlib.Path]:
     repeats = args.repeats or (1 if args.smoke else 5)
     with_static = not args.no_static
 
-    rows = []
+    rows, fused_rows = [], []
     for name, op in ops.items():
         for dtype_name in args.dtypes.split(","):
             dtype = jnp.dtype(dtype_name)
@@ -228,6 +303,11 @@ def main(argv: list[str] | None = None) -> list[pathlib.Path]:
                 print(f"{name:16s} {dtype_name:9s} {r['pass']:17s} {r['impl']:7s} {r['time_ms']:9.3f} ms "
                       f"{r['gb_per_s']:7.0f} GB/s {r['pct_of_copy']:5.0f}% of copy", flush=True)
             rows.extend(op_rows)
+            if not args.no_fused:
+                fused_rows.extend(run_fused(name, op, dtype, with_static=with_static, interpret=not on_gpu, iters=iters, warmup=warmup, repeats=repeats))
+                for r in fused_rows[-4:]:
+                    print(f"{name:16s} {dtype_name:9s} {r['pass']:17s} {r['impl']:7s} {r['time_ms']:9.3f} ms fused-vs-unfused "
+                          f"{r['speedup_vs_unfused']:.2f}x", flush=True)
 
     device = jax.devices()[0]
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -237,7 +317,7 @@ def main(argv: list[str] | None = None) -> list[pathlib.Path]:
         command=" ".join(["python -m kernels.bench", *argv]).strip(),
         with_static=with_static, iters=iters, warmup=warmup, repeats=repeats,
         traffic_model="forward |x|+|Hd|+|S|+|out|; forward+backward adds 2|x|+2|Hd|+2|S|+|out|",
-        rows=rows,
+        rows=rows, fused_rows=fused_rows,
     )
     out_dir = pathlib.Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -297,3 +297,13 @@ def test_bench_smoke_writes_results(tmp_path):
         assert r["bytes"] == expected_bytes[r["pass"]], r
         assert r["time_ms"] > 0 and r["gb_per_s"] == pytest.approx(r["bytes"] / (r["time_ms"] * 1e-3) / 1e9)
     assert "| smoke_c32_k7_s2 | 1x10x10x32 | 7 | 2 | bfloat16 | forward | pallas |" in paths[1].read_text()
+    # The fused rows: both passes, unfused and fused, ratios taken against the unfused row.
+    fused_rows = {(r["pass"], r["impl"]): r for r in result["fused_rows"]}
+    assert set(fused_rows) == {(p, impl) for p in ("forward", "forward+backward") for impl in ("unfused", "fused")}
+    for p in ("forward", "forward+backward"):
+        unfused, fused_row = fused_rows[(p, "unfused")], fused_rows[(p, "fused")]
+        assert unfused["speedup_vs_unfused"] == 1.0
+        assert fused_row["speedup_vs_unfused"] == pytest.approx(unfused["time_ms"] / fused_row["time_ms"])
+        if unfused["temp_bytes"]:
+            assert fused_row["temp_vs_unfused"] == pytest.approx(fused_row["temp_bytes"] / unfused["temp_bytes"])
+    assert "| smoke_c32_k7_s2 | 1x10x10x32 | 7 | 2 | bfloat16 | forward+backward | fused |" in paths[1].read_text()
