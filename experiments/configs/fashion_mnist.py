@@ -5,7 +5,7 @@
 
 The default config's network (C-volution K=7 in the stem and in three single-block stages of
 widths 16/32/64, "small" stem) at the native 28x28, pad-4 random crops and flips.
-Expected: >= 90% test top-1; accuracy and CPU time measured in the README.
+Expected: 90.74% test top-1 after 8 epochs, about 19 min on 2 CPU cores (measured 2026-11-25, README).
 """
 
 from experiments.configs import default
@@ -16,7 +16,7 @@ def get_config():
     config.data.name = "fashion_mnist"
     config.data.image_size = 28
     config.batch_size = 128
-    config.num_epochs = 6.0
+    config.num_epochs = 8.0
     config.base_lr = 0.4  # per 256 images: lr 0.2 at batch 128
     config.warmup_epochs = 0.5
     config.log_every_steps = 50
