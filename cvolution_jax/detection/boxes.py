@@ -7,17 +7,19 @@ tests all call it, so that a convention change happens in one place.
 import jax.numpy as jnp
 
 
-def _check_boxes(name, boxes):
+def check_boxes(name, boxes):
+    """Raises a ValueError unless `boxes` (or deltas) is `[..., 4]`."""
     if boxes.ndim < 1 or boxes.shape[-1] != 4:
         raise ValueError(
-            f"{name} must have shape [..., 4] holding (x1, y1, x2, y2); got shape {boxes.shape}. "
-            "Reshape class-specific boxes [N, C*4] to [N, C, 4] first.")
+            f"{name} must have shape [..., 4] holding (x1, y1, x2, y2) or deltas; got shape {boxes.shape}. "
+            "Reshape class-specific boxes or deltas [N, C*4] to [N, C, 4] (and proposals [N, 4] to "
+            "[N, 1, 4] so they broadcast) first.")
 
 
 def box_area(boxes):
     """Areas of boxes ``[..., 4]`` -> ``[...]``; inverted boxes (x2 < x1 or y2 < y1) have area 0."""
     boxes = jnp.asarray(boxes)
-    _check_boxes("boxes", boxes)
+    check_boxes("boxes", boxes)
     width = jnp.maximum(boxes[..., 2] - boxes[..., 0], 0)
     height = jnp.maximum(boxes[..., 3] - boxes[..., 1], 0)
     return width * height
@@ -37,8 +39,8 @@ def box_iou(a, b):
     """
     a = jnp.asarray(a)
     b = jnp.asarray(b)
-    _check_boxes("a", a)
-    _check_boxes("b", b)
+    check_boxes("a", a)
+    check_boxes("b", b)
     if a.ndim != 2 or b.ndim != 2:
         raise ValueError(
             f"box_iou takes a [N, 4] and b [M, 4]; got shapes {a.shape} and {b.shape}.")
@@ -65,7 +67,7 @@ def clip_boxes(boxes, height, width):
     broadcast against ``boxes[..., 0]``).
     """
     boxes = jnp.asarray(boxes)
-    _check_boxes("boxes", boxes)
+    check_boxes("boxes", boxes)
     height = jnp.asarray(height, boxes.dtype)
     width = jnp.asarray(width, boxes.dtype)
     x = jnp.clip(boxes[..., 0::2], 0, width[..., None])

@@ -13,18 +13,11 @@ import math
 
 import jax.numpy as jnp
 
-from cvolution_jax.detection.boxes import clip_boxes
+from cvolution_jax.detection.boxes import check_boxes, clip_boxes
 
 # mmdet's wh_ratio_clip: log-size deltas are clamped to +-log(1000 / 16) ~ 4.135, so exp() cannot
 # overflow and one step cannot grow a box more than 62.5x.
 WH_RATIO_CLIP = 16 / 1000
-
-
-def _check(name, x):
-    if x.ndim < 1 or x.shape[-1] != 4:
-        raise ValueError(
-            f"{name} must have shape [..., 4]; got {x.shape}. Reshape class-specific deltas "
-            "[N, C*4] to [N, C, 4] and proposals [N, 4] to [N, 1, 4] so they broadcast.")
 
 
 def _center_size(boxes):
@@ -49,8 +42,8 @@ def encode(proposals, gt, means=(0.0, 0.0, 0.0, 0.0), stds=(0.1, 0.1, 0.2, 0.2))
     """
     proposals = jnp.asarray(proposals)
     gt = jnp.asarray(gt)
-    _check("proposals", proposals)
-    _check("gt", gt)
+    check_boxes("proposals", proposals)
+    check_boxes("gt", gt)
     dtype = jnp.result_type(proposals, gt, jnp.float32)
     px, py, pw, ph = _center_size(proposals.astype(dtype))
     gx, gy, gw, gh = _center_size(gt.astype(dtype))
@@ -78,8 +71,8 @@ def decode(proposals, deltas, means=(0.0, 0.0, 0.0, 0.0), stds=(0.1, 0.1, 0.2, 0
     """
     proposals = jnp.asarray(proposals)
     deltas = jnp.asarray(deltas)
-    _check("proposals", proposals)
-    _check("deltas", deltas)
+    check_boxes("proposals", proposals)
+    check_boxes("deltas", deltas)
     dtype = jnp.result_type(proposals, deltas, jnp.float32)
     deltas = deltas.astype(dtype) * jnp.asarray(stds, dtype) + jnp.asarray(means, dtype)
     px, py, pw, ph = _center_size(proposals.astype(dtype))
