@@ -121,18 +121,11 @@ class KernelGenerator(nn.Module):
         return u, params["kernel"].reshape(reduced, -1).astype(self.dtype), params["bias"].astype(self.dtype)
 
 
-def _use_fused(fuse_generator: bool | None) -> bool:
-    """Whether a layer fuses its span conv into the aggregation (`fuse_generator=None`: auto).
-
-    Auto is meant to fuse where the fused kernels are measured faster. They have not been run
-    on a GPU yet (see the README's benchmarks), so auto stays unfused until they are.
-    """
-    return bool(fuse_generator)
-
-
 def _generate(module, x, train: bool, context: str = "none"):
     """The generator of `Involution`/`CVolution`: `Hd`, or `(u, W2, b)` when the layer fuses."""
-    fused = _use_fused(module.fuse_generator)
+    # Auto (None) is meant to fuse where the fused kernels are measured faster; none has been run on
+    # a GPU yet, so only an explicit True fuses for now.
+    fused = bool(module.fuse_generator)
     generator = KernelGenerator(module.channels, module.kernel_size, module.stride, context, dtype=module.dtype, name="generator")
     return generator(x, train, fused=fused)
 
