@@ -1,6 +1,10 @@
-"""Parameter and MAC counts of the registered models.
+"""Parameter and MAC counts of the registered models and of the detectors.
 
     python -m cvolution_jax.count [NAME ...] [--image-size 224] [--num-classes 1000] [--json]
+
+Detectors (`faster_rcnn_*`, see `DETECTORS`) are counted with 80 classes on one 800x1280
+image: the whole test-time network, box head on its 1000 proposals included, as mmdetection's
+`get_flops` runs it (`forward_dummy`); RoIAlign and NMS are not counted.
 
 Parameters are the sizes of the leaves of the model's real `params` collection (BatchNorm
 running statistics excluded), obtained by tracing `model.init` abstractly: the same variables
@@ -26,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from cvolution_jax import layers, models
+from cvolution_jax.detection.faster_rcnn import FasterRCNN
 
 
 def _macs(module: nn.Module, args, output) -> int:
@@ -39,8 +44,32 @@ def _macs(module: nn.Module, args, output) -> int:
     return 0
 
 
-def count(model: nn.Module, image_size: int = 224) -> dict:
-    """`{"params": int, "macs": int}` of `model` on one `[1, image_size, image_size, 3]` image."""
+# detector -> (registry backbone, FPN output op): the seed's Faster R-CNN table and mmdet's baseline.
+DETECTORS = {
+    "faster_rcnn_resnet50_fpn": ("resnet50", "conv"),
+    "faster_rcnn_rednet50_fpn": ("rednet50", "conv"),
+    "faster_rcnn_rednet50_neck_fpn": ("rednet50", "involution"),
+    "faster_rcnn_cednet50_fpn": ("cednet50", "cvolution"),
+    # RedNet-50 backbone with a C-volution neck: the design whose count is the seed's CedNet-50 row.
+    "faster_rcnn_rednet50_cvolution_neck_fpn": ("rednet50", "cvolution"),
+}
+DETECTOR_IMAGE = (800, 1280)  # (H, W) of the detectors' MAC count
+DETECTOR_CLASSES = 80
+
+
+def create_detector(name: str, num_classes: int = DETECTOR_CLASSES) -> nn.Module:
+    """The Faster R-CNN `name` of `DETECTORS` with mmdet's settings."""
+    backbone, neck_op = DETECTORS[name]
+    return FasterRCNN(backbone=models.create(backbone, num_classes=1), num_classes=num_classes, neck_op=neck_op)
+
+
+def count(model: nn.Module, image_size: int | tuple[int, int] = 224) -> dict:
+    """`{"params": int, "macs": int}` of `model` on one `[1, H, W, 3]` image (`image_size` is H = W
+    or `(H, W)`); a detector gets the batch dict it takes."""
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    inputs = jnp.zeros((1, height, width, 3))
+    if isinstance(model, FasterRCNN):
+        inputs = {"image": inputs, "image_size": jnp.asarray([[height, width]], jnp.int32)}
     macs = []
 
     def interceptor(next_fun, args, kwargs, context):
@@ -50,28 +79,36 @@ def count(model: nn.Module, image_size: int = 224) -> dict:
         return output
 
     with nn.intercept_methods(interceptor):
-        variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)))
+        variables = jax.eval_shape(model.init, jax.random.key(0), inputs)
     params = sum(leaf.size for leaf in jax.tree.leaves(variables["params"]))
     return {"params": int(params), "macs": int(sum(macs))}
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m cvolution_jax.count", description=__doc__.split("\n\n")[0])
-    parser.add_argument("names", nargs="*", metavar="NAME", help=f"models to count (default: all): {', '.join(models.names())}")
+    valid = models.names() + list(DETECTORS)
+    parser.add_argument("names", nargs="*", metavar="NAME", help=f"models to count (default: all): {', '.join(valid)}")
     parser.add_argument("--image-size", type=int, default=224, help="square input size (default 224)")
     parser.add_argument("--num-classes", type=int, default=1000, help="classifier outputs (default 1000)")
     parser.add_argument("--json", action="store_true", help='print a JSON list of {"model", "params", "macs"}')
     args = parser.parse_args(argv)
-    unknown = [name for name in args.names if name not in models.names()]
+    unknown = [name for name in args.names if name not in valid]
     if unknown:
-        parser.error(f"unknown model(s) {', '.join(unknown)}; valid names: {', '.join(models.names())}")
-    rows = [{"model": name, **count(models.create(name, num_classes=args.num_classes), args.image_size)} for name in args.names or models.names()]
+        parser.error(f"unknown model(s) {', '.join(unknown)}; valid names: {', '.join(valid)}")
+    rows = []
+    for name in args.names or valid:
+        if name in DETECTORS:
+            rows.append({"model": name, **count(create_detector(name), DETECTOR_IMAGE), "input": "x".join(map(str, DETECTOR_IMAGE)),
+                         "classes": DETECTOR_CLASSES})
+        else:
+            rows.append({"model": name, **count(models.create(name, num_classes=args.num_classes), args.image_size),
+                         "input": f"{args.image_size}x{args.image_size}", "classes": args.num_classes})
     if args.json:
         print(json.dumps(rows, indent=1))
         return
-    print(f"{'model':<10} {'params (M)':>10} {'MACs (G)':>9}   at {args.image_size}x{args.image_size}, {args.num_classes} classes")
+    print(f"{'model':<30} {'params (M)':>10} {'MACs (G)':>9}  input     classes")
     for row in rows:
-        print(f"{row['model']:<10} {row['params'] / 1e6:>10.2f} {row['macs'] / 1e9:>9.2f}")
+        print(f"{row['model']:<30} {row['params'] / 1e6:>10.2f} {row['macs'] / 1e9:>9.2f}  {row['input']:<9} {row['classes']}")
 
 
 if __name__ == "__main__":

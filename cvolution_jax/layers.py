@@ -41,7 +41,7 @@ REDUCTION = 4
 he_normal = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def conv(features: int, kernel_size: int, stride: int = 1, *, dilation: int = 1, use_bias: bool = False, dtype: Any = jnp.float32, name: str | None = None) -> nn.Conv:
+def conv(features: int, kernel_size: int, stride: int = 1, *, dilation: int = 1, use_bias: bool = False, dtype: Any = jnp.float32, kernel_init=he_normal, name: str | None = None) -> nn.Conv:
     """A KxK NHWC convolution with PyTorch's symmetric padding `d*(K-1)/2`.
 
     Flax's "SAME" pads stride-2 inputs asymmetrically; explicit padding keeps the outputs (and
@@ -50,7 +50,7 @@ def conv(features: int, kernel_size: int, stride: int = 1, *, dilation: int = 1,
     pad = dilation * (kernel_size - 1) // 2
     return nn.Conv(
         features, (kernel_size, kernel_size), strides=stride, padding=((pad, pad), (pad, pad)),
-        kernel_dilation=dilation, use_bias=use_bias, dtype=dtype, kernel_init=he_normal, name=name,
+        kernel_dilation=dilation, use_bias=use_bias, dtype=dtype, kernel_init=kernel_init, name=name,
     )
 
 

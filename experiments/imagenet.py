@@ -16,7 +16,6 @@ or give it explicitly with `--coordinator_address=HOST:PORT --num_processes=N --
 import logging
 import sys
 
-import jax
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -24,11 +23,7 @@ from cvolution_jax.train import distributed, loop
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file (get_config()).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the resolved config.")
-flags.DEFINE_bool("multihost", False, "Initialise jax.distributed from the cluster environment (SLURM, Open MPI, Kubernetes).")
-flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0's coordinator; with --num_processes and --process_id.")
-flags.DEFINE_integer("num_processes", None, "Number of processes (hosts) in the run.")
-flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
-flags.DEFINE_integer("heartbeat_timeout_seconds", distributed.HEARTBEAT_TIMEOUT_SECONDS, "Multi-process: fail after a peer is silent this long.")
+distributed.define_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -38,13 +33,7 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.getLogger().setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes at INFO
-    explicit = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    if any(value is not None for value in explicit):
-        if any(value is None for value in explicit):
-            raise app.UsageError("--coordinator_address, --num_processes and --process_id go together; give all three.")
-        distributed.initialize(*explicit, heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_seconds)
-    elif FLAGS.multihost:
-        distributed.initialize(heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_seconds)
+    distributed.initialize_from_flags()
     config = FLAGS.config
     try:
         if config.mode == "train":

@@ -4,7 +4,6 @@ import json
 import math
 
 import flax.linen as nn
-import jax.numpy as jnp
 import pytest
 
 from cvolution_jax import count, models
@@ -67,3 +66,23 @@ def test_cli_rejects_unknown_model(capsys):
     with pytest.raises(SystemExit):
         count.main(["resnet18"])
     assert "unknown model(s) resnet18; valid names: resnet50" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, published, tolerance", [
+    ("faster_rcnn_resnet50_fpn", 41.5e6, 0.01),  # mmdetection's model zoo
+    ("faster_rcnn_rednet50_fpn", 31.6e6, 0.02),  # the seed's table, convolution neck
+    ("faster_rcnn_rednet50_neck_fpn", 29.5e6, 0.02),  # involution neck
+    ("faster_rcnn_rednet50_cvolution_neck_fpn", 29.8e6, 0.02),  # the seed's "CedNet-50-FPN" row
+])
+def test_detector_parameters_match_the_published_counts(name, published, tolerance):
+    params = count.count(count.create_detector(name), count.DETECTOR_IMAGE)["params"]
+    assert abs(params - published) <= tolerance * published, params
+
+
+def test_cednet50_detector_is_the_seed_row_plus_the_cednet_backbone():
+    """The seed's 29.8M CedNet-50-FPN row is a RedNet-50 backbone with a C-volution neck; a real
+    CedNet-50 backbone adds exactly its extra parameters over RedNet-50 (README)."""
+    detector = lambda name: count.count(count.create_detector(name), count.DETECTOR_IMAGE)["params"]  # noqa: E731
+    backbone = lambda name: count.count(models.create(name))["params"]  # noqa: E731
+    assert detector("faster_rcnn_cednet50_fpn") - detector("faster_rcnn_rednet50_cvolution_neck_fpn") == (
+        backbone("cednet50") - backbone("rednet50"))

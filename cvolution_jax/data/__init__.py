@@ -12,6 +12,10 @@ Datasets, by `config.name` (see `default_config` for every field):
   imagenet       ILSVRC2012 from an ImageFolder tree or tensorflow-datasets (user-provided)
   synthetic      random images for benchmarks
 
+Detection data has its own modules, used by `cvolution_jax.detection.loop`: `coco` (COCO-format
+annotations through grain, images padded to size buckets, ground truth padded with a validity
+mask) and `shapes` (the synthetic COCO-format default, written to disk).
+
 `batch_size` is per process; the global batch is `batch_size * process_count`. Each batch's
 `mask` is 1 for a real example and 0 for eval padding or an image that failed to decode;
 losses and metrics must weight examples by it. `corrupt` marks the decode failures so the

@@ -155,7 +155,7 @@ def train_stream(
     order = grain.MapDataset.range(len(examples.records)).shuffle(seed=_shuffle_seed(seed)).repeat(None)
     ds = order.batch(global_batch, drop_remainder=True)
     ds = ds.map_with_index(_TrainBatch(examples, seed, batch_size, process_index))
-    return _to_iter_dataset(ds, num_workers=num_workers, num_threads=num_threads)
+    return to_iter_dataset(ds, num_workers=num_workers, num_threads=num_threads)
 
 
 def eval_pass(
@@ -178,10 +178,10 @@ def eval_pass(
     ds = grain.MapDataset.range(num_batches * batch_size)
     ds = ds.map(_EvalExample(examples, process_index, process_count))
     ds = ds.batch(batch_size, drop_remainder=True)
-    return _to_iter_dataset(ds, num_workers=num_workers, num_threads=num_threads)
+    return to_iter_dataset(ds, num_workers=num_workers, num_threads=num_threads)
 
 
-def _to_iter_dataset(ds: grain.MapDataset, *, num_workers: int, num_threads: int) -> grain.IterDataset:
+def to_iter_dataset(ds: grain.MapDataset, *, num_workers: int, num_threads: int) -> grain.IterDataset:
     # Each thread builds whole batches, so `num_threads` (per process) is also how many batches
     # are in flight: it bounds host memory as well as setting the parallelism.
     iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=num_threads))

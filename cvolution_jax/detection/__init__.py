@@ -1,15 +1,21 @@
-"""Detection building blocks for the Faster / Mask R-CNN stack (issue 7), in jnp with static shapes.
+"""Faster R-CNN with FPN in jnp with static shapes, in mmdetection's composition (issue 7).
 
 Boxes are ``[..., 4]`` arrays in absolute pixel ``(x1, y1, x2, y2)`` with no legacy "+1": a box's
 width is ``x2 - x1``, as in mmdetection v2 and pycocotools.
 
-What exists:
-- ``boxes``: ``box_iou`` (the project's one box-IoU function) and ``clip_boxes``.
+Modules, from geometry to the training loop:
+- ``boxes``: ``box_iou`` (the project's one box-IoU function), ``clip_boxes``, ``box_area``.
 - ``coder``: ``encode`` / ``decode``, mmdet's ``DeltaXYWHBBoxCoder``.
 - ``anchors``: ``anchors_for_levels``, mmdet v2's ``AnchorGenerator`` for FPN levels.
-- ``nms``: ``batched_nms``, class-aware greedy NMS with a static output size, jit-able.
+- ``assign``: ``MaxIoUAssigner``, ``RandomSampler`` and ground truth as proposals.
+- ``nms``: ``batched_nms``, class-aware greedy NMS with a static output size.
+- ``roi_align``: mmcv's aligned RoIAlign (adaptive sampling) and its FPN level mapping.
+- ``fpn``: the FPN neck, output op conv / involution / C-volution.
+- ``rpn``, ``roi_head``: the heads with their targets, losses and test-time outputs.
+- ``faster_rcnn``: the detector (``FasterRCNN``) and its ``Settings``.
+- ``evaluation``: COCO results and pycocotools' ``COCOeval``; ``visualize``: pictures.
+- ``loop``: training and evaluation runs (``experiments/coco.py``).
 
-Planned, not written yet: RoIAlign, the RPN head (with target assignment and sampling), the
-box head (and mask head), the FPN neck, detection data (padding to shape buckets, ground truth
-padded with a validity mask), COCO evaluation, and the ``experiments/coco.py`` entry point.
+Data comes from ``cvolution_jax.data.coco`` (COCO-format annotations, size buckets, padded
+ground truth) and ``cvolution_jax.data.shapes`` (the synthetic default).
 """

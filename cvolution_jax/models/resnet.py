@@ -73,8 +73,13 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
-        """`[B, H, W, 3] -> [B, num_classes]` logits (float32)."""
+    def __call__(self, x, train: bool = False, return_stages: bool = False):
+        """`[B, H, W, 3] -> [B, num_classes]` logits (float32).
+
+        With `return_stages`, returns instead the four stage outputs C2-C5 (strides 4, 8, 16, 32
+        for the resnet and rednet stems), a detector's backbone features; `fc` is then never
+        created, so a detector's backbone parameters are the classifier's minus `fc`.
+        """
         if self.stem not in STEMS:
             raise ValueError(f"ResNet: stem must be one of {STEMS}; got {self.stem!r}.")
         bn = functools.partial(batch_norm, train, dtype=self.dtype)
@@ -89,12 +94,16 @@ class ResNet(nn.Module):
             x = nn.relu(bn(name="stem_bn3")(conv(self.stem_width, 3, dtype=self.dtype, name="stem_conv2")(x)))
         if self.stem != "small":
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        stages = []
         for stage, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
             for block in range(blocks):
                 x = Bottleneck(
                     width, 2 if stage > 0 and block == 0 else 1, self.op, self.kernel_size,
                     self.op_kwargs, self.dtype, name=f"layer{stage + 1}_{block}",
                 )(x, train)
+            stages.append(x)
+        if return_stages:
+            return tuple(stages)
         x = x.mean(axis=(1, 2))
         x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.normal(0.01), name="fc")(x)
         return x.astype(jnp.float32)

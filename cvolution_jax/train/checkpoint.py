@@ -140,6 +140,20 @@ class Checkpointer:
                 )
         return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
+    def restore_variables(self, step: int | None = None) -> dict:
+        """The model variables (`params`, `batch_stats`) of checkpoint `step` (default: the latest),
+        as nested dicts of arrays, without a target: for initialising another model from them
+        (a detector's backbone from an ImageNet run). The optimizer state is read and dropped."""
+        steps = self.all_steps()
+        step = self.latest_step() if step is None else step
+        if step is None or step not in steps:
+            raise FileNotFoundError(
+                f"No checkpoint {'' if step is None else f'at step {step} '}in {self.directory} (steps there: {steps or 'none'}). "
+                f"Point the path at a finished experiments.imagenet run."
+            )
+        state = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+        return {"params": state["params"], "batch_stats": state.get("batch_stats") or {}}
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

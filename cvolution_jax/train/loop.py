@@ -64,8 +64,8 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
         f.write(config.to_json_best_effort(indent=2))
 
 
-class _Mesh:
-    """The device mesh and how host batches become global arrays."""
+class DataMesh:
+    """The device mesh (every device, one `data` axis) and how host batches become global arrays."""
 
     def __init__(self, global_batch: int):
         if global_batch % jax.device_count():
@@ -84,7 +84,7 @@ class _Mesh:
 
 def _setup(config, workdir):
     """Everything a run needs before its first step: mesh, data, model, optimizer, initial state."""
-    mesh = _Mesh(config.batch_size)
+    mesh = DataMesh(config.batch_size)
     train_split = data.create_split(config.data, train=True, batch_size=mesh.per_process, seed=config.seed)
     eval_split = data.create_split(config.data, train=False, batch_size=mesh.per_process, seed=config.seed)
     steps_per_epoch = train_split.num_examples // config.batch_size
@@ -101,7 +101,7 @@ def _setup(config, workdir):
     return mesh, train_split, eval_split, steps_per_epoch, total_steps, state, ckpt
 
 
-def run_eval(state, eval_split, mesh: _Mesh, eval_fn) -> dict:
+def run_eval(state, eval_split, mesh: DataMesh, eval_fn) -> dict:
     """Top-1, top-5 and loss over the whole eval split (every example exactly once)."""
     totals = None
     for batch in eval_split.dataset:

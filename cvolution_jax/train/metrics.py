@@ -47,8 +47,15 @@ def read_metrics(workdir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_curves(workdir: str, filename: str = "curves.png") -> str | None:
-    """Draws train/eval loss and accuracy against step from `metrics.jsonl`; returns the PNG path."""
+CLASSIFICATION_SCORES = (("train", "top1", "train top-1"), ("eval", "top1", "eval top-1"), ("eval", "top5", "eval top-5"))
+
+
+def plot_curves(workdir: str, filename: str = "curves.png", scores=CLASSIFICATION_SCORES, score_title: str = "accuracy") -> str | None:
+    """Draws loss and scores against step from `metrics.jsonl`; returns the PNG path.
+
+    `scores`: `(split, key, label)` of each curve of the right panel (values in [0, 1]); a split
+    whose records lack a key is skipped, and so is an eval without a loss.
+    """
     records = read_metrics(workdir)
     if not records or jax.process_index() != 0:
         return None
@@ -59,15 +66,15 @@ def plot_curves(workdir: str, filename: str = "curves.png") -> str | None:
 
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
     for split, style in (("train", "-"), ("eval", "o-")):
-        rows = [r for r in records if r["split"] == split]
+        rows = [r for r in records if r["split"] == split and "loss" in r]
         if rows:
-            steps = [r["step"] for r in rows]
-            loss_ax.plot(steps, [r["loss"] for r in rows], style, label=split)
-            acc_ax.plot(steps, [r["top1"] for r in rows], style, label=f"{split} top-1")
-            if split == "eval" and "top5" in rows[0]:
-                acc_ax.plot(steps, [r["top5"] for r in rows], "s--", label="eval top-5")
+            loss_ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], style, label=split)
+    for split, key, label in scores:
+        rows = [r for r in records if r["split"] == split and key in r]
+        if rows:
+            acc_ax.plot([r["step"] for r in rows], [r[key] for r in rows], "-" if split == "train" else "o-", label=label)
     loss_ax.set(xlabel="step", ylabel="loss", title="loss")
-    acc_ax.set(xlabel="step", ylabel="accuracy", title="accuracy", ylim=(0, 1))
+    acc_ax.set(xlabel="step", ylabel=score_title, title=score_title, ylim=(0, 1))
     loss_ax.legend(), acc_ax.legend()
     fig.tight_layout()
     path = os.path.join(workdir, filename)

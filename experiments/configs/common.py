@@ -48,3 +48,66 @@ def imagenet(model: str) -> ml_collections.ConfigDict:
     config.data.num_workers = 16
     config.expected_top1 = PUBLISHED_TOP1.get(model, -1.0)  # -1: no published number
     return config
+
+
+# Box AP (COCO val2017, %) of the seed's Faster R-CNN 1x table and mmdetection's ResNet-50 baseline.
+PUBLISHED_BOX_AP = {"resnet50": 37.4, "rednet50": 39.5, "rednet50_neck": 40.2, "cednet50": 40.5}
+
+
+def detection(backbone: str, neck_op: str = "conv") -> ml_collections.ConfigDict:
+    """Every field `cvolution_jax.detection.loop` reads, with mmdet's Faster R-CNN FPN 1x recipe on
+    COCO 2017 for registry backbone `backbone` and FPN output op `neck_op`."""
+    config = ml_collections.ConfigDict()
+    config.mode = "train"  # "train" (resumes from the latest checkpoint) or "eval"
+    config.checkpoint_step = -1  # eval mode: the step to restore; -1 for the latest
+    config.model = ml_collections.ConfigDict({
+        "backbone": backbone,  # any registry name (cvolution_jax.models.names())
+        "backbone_overrides": {},  # ResNet fields, e.g. a smaller network for the CPU default
+        "pretrained": "",  # workdir of an experiments.imagenet run whose latest checkpoint initialises the backbone
+        "frozen_stages": 1,  # stem and stage 1 frozen (mmdet); -1 freezes nothing
+        "norm_eval": True,  # backbone BatchNorm in inference mode (mmdet); False to train from scratch
+        "neck_op": neck_op,  # FPN output op: "conv" (3x3), "involution" or "cvolution" (K=7)
+        "rpn_op": "conv",  # the RPN's shared layer: "conv" or an op (the seed's "head" variants)
+        "op_kwargs": {},  # spatial_op switches of neck/head ops, e.g. {"impl": "xla"}
+        "channels": 256,  # FPN and RPN channels
+        "fc_dim": 1024,  # box head FC width
+        "settings": {},  # cvolution_jax.detection.faster_rcnn.Settings fields to override
+    })
+    config.data = ml_collections.ConfigDict({
+        "name": "coco",  # "coco" (COCO 2017 layout) or "shapes" (synthetic, written on first use)
+        "data_dir": "",  # coco: the folder holding annotations/ train2017/ val2017/; shapes: where to write it
+        "train_annotations": "",  # coco: overrides <data_dir>/annotations/instances_train2017.json
+        "train_images": "",
+        "val_annotations": "",
+        "val_images": "",
+        "scale": (1333, 800),  # resize keeping aspect ratio: long side <= 1333, short side <= 800
+        "buckets": ((800, 1344), (1344, 800)),  # padded (H, W) shapes; a batch holds one bucket
+        "max_gt": 100,  # ground-truth slots per image
+        "flip_prob": 0.5,
+        "num_workers": 8,
+        "num_threads": 4,
+        # shapes only
+        "num_train": 1000,
+        "num_val": 200,
+        "image_size": 128,
+        "shapes_seed": 0,
+    })
+    config.dtype = "float32"
+    config.seed = 0
+    config.batch_size = 16  # global
+    config.num_epochs = 12.0
+    config.num_train_steps = -1  # > 0 overrides num_epochs
+    config.base_lr = 0.02  # per 16 images
+    config.warmup_steps = 500
+    config.warmup_factor = 0.001
+    config.lr_decay_epochs = (8, 11)  # x0.1 at each
+    config.momentum = 0.9
+    config.weight_decay = 1e-4  # every parameter, as mmdet
+    config.grad_clip_norm = 0.0  # > 0: clip the gradients' global norm (mmdet's optimizer_config.grad_clip)
+    config.log_every_steps = 50
+    config.eval_every_steps = -1  # -1: once per epoch
+    config.checkpoint_every_steps = 1000
+    config.keep_checkpoints = 3  # the latest ones; the best by eval AP is kept too
+    key = backbone + ("_neck" if neck_op == "involution" else "")
+    config.expected_box_ap = PUBLISHED_BOX_AP.get(key, -1.0)
+    return config

@@ -1,0 +1,614 @@
+"""COCO-format detection input through grain, in static shapes for jit.
+
+    dataset = load_coco("annotations/instances_train2017.json", "train2017")
+    stream = train_stream(dataset, batch_size=2, seed=0, scale=(1333, 800),
+                          buckets=((832, 1344), (1344, 832)), max_gt=100, flip_prob=0.5,
+                          process_index=0, process_count=1, num_threads=4, num_workers=0)
+    it = iter(stream); batch = next(it)   # see `train_stream` for the batch format
+    state = it.get_state()                # `it.set_state(state)` resumes exactly here
+
+`load_coco` reads and validates the annotation file once: malformed input is an error that
+names the file and the field, or an annotation skipped and counted (`CocoDataset.skipped`),
+never a silent wrong result. Boxes become (x1, y1, x2, y2) in original pixels and category ids
+become contiguous labels [0, num_classes).
+
+Per image (host side, numpy + PIL), as mmdetection's standard pipeline does: decode RGB,
+resize keeping the aspect ratio so the long side is <= scale's long side and the short side
+<= its short side (mmcv's `rescale_size`), horizontal flip (train), normalise with the
+ImageNet mean/std, zero-pad bottom/right to a size bucket. Ground truth is padded to `max_gt`
+slots. mmcv resizes with OpenCV; PIL's bilinear here also antialiases when shrinking, a small
+difference that pretrained backbones do not notice.
+
+Static shapes: a batch holds images of one bucket (H, W) only, so a jitted step compiles once
+per bucket. The training order groups images by bucket like mmdetection's GroupSampler: each
+epoch a seeded permutation, cut into global batches per bucket, the batches' order shuffled.
+As in `pipeline.py`, every process walks the same global batches and reads only its slice, so
+training is the same on any number of processes, and the stream resumes exactly from
+`get_state()`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import numpy as np
+from PIL import Image
+
+from cvolution_jax.data import transforms
+from cvolution_jax.data.pipeline import to_iter_dataset
+
+log = logging.getLogger(__name__)
+
+# One batch: {"image": float32 [b, H, W, 3], "image_size": int32 [b, 2], "scale": float32 [b, 2],
+# "image_id": int32 [b], "boxes": float32 [b, G, 4], "labels": int32 [b, G],
+# "gt_valid": bool [b, G], "mask": float32 [b], "flipped": bool [b]}.
+Batch = dict[str, np.ndarray]
+
+SKIP_CROWD = "crowd"
+SKIP_NON_POSITIVE = "non-positive box size"
+SKIP_OUTSIDE = "outside image"
+
+_INT32_MAX = np.iinfo(np.int32).max
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CocoRecord:
+    """One image and its training targets. Travels to grain workers by pickle.
+
+    Attributes:
+      path: the image file.
+      image_id: its COCO image id.
+      height, width: its size in pixels as the annotation file gives it.
+      boxes: float32 [n, 4], (x1, y1, x2, y2) in original pixels (COCO's xywh, no "+1").
+      labels: int32 [n], contiguous labels in [0, num_classes).
+      segmentations: the n annotations' raw `segmentation` (polygons or RLE; None if absent),
+        kept for instance masks.
+    """
+
+    path: str
+    image_id: int
+    height: int
+    width: int
+    boxes: np.ndarray
+    labels: np.ndarray
+    segmentations: tuple[Any, ...]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CocoDataset:
+    """A validated COCO instances file and its images.
+
+    Attributes:
+      annotation_file: the JSON file (evaluation reloads it with pycocotools).
+      image_dir: the folder that `file_name`s are relative to.
+      records: one `CocoRecord` per image, in the file's order, images without annotations
+        included.
+      category_ids: contiguous label i -> COCO category id, sorted by id.
+      category_names: label i -> category name.
+      skipped: number of annotations left out of the targets, by reason (`SKIP_*`).
+    """
+
+    annotation_file: str
+    image_dir: str
+    records: tuple[CocoRecord, ...]
+    category_ids: tuple[int, ...]
+    category_names: tuple[str, ...]
+    skipped: dict[str, int]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.category_ids)
+
+
+# ------------------------------------------------------------------------------- loading
+
+
+def load_coco(annotation_file: str | os.PathLike, image_dir: str | os.PathLike) -> CocoDataset:
+    """Reads and validates a COCO instances file; checks that every image file exists.
+
+    Errors (ValueError, naming the file, the item and the field): a missing top-level key
+    (`images`, `annotations`, `categories`) or item key (`id`, `file_name`, `height`, `width`,
+    `image_id`, `bbox`, `category_id`, `name`), a malformed value, a duplicate id, an
+    annotation of an unknown image or unknown category. Missing image files: FileNotFoundError
+    naming the first few and the count.
+
+    Skipped and counted in `skipped` (and logged): crowd annotations (`iscrowd` 1; COCOeval
+    reads crowds from the JSON itself), boxes with width or height <= 0, and boxes that do
+    not overlap the image.
+    """
+    annotation_file, image_dir = os.fspath(annotation_file), os.fspath(image_dir)
+    try:
+        with open(annotation_file) as f:
+            content = json.load(f)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{annotation_file} is not valid JSON ({error}); expected a COCO instances file.") from error
+    if not isinstance(content, dict):
+        raise ValueError(f"{annotation_file}: expected a JSON object at the top level, got {type(content).__name__}.")
+    for key in ("images", "annotations", "categories"):
+        if key not in content:
+            raise ValueError(
+                f"{annotation_file}: missing top-level key {key!r}. A COCO instances file has 'images', "
+                f"'annotations' and 'categories' lists; check that this is a detection annotation file."
+            )
+        if not isinstance(content[key], list):
+            raise ValueError(f"{annotation_file}: top-level {key!r} must be a list, got {type(content[key]).__name__}.")
+
+    categories = content["categories"]
+    names_by_id: dict[int, str] = {}
+    for index, category in enumerate(categories):
+        where = _where("categories", index, category)
+        _require(category, ("id", "name"), annotation_file, where)
+        category_id = _integer(category["id"], annotation_file, where, "id")
+        if category_id in names_by_id:
+            raise ValueError(f"{annotation_file}: {where} repeats category id {category_id}; ids must be unique.")
+        names_by_id[category_id] = str(category["name"])
+    if not names_by_id:
+        raise ValueError(f"{annotation_file}: 'categories' is empty; a detection file needs at least one category.")
+    category_ids = tuple(sorted(names_by_id))
+    label_of = {category_id: label for label, category_id in enumerate(category_ids)}
+
+    images = content["images"]
+    image_index_of: dict[int, int] = {}
+    for index, image in enumerate(images):
+        where = _where("images", index, image)
+        _require(image, ("id", "file_name", "height", "width"), annotation_file, where)
+        image_id = _integer(image["id"], annotation_file, where, "id")
+        if not 0 <= image_id <= _INT32_MAX:
+            raise ValueError(
+                f"{annotation_file}: {where} has id {image_id}; image ids must be in [0, 2**31) (batches carry "
+                f"them as int32)."
+            )
+        if image_id in image_index_of:
+            raise ValueError(f"{annotation_file}: {where} repeats image id {image_id}; ids must be unique.")
+        for key in ("height", "width"):
+            if _integer(image[key], annotation_file, where, key) <= 0:
+                raise ValueError(f"{annotation_file}: {where} has {key} {image[key]}; expected a positive int.")
+        image_index_of[image_id] = index
+
+    per_image: list[list[tuple[list[float], int, Any]]] = [[] for _ in images]
+    skipped = collections.Counter()
+    for index, annotation in enumerate(content["annotations"]):
+        where = _where("annotations", index, annotation)
+        _require(annotation, ("id", "image_id", "bbox", "category_id"), annotation_file, where)
+        image_id = _integer(annotation["image_id"], annotation_file, where, "image_id")
+        category_id = _integer(annotation["category_id"], annotation_file, where, "category_id")
+        if image_id not in image_index_of:
+            raise ValueError(
+                f"{annotation_file}: {where} refers to image_id {image_id}, which no entry of 'images' has. "
+                f"The annotation file is inconsistent; regenerate or fix it."
+            )
+        if category_id not in label_of:
+            raise ValueError(
+                f"{annotation_file}: {where} has category_id {category_id}, which is not in 'categories' "
+                f"(ids {list(category_ids)}). The annotation file is inconsistent; regenerate or fix it."
+            )
+        bbox = annotation["bbox"]
+        if (
+            not isinstance(bbox, (list, tuple)) or len(bbox) != 4
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)
+        ):
+            raise ValueError(
+                f"{annotation_file}: {where} has bbox {bbox!r}; expected [x, y, width, height], 4 finite numbers."
+            )
+        if annotation.get("iscrowd", 0):
+            skipped[SKIP_CROWD] += 1
+            continue
+        x, y, w, h = (float(v) for v in bbox)
+        if w <= 0 or h <= 0:
+            skipped[SKIP_NON_POSITIVE] += 1
+            continue
+        image = images[image_index_of[image_id]]
+        if min(x + w, image["width"]) <= max(x, 0) or min(y + h, image["height"]) <= max(y, 0):
+            skipped[SKIP_OUTSIDE] += 1
+            continue
+        target = ([x, y, x + w, y + h], label_of[category_id], annotation.get("segmentation"))
+        per_image[image_index_of[image_id]].append(target)
+
+    paths = [os.path.join(image_dir, image["file_name"]) for image in images]
+    missing = [path for path in paths if not os.path.exists(path)]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} of the {len(paths)} images listed in {annotation_file} do not exist, e.g. "
+            f"{', '.join(missing[:3])}. Point image_dir at the folder holding the images' file_name paths "
+            f"(got {image_dir})."
+        )
+
+    records = []
+    for image, path, targets in zip(images, paths, per_image):
+        records.append(CocoRecord(
+            path=path,
+            image_id=int(image["id"]),
+            height=int(image["height"]),
+            width=int(image["width"]),
+            boxes=np.asarray([t[0] for t in targets], np.float32).reshape(-1, 4),
+            labels=np.asarray([t[1] for t in targets], np.int32),
+            segmentations=tuple(t[2] for t in targets),
+        ))
+    num_boxes = sum(len(r.labels) for r in records)
+    log.info(
+        "%s: %d images, %d categories, %d annotations used; skipped: %s.", annotation_file, len(records),
+        len(category_ids), num_boxes, ", ".join(f"{reason} {n}" for reason, n in sorted(skipped.items())) or "none",
+    )
+    return CocoDataset(
+        annotation_file=annotation_file,
+        image_dir=image_dir,
+        records=tuple(records),
+        category_ids=category_ids,
+        category_names=tuple(names_by_id[i] for i in category_ids),
+        skipped=dict(skipped),
+    )
+
+
+def _where(section: str, index: int, item: Any) -> str:
+    item_id = item.get("id") if isinstance(item, dict) else None
+    return f"{section}[{index}]" + (f" (id {item_id})" if item_id is not None else "")
+
+
+def _require(item: Any, keys: Sequence[str], file: str, where: str) -> None:
+    if not isinstance(item, dict):
+        raise ValueError(f"{file}: {where} must be a JSON object, got {type(item).__name__}.")
+    for key in keys:
+        if key not in item:
+            raise ValueError(
+                f"{file}: {where} has no {key!r} field; every entry there needs {', '.join(map(repr, keys))}. "
+                f"Fix or regenerate the annotation file."
+            )
+
+
+def _integer(value: Any, file: str, where: str, key: str) -> int:
+    # JSON ints only: a float id or size usually means a converter bug upstream.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{file}: {where} has {key} {value!r}; expected an integer.")
+    return value
+
+
+# ------------------------------------------------------------------------- preprocessing
+
+
+def rescale_size(height: int, width: int, scale: tuple[int, int]) -> tuple[int, int]:
+    """mmcv's `rescale_size` with keep_ratio: (new_height, new_width).
+
+    factor = min(long_max / max(h, w), short_max / min(h, w)) with long_max, short_max the
+    larger and smaller entry of `scale` (e.g. (1333, 800)); sizes round half up.
+    """
+    long_max, short_max = max(scale), min(scale)
+    factor = min(long_max / max(height, width), short_max / min(height, width))
+    return int(height * factor + 0.5), int(width * factor + 0.5)
+
+
+def choose_bucket(height: int, width: int, buckets: Sequence[tuple[int, int]]) -> int | None:
+    """Index of the first bucket (H, W) with height <= H and width <= W; None if none fits."""
+    for index, (bucket_height, bucket_width) in enumerate(buckets):
+        if height <= bucket_height and width <= bucket_width:
+            return index
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+    """(record, rng) -> one example: {"image": float32 [H, W, 3], "image_size": int32 [2],
+    "scale": float32 [2], "image_id": int32 [], "boxes": float32 [G, 4], "labels": int32 [G],
+    "gt_valid": bool [G], "mask": float32 [], "flipped": bool []} for its bucket (H, W).
+
+    `rng` is a `np.random.Generator` for training (flip with it) and None for evaluation.
+    A module-level dataclass so grain's workers can unpickle it.
+    """
+
+    scale: tuple[int, int]
+    buckets: tuple[tuple[int, int], ...]
+    max_gt: int
+    flip_prob: float = 0.0
+
+    def __call__(self, record: CocoRecord, rng: np.random.Generator | None) -> Batch:
+        try:
+            image = transforms.decode_rgb(record.path)
+        except Exception as error:
+            raise OSError(f"Cannot decode image {record.path} (COCO image id {record.image_id}): {error}") from error
+        if (image.height, image.width) != (record.height, record.width):
+            raise ValueError(
+                f"Image {record.path} is {image.height}x{image.width} (h x w) but its annotation file says "
+                f"{record.height}x{record.width}; boxes would land in the wrong place. Fix the file's "
+                f"height/width or the image."
+            )
+        new_height, new_width = rescale_size(record.height, record.width, self.scale)
+        bucket = choose_bucket(new_height, new_width, self.buckets)
+        if bucket is None:
+            raise _no_bucket_error(record, new_height, new_width, self.scale, self.buckets)
+        if (new_height, new_width) != (record.height, record.width):
+            image = image.resize((new_width, new_height), Image.BILINEAR)
+        pixels = np.asarray(image)
+
+        factors = np.asarray([new_width / record.width, new_height / record.height], np.float32)
+        boxes = record.boxes[:self.max_gt] * np.tile(factors, 2)
+        # Annotated boxes may poke past the image border; mmdet clips them after resizing too.
+        boxes = np.clip(boxes, 0, np.asarray([new_width, new_height] * 2, np.float32))
+        flipped = rng is not None and rng.random() < self.flip_prob
+        if flipped:
+            pixels = pixels[:, ::-1]
+            boxes = np.stack([new_width - boxes[:, 2], boxes[:, 1], new_width - boxes[:, 0], boxes[:, 3]], axis=1)
+
+        out = _empty_example(self.buckets[bucket], self.max_gt)
+        out["image"][:new_height, :new_width] = transforms.normalize(
+            pixels, transforms.IMAGENET_MEAN, transforms.IMAGENET_STD
+        )
+        n = len(boxes)
+        out["boxes"][:n] = boxes
+        out["labels"][:n] = record.labels[:self.max_gt]
+        out["gt_valid"][:n] = True
+        out["image_size"][:] = (new_height, new_width)
+        out["scale"][:] = (new_height / record.height, new_width / record.width)
+        out["image_id"] = np.int32(record.image_id)
+        out["mask"] = np.float32(1)
+        out["flipped"] = np.bool_(flipped)
+        return out
+
+
+def _empty_example(bucket: tuple[int, int], max_gt: int) -> Batch:
+    """A padding slot: zero image, image_id -1, labels -1, mask 0 (scale 1 so dividing is safe)."""
+    return {
+        "image": np.zeros((*bucket, 3), np.float32),
+        "image_size": np.zeros(2, np.int32),
+        "scale": np.ones(2, np.float32),
+        "image_id": np.int32(-1),
+        "boxes": np.zeros((max_gt, 4), np.float32),
+        "labels": np.full(max_gt, -1, np.int32),
+        "gt_valid": np.zeros(max_gt, bool),
+        "mask": np.float32(0),
+        "flipped": np.bool_(False),
+    }
+
+
+def _stack(rows: list[Batch]) -> Batch:
+    return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
+
+
+def _no_bucket_error(record: CocoRecord, new_height: int, new_width: int, scale, buckets) -> ValueError:
+    return ValueError(
+        f"Image {record.path} (id {record.image_id}, {record.height}x{record.width}) is "
+        f"{new_height}x{new_width} (h x w) after resizing to scale {tuple(scale)}, which fits none of the "
+        f"buckets {tuple(buckets)} (H, W). The buckets must cover every size the scale produces, e.g. "
+        f"(long, short) and (short, long) rounded up to the backbone's stride."
+    )
+
+
+def _bucket_indices(dataset: CocoDataset, scale, buckets) -> np.ndarray:
+    """int32 [N]: each record's bucket (from the annotated size, no decoding); errors name the
+    first image that fits no bucket."""
+    indices = np.empty(len(dataset.records), np.int32)
+    for i, record in enumerate(dataset.records):
+        new_height, new_width = rescale_size(record.height, record.width, scale)
+        bucket = choose_bucket(new_height, new_width, buckets)
+        if bucket is None:
+            raise _no_bucket_error(record, new_height, new_width, scale, buckets)
+        indices[i] = bucket
+    return indices
+
+
+def _check_options(
+    dataset, *, batch_size, scale, buckets, max_gt, process_index, process_count, num_threads, num_workers
+) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size (per process) must be >= 1, got {batch_size}.")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index must be in [0, process_count), got {process_index} of {process_count}.")
+    if len(scale) != 2 or min(scale) <= 0:
+        raise ValueError(f"scale must be (long_max, short_max), two positive sizes, got {scale!r}.")
+    if not buckets or any(len(b) != 2 or min(b) <= 0 for b in buckets):
+        raise ValueError(f"buckets must be a non-empty sequence of (H, W) with positive sizes, got {buckets!r}.")
+    if max_gt < 1:
+        raise ValueError(f"max_gt must be >= 1, got {max_gt}.")
+    if num_workers < 0 or num_threads < 1:
+        raise ValueError(f"num_workers must be >= 0 and num_threads >= 1, got {num_workers} and {num_threads}.")
+    truncated = [r for r in dataset.records if len(r.labels) > max_gt]
+    if truncated:
+        log.warning(
+            "%s: %d images have more than max_gt=%d boxes (up to %d); only their first %d boxes are targets.",
+            dataset.annotation_file, len(truncated), max_gt, max(len(r.labels) for r in truncated), max_gt,
+        )
+
+
+# ------------------------------------------------------------------------------- streams
+
+
+class _TrainBatches:
+    """(global batch number t, t mod batches-per-epoch) -> this process's slice, augmented.
+
+    Caches the current epoch's plan (its global batches); the cache never travels by pickle,
+    and a lost race between threads only recomputes the same plan.
+    """
+
+    def __init__(
+        self, dataset, preprocess, eligible, bucket_of, num_buckets, seed, batch_size, process_count, process_index
+    ):
+        self.records = dataset.records
+        self.preprocess = preprocess
+        self.eligible = eligible  # int64 [M]: record indices in the training set
+        self.bucket_of = bucket_of  # int32 [N]: bucket of each record
+        self.num_buckets = num_buckets
+        self.seed = seed
+        self.batch_size = batch_size
+        self.global_batch = batch_size * process_count
+        self.process_index = process_index
+        self.batches_per_epoch = sum(
+            int(np.sum(bucket_of[eligible] == b)) // self.global_batch for b in range(num_buckets)
+        )
+        self._cached = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_cached": None}
+
+    def epoch_plan(self, epoch: int) -> np.ndarray:
+        """int64 [batches_per_epoch, global batch]: record indices of each global batch."""
+        cached = self._cached
+        if cached is not None and cached[0] == epoch:
+            return cached[1]
+        # A spawn key keeps this stream apart from the per-image (seed, epoch, index) streams:
+        # numpy seeds (s, e) and (s, e, 0) identically.
+        rng = np.random.default_rng(np.random.SeedSequence((self.seed, epoch), spawn_key=(1,)))
+        order = self.eligible[rng.permutation(len(self.eligible))]
+        buckets = self.bucket_of[order]
+        groups = []
+        for b in range(self.num_buckets):
+            members = order[buckets == b]
+            # Each bucket's remainder sits out this epoch; the next permutation picks others.
+            whole = len(members) // self.global_batch * self.global_batch
+            groups.append(members[:whole].reshape(-1, self.global_batch))
+        plan = np.concatenate(groups)[rng.permutation(self.batches_per_epoch)]
+        self._cached = (epoch, plan)
+        return plan
+
+    def __call__(self, t: int, batch_in_epoch: int) -> Batch:
+        epoch = t // self.batches_per_epoch
+        global_batch = self.epoch_plan(epoch)[batch_in_epoch]
+        first = self.process_index * self.batch_size
+        rows = []
+        for record_index in global_batch[first:first + self.batch_size]:
+            record_index = int(record_index)
+            # Depends on (seed, epoch, image) only: fresh flips each epoch, whatever the thread,
+            # worker or number of processes.
+            rng = np.random.default_rng((self.seed, epoch, record_index))
+            rows.append(self.preprocess(self.records[record_index], rng))
+        return _stack(rows)
+
+
+def train_stream(
+    dataset: CocoDataset,
+    *,
+    batch_size: int,
+    seed: int,
+    scale: tuple[int, int],
+    buckets: Sequence[tuple[int, int]],
+    max_gt: int,
+    flip_prob: float,
+    process_index: int,
+    process_count: int,
+    num_threads: int,
+    num_workers: int,
+    drop_empty: bool = True,
+) -> grain.IterDataset:
+    """Infinite training batches: this process's slice of each global batch.
+
+    Each epoch: a permutation of the images seeded by (seed, epoch); per bucket, in that order,
+    global batches of `batch_size * process_count` images (each bucket's remainder sits out
+    the epoch); then the batches' order shuffled with the same generator. Process p takes
+    images [p * batch_size, (p + 1) * batch_size) of each global batch. Image i of epoch e
+    flips with `np.random.default_rng((seed, e, i))`.
+
+    drop_empty: leave out images with no target boxes (none annotated, or all skipped), as
+      mmdetection's filter_empty_gt does.
+
+    Yields {"image": float32 [b, H, W, 3] normalised and zero padded, "image_size": int32 [b, 2]
+    (h, w) of the resized image, "scale": float32 [b, 2] (new_h / h, new_w / w), "image_id":
+    int32 [b], "boxes": float32 [b, G, 4] (x1, y1, x2, y2) in resized pixels, "labels": int32
+    [b, G] (-1 in empty slots), "gt_valid": bool [b, G], "mask": float32 [b] (all 1 here),
+    "flipped": bool [b]}, with b = batch_size, G = max_gt and (H, W) the batch's bucket.
+    """
+    buckets = tuple(tuple(int(s) for s in b) for b in buckets)
+    _check_options(
+        dataset, batch_size=batch_size, scale=scale, buckets=buckets, max_gt=max_gt, process_index=process_index,
+        process_count=process_count, num_threads=num_threads, num_workers=num_workers,
+    )
+    if not 0 <= flip_prob <= 1:
+        raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}.")
+    if seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed}.")
+    bucket_of = _bucket_indices(dataset, scale, buckets)
+    eligible = np.asarray(
+        [i for i, r in enumerate(dataset.records) if len(r.labels) or not drop_empty], np.int64
+    )
+    batches = _TrainBatches(
+        dataset, Preprocess(tuple(scale), buckets, max_gt, flip_prob), eligible, bucket_of, len(buckets),
+        seed, batch_size, process_count, process_index,
+    )
+    if batches.batches_per_epoch == 0:
+        counts = np.bincount(bucket_of[eligible], minlength=len(buckets)).tolist()
+        raise ValueError(
+            f"No bucket holds a whole global batch ({batch_size} x {process_count} processes = "
+            f"{batch_size * process_count} images): training images per bucket {counts} (buckets {buckets}). "
+            f"Lower the batch size or use fewer buckets."
+        )
+    log.info(
+        "%s train: %d of %d images (drop_empty=%s), %d global batches of %d per epoch; process %d of %d.",
+        dataset.annotation_file, len(eligible), len(dataset.records), drop_empty, batches.batches_per_epoch,
+        batches.global_batch, process_index, process_count,
+    )
+    ds = grain.MapDataset.range(batches.batches_per_epoch).repeat(None).map_with_index(batches)
+    return to_iter_dataset(ds, num_workers=num_workers, num_threads=num_threads)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _EvalBatch:
+    """Batch number -> this process's slice of that global batch; record index -1 is padding."""
+
+    records: tuple[CocoRecord, ...]
+    preprocess: Preprocess
+    slots: np.ndarray  # int64 [num_batches, batch_size]: this process's record indices
+    bucket_of_batch: np.ndarray  # int32 [num_batches]
+
+    def __call__(self, batch: int) -> Batch:
+        bucket = self.preprocess.buckets[int(self.bucket_of_batch[batch])]
+        rows = [
+            self.preprocess(self.records[int(i)], None) if i >= 0 else _empty_example(bucket, self.preprocess.max_gt)
+            for i in self.slots[batch]
+        ]
+        return _stack(rows)
+
+
+def eval_pass(
+    dataset: CocoDataset,
+    *,
+    batch_size: int,
+    scale: tuple[int, int],
+    buckets: Sequence[tuple[int, int]],
+    max_gt: int,
+    process_index: int,
+    process_count: int,
+    num_threads: int,
+    num_workers: int,
+) -> grain.IterDataset:
+    """One pass without augmentation: every image exactly once over all processes.
+
+    Images are grouped by bucket (bucket order, then file order) into global batches of
+    `batch_size * process_count`; each bucket's last global batch is filled with padding slots
+    (zero image, image_id -1, labels -1, mask 0). Process p takes slots
+    [p * batch_size, (p + 1) * batch_size) of each, so every process yields the same number of
+    batches (a process may get a batch of padding only) and the global batches do not depend
+    on how they are split. Batches as in `train_stream`; drop padding slots by `mask` or
+    `image_id` before evaluating.
+    """
+    buckets = tuple(tuple(int(s) for s in b) for b in buckets)
+    _check_options(
+        dataset, batch_size=batch_size, scale=scale, buckets=buckets, max_gt=max_gt, process_index=process_index,
+        process_count=process_count, num_threads=num_threads, num_workers=num_workers,
+    )
+    bucket_of = _bucket_indices(dataset, scale, buckets)
+    global_batch = batch_size * process_count
+    groups, bucket_of_batch = [], []
+    for b in range(len(buckets)):
+        members = np.flatnonzero(bucket_of == b)
+        num_batches = -(-len(members) // global_batch)
+        padded = np.full(num_batches * global_batch, -1, np.int64)
+        padded[:len(members)] = members
+        groups.append(padded.reshape(num_batches, global_batch))
+        bucket_of_batch += [b] * num_batches
+    first = process_index * batch_size
+    slots = np.concatenate(groups)[:, first:first + batch_size]
+    batches = _EvalBatch(
+        dataset.records, Preprocess(tuple(scale), buckets, max_gt), slots, np.asarray(bucket_of_batch, np.int32)
+    )
+    ds = grain.MapDataset.range(len(slots)).map(batches)
+    return to_iter_dataset(ds, num_workers=num_workers, num_threads=num_threads)
+
+
+__all__ = [
+    "Batch", "CocoDataset", "CocoRecord", "Preprocess", "choose_bucket", "eval_pass", "load_coco",
+    "rescale_size", "train_stream",
+]

@@ -1,0 +1,171 @@
+"""Faster R-CNN with FPN: backbone, neck, RPN head, RoI head, in mmdetection's composition.
+
+    detector = FasterRCNN(backbone=models.create("cednet50"), num_classes=80, neck_op="cvolution")
+    variables = detector.init(key, batch)                        # batch: see cvolution_jax.data.coco
+    dets = detector.apply(variables, batch)                      # boxes/scores/labels/valid [B, 100, ...]
+    losses, updates = detector.apply(variables, batch, key, method=FasterRCNN.losses,
+                                     mutable=["batch_stats"])
+
+The backbone is any classification model of the registry, by default run in inference mode
+(BatchNorm frozen, as mmdet's ``norm_eval=True``); freezing its stem and first stage (``frozen_stages=1``)
+is the optimizer's job (``frozen``). Every shape is static: anchors come from the padded image
+size, ground truth is padded with a validity mask, proposal and RoI counts are fixed.
+
+A batch is a dict of ``image [B, H, W, 3]`` (normalised, zero-padded), ``image_size [B, 2]``
+(unpadded ``(h, w)``), and for training ``boxes [B, G, 4]``, ``labels [B, G]``, ``gt_valid
+[B, G]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cvolution_jax.detection import anchors as anchors_lib
+from cvolution_jax.detection import roi_align, roi_head, rpn
+from cvolution_jax.detection.fpn import FPN
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The detector's training and test settings; the defaults are mmdet v2's Faster R-CNN 1x."""
+
+    strides: tuple[int, ...] = (4, 8, 16, 32, 64)
+    anchor_scale: float = 8.0
+    anchor_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    # RPN training: sampling and the proposals handed to the R-CNN.
+    rpn_samples: int = 256
+    rpn_pos_fraction: float = 0.5
+    rpn_nms_iou: float = 0.7
+    train_nms_pre: int = 2000  # per level
+    train_proposals: int = 1000
+    # R-CNN training.
+    rcnn_samples: int = 512
+    rcnn_pos_fraction: float = 0.25
+    rcnn_iou: float = 0.5
+    roi_size: int = 7
+    # Test.
+    test_nms_pre: int = 1000  # per level
+    test_proposals: int = 1000
+    score_threshold: float = 0.05
+    nms_iou: float = 0.5
+    max_detections: int = 100
+    detections_nms_pre: int = 1000  # (RoI, class) candidates entering the final NMS
+
+
+class FasterRCNN(nn.Module):
+    """Faster R-CNN with FPN.
+
+    Attributes:
+      backbone: a `cvolution_jax.models.ResNet` (its `fc` is never created).
+      num_classes: object classes (80 for COCO), background excluded.
+      neck_op: the FPN output op: "conv", "involution" or "cvolution".
+      rpn_op: the RPN's shared layer: "conv", or "involution" / "cvolution" (head variants).
+      channels: FPN and RPN channels (256).
+      fc_dim: width of the box head's two FC layers (1024).
+      op_kwargs: (key, value) pairs for involution / C-volution ops of neck and head.
+      settings: `Settings`.
+      norm_eval: run the backbone's BatchNorm in inference mode (mmdet's ``norm_eval``; True when
+        the backbone comes pretrained, False to train one from scratch with batch statistics).
+    """
+
+    backbone: nn.Module
+    num_classes: int
+    neck_op: str = "conv"
+    rpn_op: str = "conv"
+    channels: int = 256
+    fc_dim: int = 1024
+    op_kwargs: Sequence[tuple[str, Any]] = ()
+    settings: Settings = Settings()
+    norm_eval: bool = True
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        self.neck = FPN(self.channels, self.neck_op, op_kwargs=self.op_kwargs, dtype=self.dtype)
+        self.rpn_head = rpn.RPNHead(len(self.settings.anchor_ratios), self.channels, self.rpn_op,
+                                    op_kwargs=self.op_kwargs, dtype=self.dtype)
+        self.box_head = roi_head.BoxHead(self.num_classes, self.fc_dim, dtype=self.dtype)
+
+    def _levels(self, images, train):
+        stages = self.backbone(images, train=train and not self.norm_eval, return_stages=True)
+        return self.neck(stages, train)
+
+    def _anchors(self, image_shape, levels):
+        per_level = anchors_lib.anchors_for_levels(
+            image_shape, self.settings.strides, self.settings.anchor_scale, self.settings.anchor_ratios)
+        sizes = [level.shape[1:3] for level in levels]
+        return jnp.concatenate(per_level), [a.shape[0] for a in per_level], sizes
+
+    def _proposals(self, logits, deltas, anchors, counts, sizes, image_size, train):
+        s = self.settings
+        valid = jax.vmap(lambda size: rpn.anchor_valid(len(s.anchor_ratios), s.strides, sizes, size))(image_size)
+        propose = lambda lg, dl, v, size: rpn.proposals(  # noqa: E731
+            lg, dl, anchors, v, counts, size, nms_pre=s.train_nms_pre if train else s.test_nms_pre,
+            max_proposals=s.train_proposals if train else s.test_proposals, iou_threshold=s.rpn_nms_iou)
+        boxes, kept = jax.vmap(propose)(logits, deltas, valid, image_size)
+        return valid, boxes, kept
+
+    def _box_head(self, levels, rois):
+        s = self.settings
+        features = roi_align.multilevel_roi_align(levels[:4], rois, (s.roi_size, s.roi_size), s.strides[:4])
+        return self.box_head(features)
+
+    def __call__(self, batch):
+        """Detections ``{"boxes" [B, D, 4], "scores" [B, D], "labels" [B, D], "valid" [B, D]}``
+        in the resized image's pixels (D = ``settings.max_detections``)."""
+        s = self.settings
+        levels = self._levels(batch["image"], train=False)
+        logits, deltas = self.rpn_head(levels, train=False)
+        anchors, counts, sizes = self._anchors(batch["image"].shape[1:3], levels)
+        _, rois, roi_valid = self._proposals(logits, deltas, anchors, counts, sizes, batch["image_size"], train=False)
+        cls_logits, box_deltas = self._box_head(levels, rois)
+        detect = lambda lg, dl, r, v, size: roi_head.detections(  # noqa: E731
+            lg, dl, r, v, size, score_threshold=s.score_threshold, iou_threshold=s.nms_iou,
+            max_detections=s.max_detections, nms_pre=s.detections_nms_pre)
+        return jax.vmap(detect)(cls_logits, box_deltas, rois, roi_valid, batch["image_size"])
+
+    def losses(self, batch, key):
+        """The four training losses and the R-CNN's sampled accuracy, as a dict of scalars."""
+        s = self.settings
+        rpn_key, rcnn_key = jax.random.split(key)
+        batch_size = batch["image"].shape[0]
+        levels = self._levels(batch["image"], train=True)
+        logits, deltas = self.rpn_head(levels, train=True)
+        anchors, counts, sizes = self._anchors(batch["image"].shape[1:3], levels)
+        valid, rois, roi_valid = self._proposals(logits, deltas, anchors, counts, sizes, batch["image_size"],
+                                                 train=True)
+
+        rpn_target = jax.vmap(lambda k, v, g, gv: rpn.targets(
+            k, anchors, v, g, gv, num_samples=s.rpn_samples, pos_fraction=s.rpn_pos_fraction))(
+            jax.random.split(rpn_key, batch_size), valid, batch["boxes"], batch["gt_valid"])
+        rpn_cls, rpn_reg = rpn.loss(logits, deltas, *rpn_target)
+
+        target = jax.vmap(lambda k, p, pv, g, gl, gv: roi_head.targets(
+            k, p, pv, g, gl, gv, num_classes=self.num_classes, num_samples=s.rcnn_samples,
+            pos_fraction=s.rcnn_pos_fraction, iou_threshold=s.rcnn_iou))(
+            jax.random.split(rcnn_key, batch_size), rois, roi_valid, batch["boxes"], batch["labels"],
+            batch["gt_valid"])
+        cls_logits, box_deltas = self._box_head(levels, target["rois"])
+        rcnn_cls, rcnn_reg, accuracy = roi_head.loss(cls_logits, box_deltas, target)
+        return {"rpn_cls": rpn_cls, "rpn_reg": rpn_reg, "rcnn_cls": rcnn_cls, "rcnn_reg": rcnn_reg,
+                "rcnn_accuracy": accuracy}
+
+
+LOSSES = ("rpn_cls", "rpn_reg", "rcnn_cls", "rcnn_reg")
+
+
+def frozen(path: Sequence[str], frozen_stages: int) -> bool:
+    """Whether the parameter at ``path`` (e.g. ``("backbone", "layer1_0", "conv1", "kernel")``) is
+    frozen: mmdet's ``frozen_stages=k`` freezes the stem and the first k stages of the backbone."""
+    if frozen_stages < 0 or len(path) < 2 or path[0] != "backbone":
+        return False
+    name = path[1]
+    if name.startswith("stem_"):
+        return True
+    if name.startswith("layer"):
+        return int(name[len("layer"):].split("_")[0]) <= frozen_stages
+    return False

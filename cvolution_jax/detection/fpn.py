@@ -1,0 +1,75 @@
+"""The feature pyramid (FPN) neck of mmdet v2, with its output op chosen by name.
+
+Lin et al.'s FPN as mmdet v2's ``FPN(in_channels, 256, num_outs=5)`` builds it for Faster R-CNN:
+a 1x1 lateral convolution per backbone stage C2-C5, a top-down pathway that adds each coarser
+level, upsampled (nearest, to the finer level's size), to the finer lateral, a 3x3 output
+convolution per level, and P6 as a stride-2 1x1 max pool of P5.
+
+The seed's "neck" variants replace the four 3x3 output convolutions by involution or C-volution
+(K=7); ``op`` selects ``conv`` (3x3, with bias as in mmdet), ``involution`` or ``cvolution``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from cvolution_jax.layers import conv, spatial_op
+
+NECK_OPS = ("conv", "involution", "cvolution")
+
+
+def upsample_nearest(x, size):
+    """PyTorch's ``F.interpolate(x, size, mode="nearest")`` for NHWC ``x [B, h, w, C] -> [B, H, W, C]``.
+
+    Output pixel ``i`` reads input pixel ``floor(i * h / H)``: with odd feature sizes (the
+    ceil of halvings) the factor is not exactly 2, and this is the rule mmdet's FPN uses.
+    """
+    height, width = size
+    rows = (jnp.arange(height) * x.shape[1]) // height
+    cols = (jnp.arange(width) * x.shape[2]) // width
+    return x[:, rows][:, :, cols]
+
+
+class FPN(nn.Module):
+    """``[C2, C3, C4, C5] -> [P2, P3, P4, P5, P6]``, every level with ``channels`` channels.
+
+    Inputs are NHWC stage outputs at strides 4, 8, 16, 32; outputs are at strides 4-64, each
+    ``[B, ceil(H / s), ceil(W / s), channels]`` for an ``[B, H, W, 3]`` image.
+
+    Attributes:
+      channels: output channels of every level (256 in mmdet).
+      op: the output op of each level: "conv" (3x3), "involution" or "cvolution".
+      kernel_size: K of involution / C-volution output ops (7 in the seed).
+      op_kwargs: (key, value) pairs for ``cvolution_jax.layers.spatial_op`` (impl, context...).
+    """
+
+    channels: int = 256
+    op: str = "conv"
+    kernel_size: int = 7
+    op_kwargs: Sequence[tuple[str, Any]] = ()
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, stages, train: bool = False):
+        if self.op not in NECK_OPS:
+            raise ValueError(f"FPN: op must be one of {NECK_OPS}; got {self.op!r}.")
+        laterals = [
+            conv(self.channels, 1, use_bias=True, dtype=self.dtype, name=f"lateral{i}")(c)
+            for i, c in enumerate(stages)
+        ]
+        for i in range(len(laterals) - 1, 0, -1):
+            laterals[i - 1] = laterals[i - 1] + upsample_nearest(laterals[i], laterals[i - 1].shape[1:3])
+        outs = []
+        for i, lateral in enumerate(laterals):
+            if self.op == "conv":
+                outs.append(conv(self.channels, 3, use_bias=True, dtype=self.dtype, name=f"output{i}")(lateral))
+            else:
+                op = spatial_op(self.op, self.channels, self.kernel_size, name=f"output{i}", dtype=self.dtype,
+                                **dict(self.op_kwargs))
+                outs.append(op(lateral, train))
+        # P6: mmdet's F.max_pool2d(P5, 1, stride=2), i.e. every other pixel (ceil(n / 2) of them).
+        outs.append(outs[-1][:, ::2, ::2])
+        return outs

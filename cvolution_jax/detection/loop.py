@@ -1,0 +1,327 @@
+"""The detection training loop: `train_and_evaluate(config, workdir)` and `evaluate(config, workdir)`.
+
+The same machinery as image classification (`cvolution_jax.train`): data parallel over a mesh of
+every device, orbax checkpoints of the state and the data iterator (a rerun resumes; SIGTERM
+saves and returns), metrics as JSONL and TensorBoard. What differs is the model
+(`FasterRCNN`), the optimizer (mmdet's SGD with linear warm-up and step decay, stem and first
+stage frozen) and evaluation: pycocotools' COCOeval on the detections of the whole eval split,
+whose 12-number summary is printed and whose detections are written as COCO results JSON.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from cvolution_jax import models
+from cvolution_jax.data import coco, shapes
+from cvolution_jax.detection import evaluation, visualize
+from cvolution_jax.detection.faster_rcnn import LOSSES, FasterRCNN, Settings, frozen
+from cvolution_jax.train import checkpoint, steps
+from cvolution_jax.train.loop import DTYPES, DataMesh, DivergedError, report, save_config
+from cvolution_jax.train.metrics import MetricWriter, plot_curves
+
+log = logging.getLogger(__name__)
+
+# Right panel of curves.png: the R-CNN's accuracy on its sampled RoIs and the eval AP.
+CURVES = (("train", "rcnn_accuracy", "train R-CNN accuracy"), ("eval", "AP", "eval AP"), ("eval", "AP50", "eval AP50"))
+
+
+# ----------------------------------------------------------------------------------------- data
+
+
+def annotation_paths(config: ml_collections.ConfigDict, workdir: str, train: bool) -> tuple[str, str]:
+    """`(annotation JSON, image folder)` of the train or eval split of `config.data`.
+
+    "shapes" writes the synthetic dataset on first use (into `data.data_dir`, default
+    `<workdir>/shapes`); "coco" reads COCO 2017's layout under `data.data_dir` unless
+    `data.{train,val}_annotations` / `data.{train,val}_images` name the files.
+    """
+    cfg = config.data
+    split = "train" if train else "val"
+    if cfg.name == "shapes":
+        root = cfg.data_dir or os.path.join(workdir, "shapes")
+        if jax.process_index() == 0:
+            shapes.write_shapes(root, num_train=cfg.num_train, num_val=cfg.num_val, image_size=cfg.image_size,
+                                seed=cfg.shapes_seed)
+        multihost_utils.sync_global_devices("shapes dataset written")
+        return os.path.join(root, "annotations", f"instances_{split}.json"), os.path.join(root, split)
+    if cfg.name == "coco":
+        annotations = cfg.get(f"{split}_annotations") or os.path.join(cfg.data_dir, "annotations", f"instances_{split}2017.json")
+        images = cfg.get(f"{split}_images") or os.path.join(cfg.data_dir, f"{split}2017")
+        return annotations, images
+    raise ValueError(f"config.data.name must be 'coco' or 'shapes' for detection; got {cfg.name!r}.")
+
+
+def _stream_args(config, mesh: DataMesh) -> dict:
+    cfg = config.data
+    return dict(batch_size=mesh.per_process, scale=tuple(cfg.scale), buckets=tuple(map(tuple, cfg.buckets)),
+                max_gt=cfg.max_gt, process_index=jax.process_index(), process_count=jax.process_count(),
+                num_threads=cfg.num_threads, num_workers=cfg.num_workers)
+
+
+# ---------------------------------------------------------------------------------- model, optim
+
+
+def create_detector(config: ml_collections.ConfigDict, num_classes: int) -> FasterRCNN:
+    """The detector of `config.model`: a registry backbone plus FPN, RPN and box head."""
+    if config.dtype not in DTYPES:
+        raise ValueError(f"config.dtype must be one of {sorted(DTYPES)}; got {config.dtype!r}.")
+    cfg = config.model
+    dtype = DTYPES[config.dtype]
+    unknown = sorted(set(cfg.settings) - {f.name for f in Settings.__dataclass_fields__.values()})
+    if unknown:
+        raise ValueError(f"config.model.settings has unknown fields {unknown}; valid: {sorted(Settings.__dataclass_fields__)}.")
+    settings = Settings(**{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in cfg.settings.items()})
+    op_kwargs = tuple(sorted(dict(cfg.op_kwargs).items()))
+    backbone = models.create(cfg.backbone, num_classes=1, dtype=dtype, **dict(cfg.backbone_overrides))
+    return FasterRCNN(backbone=backbone, num_classes=num_classes, neck_op=cfg.neck_op, rpn_op=cfg.rpn_op,
+                      channels=cfg.channels, fc_dim=cfg.fc_dim, op_kwargs=op_kwargs, settings=settings,
+                      norm_eval=cfg.norm_eval, dtype=dtype)
+
+
+def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
+    """mmdet's 1x schedule: `base_lr` per 16 images scaled to the batch, linear warm-up over
+    `warmup_steps` from `warmup_factor` x lr, x0.1 at each epoch of `lr_decay_epochs`."""
+    peak = config.base_lr * config.batch_size / 16
+    boundaries = [int(round(epoch * steps_per_epoch)) for epoch in config.lr_decay_epochs]
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        warm = jnp.minimum(step / max(config.warmup_steps, 1), 1.0)
+        factor = config.warmup_factor + (1 - config.warmup_factor) * warm
+        decays = sum((step >= b).astype(jnp.float32) for b in boundaries)
+        return peak * factor * 0.1**decays
+
+    return schedule
+
+
+def frozen_mask(params, frozen_stages: int):
+    """A tree of "frozen" / "trained" labels for `optax.multi_transform`."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "frozen" if frozen(tuple(str(getattr(k, "key", k)) for k in path), frozen_stages) else "trained",
+        params)
+
+
+def create_optimizer(config, steps_per_epoch: int, params) -> optax.GradientTransformation:
+    # mmdet decays every parameter (no paramwise_cfg), inside the gradient like torch's SGD; its
+    # optional grad_clip clips the global norm of the raw gradients first.
+    clip = [optax.clip_by_global_norm(config.grad_clip_norm)] if config.grad_clip_norm > 0 else []
+    trained = optax.chain(
+        *clip,
+        optax.add_decayed_weights(config.weight_decay),
+        optax.sgd(learning_rate_schedule(config, steps_per_epoch), momentum=config.momentum),
+    )
+    return optax.multi_transform({"trained": trained, "frozen": optax.set_to_zero()},
+                                 frozen_mask(params, config.model.frozen_stages))
+
+
+def load_pretrained(variables: dict, path: str, step: int | None = None) -> dict:
+    """`variables` with the backbone's replaced by those of an `experiments.imagenet` checkpoint.
+
+    `path` is that run's workdir (or its `checkpoints` folder). The classifier's `fc` is dropped;
+    every other array must match the backbone by name and shape (else CheckpointMismatchError).
+    """
+    directory = path if os.path.basename(os.path.normpath(path)) == "checkpoints" else os.path.join(path, "checkpoints")
+    ckpt = checkpoint.Checkpointer(directory, best_metric="top1")
+    try:
+        saved = ckpt.restore_variables(step)
+    finally:
+        ckpt.close()
+    out = {collection: dict(tree) for collection, tree in variables.items()}
+    for collection in ("params", "batch_stats"):
+        backbone = {k: v for k, v in saved.get(collection, {}).items() if k != "fc"}
+        checkpoint.check_compatible(backbone, variables[collection]["backbone"], f"{directory} ({collection})")
+        out[collection]["backbone"] = jax.tree.map(jnp.asarray, backbone)
+    report(f"Backbone initialised from {directory}.")
+    return out
+
+
+# -------------------------------------------------------------------------------------- steps
+
+
+def train_step(state: steps.TrainState, batch, key, frozen_stages: int):
+    """One SGD step; returns the new state and the losses (plus `loss`, `param_norm`)."""
+    mask = frozen_mask(state.params, frozen_stages)
+
+    def loss_fn(params):
+        # No gradient reaches frozen parameters, so XLA drops their backward computation.
+        params = jax.tree.map(lambda p, m: jax.lax.stop_gradient(p) if m == "frozen" else p, params, mask)
+        losses, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, batch, key,
+                                         method=FasterRCNN.losses, mutable=["batch_stats"])
+        return sum(losses[k] for k in LOSSES), (losses, updates)
+
+    (loss, (losses, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    state = state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"])
+    return state, {**losses, "loss": loss, "param_norm": optax.tree.norm(state.params)}
+
+
+def predict_step(state: steps.TrainState, batch):
+    return state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, batch)
+
+
+# ------------------------------------------------------------------------------------ the runs
+
+
+class _Run:
+    """What both modes need: mesh, data, model, initial state, checkpointer."""
+
+    def __init__(self, config, workdir, train: bool):
+        self.config = config
+        self.mesh = DataMesh(config.batch_size)
+        self.eval_data = coco.load_coco(*annotation_paths(config, workdir, train=False))
+        self.train_data = coco.load_coco(*annotation_paths(config, workdir, train=True)) if train else None
+        num_images = len(self.train_data.records) if train else 0
+        self.steps_per_epoch = max(num_images // config.batch_size, 1)
+        self.total_steps = config.num_train_steps if config.num_train_steps > 0 else int(config.num_epochs * self.steps_per_epoch)
+        self.model = create_detector(config, len(self.eval_data.category_ids))
+        height, width = config.data.buckets[0]
+        example = {"image": jnp.zeros((1, height, width, 3)), "image_size": jnp.asarray([[height, width]], jnp.int32)}
+        variables = jax.jit(self.model.init)(jax.random.key(config.seed), example)
+        if config.model.pretrained and train:
+            variables = load_pretrained(variables, config.model.pretrained)
+        tx = create_optimizer(config, self.steps_per_epoch, variables["params"])
+        create = lambda v: steps.TrainState.create(  # noqa: E731
+            apply_fn=self.model.apply, params=v["params"], tx=tx, batch_stats=v.get("batch_stats", {}))
+        self.state = jax.jit(create, out_shardings=self.mesh.replicated)(variables)
+        self.ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
+                                            best_metric="AP")
+
+
+def run_eval(run: _Run, state, workdir: str, step: int, vis: int = 0) -> dict:
+    """COCO bbox metrics of `state` on the whole eval split; writes the detections JSON (and
+    `vis` pictures) under `<workdir>/eval_<step>/`."""
+    predict = jax.jit(predict_step)
+    dataset = run.eval_data
+    results, drawn = [], 0
+    out_dir = os.path.join(workdir, f"eval_{step}")
+    keys = ("image_id", "scale", "image_size", "boxes", "labels", "gt_valid")
+    for batch in coco.eval_pass(dataset, **_stream_args(run.config, run.mesh)):
+        dets = predict(state, run.mesh.shard({k: batch[k] for k in ("image", "image_size")}))
+        dets = multihost_utils.process_allgather(dets, tiled=True)
+        host = multihost_utils.process_allgather({k: batch[k] for k in keys}, tiled=True)
+        results += evaluation.to_coco_results(host["image_id"], dets["boxes"], dets["scores"], dets["labels"],
+                                              dets["valid"], host["scale"], dataset.category_ids)
+        if jax.process_index() == 0 and drawn < vis:
+            drawn += _draw(batch, dets, dataset, out_dir, vis - drawn)
+    if jax.process_index() != 0:
+        return {}
+    evaluation.write_results(os.path.join(out_dir, "detections.json"), results)
+    metrics = evaluation.evaluate(dataset.annotation_file, results,
+                                  image_ids=[r.image_id for r in dataset.records])
+    report(metrics.pop("summary"))
+    return metrics
+
+
+def _draw(batch, dets, dataset, out_dir, limit: int) -> int:
+    drawn = 0
+    for i in range(len(batch["image_id"])):
+        if drawn == limit or batch["image_id"][i] < 0:
+            continue
+        picture = visualize.denormalize_image(batch["image"][i], batch["image_size"][i])
+        gt = batch["gt_valid"][i]
+        visualize.draw_detections(
+            picture, batch["boxes"][i][gt], batch["labels"][i][gt], np.asarray(dets["boxes"][i])[dets["valid"][i]],
+            np.asarray(dets["labels"][i])[dets["valid"][i]], np.asarray(dets["scores"][i])[dets["valid"][i]],
+            dataset.category_names, os.path.join(out_dir, f"image_{int(batch['image_id'][i])}.png"))
+        drawn += 1
+    return drawn
+
+
+def _check_finite(history: list[dict], ckpt: checkpoint.Checkpointer) -> dict:
+    history = jax.device_get(history)
+    summary = {k: float(np.mean([r[k] for r in history])) for k in history[0]}
+    for key in ("loss", "param_norm"):
+        if not math.isfinite(summary[key]):
+            raise DivergedError(
+                f"Training {key} is {summary[key]}: the run diverged. Stopped without saving; the last good checkpoint "
+                f"(step {ckpt.latest_step()}) is intact. Lower --config.base_lr and rerun the same command to resume.")
+    return summary
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, vis: int = 0) -> dict:
+    """Trains `config` in `workdir` (resuming from its latest checkpoint); returns the final COCO metrics."""
+    save_config(config, workdir)
+    run = _Run(config, workdir, train=True)
+    state, ckpt = run.state, run.ckpt
+    train_iter = iter(coco.train_stream(run.train_data, seed=config.seed, flip_prob=config.data.flip_prob,
+                                        **_stream_args(config, run.mesh)))
+    if ckpt.latest_step() is not None:
+        state = ckpt.restore(state, data_iterator=train_iter)
+        log.info("Resumed from %s at step %d.", ckpt.directory, int(state.step))
+    start, total = int(state.step), run.total_steps
+    train_fn = jax.jit(functools.partial(train_step, frozen_stages=config.model.frozen_stages), donate_argnums=0)
+    base_key = jax.random.key(config.seed + 1)
+    eval_every = config.eval_every_steps if config.eval_every_steps > 0 else run.steps_per_epoch
+    schedule = learning_rate_schedule(config, run.steps_per_epoch)
+    writer = MetricWriter(workdir)
+    stop = {"signal": None}
+    previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+    history, metrics = [], {}
+    progress = tqdm(total=total, initial=start, desc="train", unit="step", disable=jax.process_index() != 0)
+    tick, tick_step = time.perf_counter(), start
+    try:
+        for step in range(start + 1, total + 1):
+            batch = run.mesh.shard(next(train_iter))
+            # The step's randomness (sampling) depends on the step only, so a resumed run repeats it.
+            state, step_metrics = train_fn(state, batch, jax.random.fold_in(base_key, step))
+            history.append(step_metrics)
+            progress.update(1)
+            stopping, last = stop["signal"] is not None, step == total
+            evaluate_now = step % eval_every == 0 or last
+            save_now = evaluate_now or step % config.checkpoint_every_steps == 0 or stopping
+            if step % config.log_every_steps == 0 or save_now:
+                summary = _check_finite(history, ckpt)
+                history = []
+                now = time.perf_counter()
+                summary["images_per_sec"] = (step - tick_step) * config.batch_size / (now - tick)
+                summary["learning_rate"] = float(schedule(step - 1))
+                tick, tick_step = now, step
+                writer.write(step, "train", summary)
+                progress.set_postfix(loss=f"{summary['loss']:.3f}", img_s=f"{summary['images_per_sec']:.1f}")
+            if evaluate_now:
+                metrics = run_eval(run, state, workdir, step, vis=vis if last else 0)
+                if metrics:
+                    writer.write(step, "eval", metrics)
+            if save_now:
+                ckpt.save(step, state, train_iter, {"AP": metrics.get("AP", 0.0)} if evaluate_now else None)
+            if stopping:
+                report(f"Received signal {stop['signal']}: saved the checkpoint of step {step}; rerun the same command to resume.")
+                break
+    finally:
+        progress.close()
+        signal.signal(signal.SIGTERM, previous_handler)
+        ckpt.close()
+        writer.close()
+    plot_curves(workdir, scores=CURVES, score_title="score")
+    return metrics
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None = None, vis: int = 0) -> dict:
+    """Restores checkpoint `step` of `workdir` (default: the latest) and runs COCO evaluation;
+    metrics go to `<workdir>/eval_<step>.json`, detections to `<workdir>/eval_<step>/`."""
+    save_config(config, workdir)
+    run = _Run(config, workdir, train=False)
+    try:
+        state = run.ckpt.restore(run.state, step)
+    finally:
+        run.ckpt.close()
+    restored = int(state.step)
+    metrics = run_eval(run, state, workdir, restored, vis=vis)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, f"eval_{restored}.json"), "w") as f:
+            json.dump({"step": restored, **metrics}, f, indent=1)
+    return metrics

@@ -1,0 +1,17 @@
+"""Faster R-CNN, ResNet-50-FPN with convolution FPN output ops, COCO 2017, mmdetection's 1x schedule.
+
+    python -m experiments.coco --config experiments/configs/faster_rcnn_resnet50_fpn_1x.py --workdir runs/faster_rcnn_resnet50 \
+        --config.data.data_dir=/path/to/coco --config.model.pretrained=runs/resnet50
+
+`pretrained` is the workdir of a finished `experiments.imagenet` run of resnet50. SGD lr 0.02 at
+batch 16, momentum 0.9, weight decay 1e-4, linear warm-up over 500 steps from 0.001x, x0.1 after
+epochs 8 and 11 of 12; images resized to 1333x800 keeping aspect ratio, flip 0.5.
+
+Expected box AP: 37.4 (mmdetection's ResNet-50 Faster R-CNN 1x); 41.5M in mmdetection parameters. Not reproduced by this project yet.
+"""
+
+from experiments.configs import common
+
+
+def get_config():
+    return common.detection("resnet50", neck_op="conv")
