@@ -187,15 +187,16 @@ class CVolution(nn.Module):
 SPATIAL_OPS = ("conv", "involution", "cvolution")
 
 
-def spatial_op(kind: str, channels: int, kernel_size: int, stride: int = 1, *, name: str, dtype: Any = jnp.float32, impl: str = "auto", context: str = "dilated3x3", channel_branch: bool = True, fuse_generator: bool | None = None):
+def spatial_op(kind: str, channels: int, kernel_size: int, stride: int = 1, *, name: str, dtype: Any = jnp.float32, impl: str = "auto", context: str = "dilated3x3", channel_branch: bool = True, fuse_generator: bool | None = None, conv_bias: bool = False, conv_init=he_normal):
     """The spatial op of a network, `(x, train) -> y`, chosen by name (call inside a compact method).
 
-    `"conv"` is a KxK convolution with `channels` outputs; `"involution"` and `"cvolution"` keep
+    `"conv"` is a KxK convolution with `channels` outputs (`conv_bias`, `conv_init`: its bias and
+    kernel initialiser, e.g. for mmdet's FPN and RPN layers); `"involution"` and `"cvolution"` keep
     the channel count. `context` and `channel_branch` are C-volution's switches (its ablations);
     `fuse_generator` fuses the generator's span conv into the aggregation (`kernels.fused`).
     """
     if kind == "conv":
-        layer = conv(channels, kernel_size, stride, dtype=dtype, name=name)
+        layer = conv(channels, kernel_size, stride, use_bias=conv_bias, kernel_init=conv_init, dtype=dtype, name=name)
         return lambda x, train: layer(x)
     if kind == "involution":
         return Involution(channels, kernel_size, stride, dtype=dtype, impl=impl, fuse_generator=fuse_generator, name=name)

@@ -13,39 +13,19 @@ latest checkpoint. `--vis N` draws N eval images (predictions beside ground trut
 next to the detections. Multi-host flags as in `experiments.imagenet`.
 """
 
-import logging
-import sys
-
 from absl import app, flags
-from ml_collections import config_flags
 
 from cvolution_jax.detection import loop
-from cvolution_jax.train import checkpoint, distributed
+from cvolution_jax.train import cli
 
-config_flags.DEFINE_config_file("config", None, "Path to a config file (get_config()).", lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, detections and the resolved config.")
+cli.define_flags()
 flags.DEFINE_integer("vis", 0, "Draw this many eval images with predicted and ground-truth boxes (final evaluation).")
-distributed.define_flags()
-flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.getLogger().setLevel(logging.INFO)
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes at INFO
-    distributed.initialize_from_flags()
-    config = FLAGS.config
-    try:
-        if config.mode == "train":
-            loop.train_and_evaluate(config, FLAGS.workdir, vis=FLAGS.vis)
-        elif config.mode == "eval":
-            loop.evaluate(config, FLAGS.workdir, None if config.checkpoint_step < 0 else config.checkpoint_step, vis=FLAGS.vis)
-        else:
-            raise ValueError(f"--config.mode must be 'train' or 'eval'; got {config.mode!r}.")
-    except (loop.DivergedError, FileNotFoundError, ValueError, checkpoint.CheckpointMismatchError) as error:
-        sys.exit(f"error: {error}")
+    cli.run(argv, lambda config, workdir: loop.train_and_evaluate(config, workdir, vis=FLAGS.vis),
+            lambda config, workdir, step: loop.evaluate(config, workdir, step, vis=FLAGS.vis))
 
 
 if __name__ == "__main__":

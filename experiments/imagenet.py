@@ -13,37 +13,15 @@ Several hosts (one process per host, all running the same command): `--multihost
 or give it explicitly with `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`.
 """
 
-import logging
-import sys
+from absl import app
 
-from absl import app, flags
-from ml_collections import config_flags
+from cvolution_jax.train import cli, loop
 
-from cvolution_jax.train import distributed, loop
-
-config_flags.DEFINE_config_file("config", None, "Path to a config file (get_config()).", lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the resolved config.")
-distributed.define_flags()
-flags.mark_flags_as_required(["config", "workdir"])
-FLAGS = flags.FLAGS
+cli.define_flags()
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.getLogger().setLevel(logging.INFO)
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes at INFO
-    distributed.initialize_from_flags()
-    config = FLAGS.config
-    try:
-        if config.mode == "train":
-            loop.train_and_evaluate(config, FLAGS.workdir)
-        elif config.mode == "eval":
-            loop.evaluate(config, FLAGS.workdir, None if config.checkpoint_step < 0 else config.checkpoint_step)
-        else:
-            raise ValueError(f"--config.mode must be 'train' or 'eval'; got {config.mode!r}.")
-    except (loop.DivergedError, FileNotFoundError, ValueError) as error:
-        sys.exit(f"error: {error}")
+    cli.run(argv, loop.train_and_evaluate, loop.evaluate)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow  # 55 s on 2 CPU cores; the benchmark is for GPUs
 def test_smoke_run_writes_results_with_ratios(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "experiments.bench_train", "--smoke", f"--out-dir={tmp_path}"],

@@ -90,7 +90,7 @@ def test_backbone_initialised_from_an_imagenet_checkpoint(tmp_path):
     state = imagenet_checkpoint(tmp_path / "imagenet")
     config = tiny_config(tmp_path / "shapes")
     model = loop.create_detector(config, num_classes=3)
-    variables = model.init(jax.random.key(0), BATCH)
+    variables = jax.jit(model.init)(jax.random.key(0), BATCH)
     loaded = loop.load_pretrained(variables, str(tmp_path / "imagenet"))
     expected = {k: v for k, v in state.params.items() if k != "fc"}
     jax.tree.map(np.testing.assert_array_equal, loaded["params"]["backbone"], expected)
@@ -102,7 +102,7 @@ def test_a_different_backbone_checkpoint_is_refused_by_name(tmp_path):
     imagenet_checkpoint(tmp_path / "imagenet", widths=(4, 8, 8, 32))
     config = tiny_config(tmp_path / "shapes")
     model = loop.create_detector(config, num_classes=3)
-    variables = model.init(jax.random.key(0), BATCH)
+    variables = jax.jit(model.init)(jax.random.key(0), BATCH)
     with pytest.raises(checkpoint.CheckpointMismatchError, match=r"layer4_0/\S+ has shape \(32,\) in the checkpoint but \(16,\)"):
         loop.load_pretrained(variables, str(tmp_path / "imagenet"))
 

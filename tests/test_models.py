@@ -24,7 +24,10 @@ def test_unknown_name_lists_valid_names(name):
 
 
 # The RedNet/CedNet size is odd so stride-2 ops see odd inputs (ceil-mode pooling in the generator).
-@pytest.mark.parametrize("name,size", [("resnet50", 32), ("rednet26", 33), ("cednet26", 33)])
+# The K=7 networks compile for 20-45 s on 2 CPU cores: slow; their ops are tested in test_layers and
+# test_ops, and a small CedNet trains in test_experiments_imagenet.
+@pytest.mark.parametrize("name,size", [("resnet50", 32), pytest.param("rednet26", 33, marks=pytest.mark.slow),
+                                       pytest.param("cednet26", 33, marks=pytest.mark.slow)])
 def test_forward_backward_is_finite(name, size):
     model = models.create(name, num_classes=7)
     images = jax.random.normal(jax.random.key(0), (2, size, size, 3))

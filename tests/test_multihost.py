@@ -78,6 +78,7 @@ def test_two_process_checkpoint_restores_and_resumes_in_one_process(two_process_
     assert [r["step"] for r in eval_records(two_process_run)] == [3, 5]
 
 
+@pytest.mark.slow  # 41 s; the reverse direction (two processes -> one) runs by default
 def test_one_process_checkpoint_resumes_in_two_processes(tmp_path):
     workdir = str(tmp_path)
     run_all([start(workdir, 0, 1, None, *STEPS, devices=4)])
@@ -86,6 +87,7 @@ def test_one_process_checkpoint_resumes_in_two_processes(tmp_path):
     assert [r["step"] for r in eval_records(workdir)] == [3, 5]
 
 
+@pytest.mark.slow  # 27 s: waits for the heartbeat timeout
 def test_killing_one_process_makes_the_other_exit(tmp_path):
     workdir = str(tmp_path)
     port = free_port()

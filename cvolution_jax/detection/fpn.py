@@ -62,14 +62,12 @@ class FPN(nn.Module):
         ]
         for i in range(len(laterals) - 1, 0, -1):
             laterals[i - 1] = laterals[i - 1] + upsample_nearest(laterals[i], laterals[i - 1].shape[1:3])
-        outs = []
-        for i, lateral in enumerate(laterals):
-            if self.op == "conv":
-                outs.append(conv(self.channels, 3, use_bias=True, dtype=self.dtype, name=f"output{i}")(lateral))
-            else:
-                op = spatial_op(self.op, self.channels, self.kernel_size, name=f"output{i}", dtype=self.dtype,
-                                **dict(self.op_kwargs))
-                outs.append(op(lateral, train))
+        kernel_size = 3 if self.op == "conv" else self.kernel_size
+        outs = [
+            spatial_op(self.op, self.channels, kernel_size, name=f"output{i}", dtype=self.dtype, conv_bias=True,
+                       **dict(self.op_kwargs))(lateral, train)
+            for i, lateral in enumerate(laterals)
+        ]
         # P6: mmdet's F.max_pool2d(P5, 1, stride=2), i.e. every other pixel (ceil(n / 2) of them).
         outs.append(outs[-1][:, ::2, ::2])
         return outs

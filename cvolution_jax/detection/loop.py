@@ -13,10 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import os
-import signal
-import time
 
 import jax
 import jax.numpy as jnp
@@ -24,14 +21,13 @@ import ml_collections
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
-from tqdm import tqdm
 
 from cvolution_jax import models
 from cvolution_jax.data import coco, shapes
 from cvolution_jax.detection import evaluation, visualize
 from cvolution_jax.detection.faster_rcnn import LOSSES, FasterRCNN, Settings, frozen
 from cvolution_jax.train import checkpoint, steps
-from cvolution_jax.train.loop import DTYPES, DataMesh, DivergedError, report, save_config
+from cvolution_jax.train.loop import DTYPES, DataMesh, fit, report, save_config
 from cvolution_jax.train.metrics import MetricWriter, plot_curves
 
 log = logging.getLogger(__name__)
@@ -217,13 +213,18 @@ def run_eval(run: _Run, state, workdir: str, step: int, vis: int = 0) -> dict:
                                               dets["valid"], host["scale"], dataset.category_ids)
         if jax.process_index() == 0 and drawn < vis:
             drawn += _draw(batch, dets, dataset, out_dir, vis - drawn)
-    if jax.process_index() != 0:
-        return {}
-    evaluation.write_results(os.path.join(out_dir, "detections.json"), results)
-    metrics = evaluation.evaluate(dataset.annotation_file, results,
-                                  image_ids=[r.image_id for r in dataset.records])
-    report(metrics.pop("summary"))
-    return metrics
+    metrics = {}
+    if jax.process_index() == 0:
+        evaluation.write_results(os.path.join(out_dir, "detections.json"), results)
+        metrics = evaluation.evaluate(dataset.annotation_file, results,
+                                      image_ids=[r.image_id for r in dataset.records])
+        report(metrics.pop("summary"))
+    # Every process gets process 0's numbers: each one's checkpoint manager ranks checkpoints by AP.
+    keys = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+    values = np.asarray([metrics.get(k, 0.0) for k in keys], np.float64)
+    if jax.process_count() > 1:
+        values = np.asarray(multihost_utils.broadcast_one_to_all(values))
+    return {k: float(v) for k, v in zip(keys, values)}
 
 
 def _draw(batch, dets, dataset, out_dir, limit: int) -> int:
@@ -241,17 +242,6 @@ def _draw(batch, dets, dataset, out_dir, limit: int) -> int:
     return drawn
 
 
-def _check_finite(history: list[dict], ckpt: checkpoint.Checkpointer) -> dict:
-    history = jax.device_get(history)
-    summary = {k: float(np.mean([r[k] for r in history])) for k in history[0]}
-    for key in ("loss", "param_norm"):
-        if not math.isfinite(summary[key]):
-            raise DivergedError(
-                f"Training {key} is {summary[key]}: the run diverged. Stopped without saving; the last good checkpoint "
-                f"(step {ckpt.latest_step()}) is intact. Lower --config.base_lr and rerun the same command to resume.")
-    return summary
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, vis: int = 0) -> dict:
     """Trains `config` in `workdir` (resuming from its latest checkpoint); returns the final COCO metrics."""
     save_config(config, workdir)
@@ -262,50 +252,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, vis: int
     if ckpt.latest_step() is not None:
         state = ckpt.restore(state, data_iterator=train_iter)
         log.info("Resumed from %s at step %d.", ckpt.directory, int(state.step))
-    start, total = int(state.step), run.total_steps
     train_fn = jax.jit(functools.partial(train_step, frozen_stages=config.model.frozen_stages), donate_argnums=0)
     base_key = jax.random.key(config.seed + 1)
-    eval_every = config.eval_every_steps if config.eval_every_steps > 0 else run.steps_per_epoch
-    schedule = learning_rate_schedule(config, run.steps_per_epoch)
-    writer = MetricWriter(workdir)
-    stop = {"signal": None}
-    previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
-    history, metrics = [], {}
-    progress = tqdm(total=total, initial=start, desc="train", unit="step", disable=jax.process_index() != 0)
-    tick, tick_step = time.perf_counter(), start
-    try:
-        for step in range(start + 1, total + 1):
-            batch = run.mesh.shard(next(train_iter))
-            # The step's randomness (sampling) depends on the step only, so a resumed run repeats it.
-            state, step_metrics = train_fn(state, batch, jax.random.fold_in(base_key, step))
-            history.append(step_metrics)
-            progress.update(1)
-            stopping, last = stop["signal"] is not None, step == total
-            evaluate_now = step % eval_every == 0 or last
-            save_now = evaluate_now or step % config.checkpoint_every_steps == 0 or stopping
-            if step % config.log_every_steps == 0 or save_now:
-                summary = _check_finite(history, ckpt)
-                history = []
-                now = time.perf_counter()
-                summary["images_per_sec"] = (step - tick_step) * config.batch_size / (now - tick)
-                summary["learning_rate"] = float(schedule(step - 1))
-                tick, tick_step = now, step
-                writer.write(step, "train", summary)
-                progress.set_postfix(loss=f"{summary['loss']:.3f}", img_s=f"{summary['images_per_sec']:.1f}")
-            if evaluate_now:
-                metrics = run_eval(run, state, workdir, step, vis=vis if last else 0)
-                if metrics:
-                    writer.write(step, "eval", metrics)
-            if save_now:
-                ckpt.save(step, state, train_iter, {"AP": metrics.get("AP", 0.0)} if evaluate_now else None)
-            if stopping:
-                report(f"Received signal {stop['signal']}: saved the checkpoint of step {step}; rerun the same command to resume.")
-                break
-    finally:
-        progress.close()
-        signal.signal(signal.SIGTERM, previous_handler)
-        ckpt.close()
-        writer.close()
+
+    def step_fn(state, batch, step):
+        # The step's randomness (sampling) depends on the step only, so a resumed run repeats it.
+        return train_fn(state, run.mesh.shard(batch), jax.random.fold_in(base_key, step))
+
+    metrics = fit(
+        config, state=state, train_iter=train_iter, step_fn=step_fn, total_steps=run.total_steps,
+        eval_every=config.eval_every_steps if config.eval_every_steps > 0 else run.steps_per_epoch, ckpt=ckpt,
+        writer=MetricWriter(workdir), learning_rate=learning_rate_schedule(config, run.steps_per_epoch),
+        evaluate=lambda state, step: run_eval(run, state, workdir, step, vis=vis if step == run.total_steps else 0),
+    )
     plot_curves(workdir, scores=CURVES, score_title="score")
     return metrics
 

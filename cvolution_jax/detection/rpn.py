@@ -50,18 +50,13 @@ class RPNHead(nn.Module):
     @nn.compact
     def __call__(self, levels, train: bool = False):
         init = nn.initializers.normal(0.01)  # mmdet's RPNHead init: N(0, 0.01) for its convs
-        if self.op == "conv":
-            shared = conv(self.channels, 3, use_bias=True, kernel_init=init, dtype=self.dtype, name="rpn_conv")
-            shared_fn = lambda x: shared(x)  # noqa: E731
-        else:
-            op = spatial_op(self.op, self.channels, self.kernel_size, name="rpn_conv", dtype=self.dtype,
-                            **dict(self.op_kwargs))
-            shared_fn = lambda x: op(x, train)  # noqa: E731
+        shared = spatial_op(self.op, self.channels, 3 if self.op == "conv" else self.kernel_size, name="rpn_conv",
+                            dtype=self.dtype, conv_bias=True, conv_init=init, **dict(self.op_kwargs))
         cls = conv(self.num_anchors, 1, use_bias=True, kernel_init=init, dtype=self.dtype, name="rpn_cls")
         reg = conv(4 * self.num_anchors, 1, use_bias=True, kernel_init=init, dtype=self.dtype, name="rpn_reg")
         logits, deltas = [], []
         for level in levels:
-            y = nn.relu(shared_fn(level))
+            y = nn.relu(shared(level, train))
             batch = level.shape[0]
             # [B, H, W, A] -> [B, H*W*A]: row (y*W + x)*A + a, the anchors' order.
             logits.append(cls(y).reshape(batch, -1))

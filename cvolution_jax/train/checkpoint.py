@@ -90,6 +90,16 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
+    def _existing(self, step: int | None, advice: str) -> int:
+        """`step` (the latest for None) if its checkpoint exists; else FileNotFoundError with `advice`."""
+        steps = self.all_steps()
+        step = self.latest_step() if step is None else step
+        if step is None or step not in steps:
+            raise FileNotFoundError(
+                f"No checkpoint {'' if step is None else f'at step {step} '}in {self.directory} (steps there: {steps or 'none'}). {advice}"
+            )
+        return step
+
     def save(self, step: int, state, data_iterator=None, metrics: dict | None = None) -> None:
         """Writes checkpoint `step` (asynchronously; `wait()` or `close()` to block until written).
 
@@ -115,13 +125,7 @@ class Checkpointer:
           FileNotFoundError: no such checkpoint.
           CheckpointMismatchError: the checkpoint's arrays differ from `target`'s (names the first one).
         """
-        steps = self.all_steps()
-        step = self.latest_step() if step is None else step
-        if step is None or step not in steps:
-            raise FileNotFoundError(
-                f"No checkpoint {'' if step is None else f'at step {step} '}in {self.directory} (steps there: {steps or 'none'}). "
-                f"Train first, or point --workdir at the run to restore."
-            )
+        step = self._existing(step, "Train first, or point --workdir at the run to restore.")
         where = os.path.join(self.directory, str(step))
         check_compatible(self.manager.item_metadata(step)["state"], target, where)
         abstract = jax.tree.map(
@@ -144,13 +148,7 @@ class Checkpointer:
         """The model variables (`params`, `batch_stats`) of checkpoint `step` (default: the latest),
         as nested dicts of arrays, without a target: for initialising another model from them
         (a detector's backbone from an ImageNet run). The optimizer state is read and dropped."""
-        steps = self.all_steps()
-        step = self.latest_step() if step is None else step
-        if step is None or step not in steps:
-            raise FileNotFoundError(
-                f"No checkpoint {'' if step is None else f'at step {step} '}in {self.directory} (steps there: {steps or 'none'}). "
-                f"Point the path at a finished experiments.imagenet run."
-            )
+        step = self._existing(step, "Point the path at a finished experiments.imagenet run.")
         state = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
         return {"params": state["params"], "batch_stats": state.get("batch_stats") or {}}
 

@@ -126,33 +126,35 @@ def _check_finite(history: list[dict], ckpt: checkpoint.Checkpointer) -> dict:
                 f"checkpoint (step {ckpt.latest_step()}) is intact. Lower --config.base_lr (or check the input data) and "
                 f"rerun the same command to resume from it."
             )
-    return {k: float(np.mean([r[k] for r in history])) for k in ("loss", "top1", "param_norm")}
+    return {k: float(np.mean([r[k] for r in history])) for k in history[0] if k != "examples"}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns the final eval metrics."""
-    save_config(config, workdir)
-    mesh, train_split, eval_split, steps_per_epoch, total_steps, state, ckpt = _setup(config, workdir)
-    train_iter = iter(train_split.dataset)
-    if ckpt.latest_step() is not None:
-        state = ckpt.restore(state, data_iterator=train_iter)
-        log.info("Resumed from %s at step %d.", ckpt.directory, int(state.step))
+def fit(config, *, state, train_iter, step_fn, total_steps: int, eval_every: int, ckpt: checkpoint.Checkpointer,
+        writer: MetricWriter, evaluate, learning_rate) -> dict:
+    """The training loop of every task: steps, logging, evaluation, checkpoints, SIGTERM.
+
+    Args:
+      state: the (restored) train state; training continues from `state.step`.
+      train_iter: the training data iterator (its position is checkpointed).
+      step_fn: `(state, host batch, step) -> (state, metrics)`; metrics hold `loss` and
+        `param_norm` (checked finite before anything is saved) and any other scalars.
+      eval_every: evaluate every this many steps and at the last one.
+      evaluate: `(state, step) -> metrics` over the eval split (reports them itself); empty on
+        processes other than 0 is fine.
+      learning_rate: the schedule, logged with the training metrics.
+
+    Returns:
+      The last evaluation's metrics.
+    """
     start = int(state.step)
-    train_fn = jax.jit(functools.partial(steps.train_step, label_smoothing=config.label_smoothing), donate_argnums=0)
-    eval_fn = jax.jit(steps.eval_step)
-    eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
-    writer = MetricWriter(workdir)
-
     stop = {"signal": None}
     previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
-    history, skipped, eval_metrics = [], 0, {}
+    history, eval_metrics = [], {}
     progress = tqdm(total=total_steps, initial=start, desc="train", unit="step", disable=jax.process_index() != 0)
     tick, tick_step = time.perf_counter(), start
     try:
         for step in range(start + 1, total_steps + 1):
-            batch = next(train_iter)
-            skipped += int(np.sum(batch.get("corrupt", 0)))
-            state, metrics = train_fn(state, mesh.shard(batch))
+            state, metrics = step_fn(state, next(train_iter), step)
             history.append(metrics)
             progress.update(1)
             # Read once: a signal arriving later in this iteration is handled at the next step.
@@ -166,16 +168,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 history = []
                 now = time.perf_counter()
                 summary["images_per_sec"] = (step - tick_step) * config.batch_size / (now - tick)
-                summary["learning_rate"] = float(optim.learning_rate_schedule(config, steps_per_epoch, total_steps)(step - 1))
+                summary["learning_rate"] = float(learning_rate(step - 1))
                 tick, tick_step = now, step
                 writer.write(step, "train", summary)
-                progress.set_postfix(loss=f"{summary['loss']:.3f}", img_s=f"{summary['images_per_sec']:.0f}")
-                if skipped:
-                    log.warning("%d corrupt images skipped so far.", skipped)
+                progress.set_postfix(loss=f"{summary['loss']:.3f}", img_s=f"{summary['images_per_sec']:.1f}")
             if evaluate_now:
-                eval_metrics = run_eval(state, eval_split, mesh, eval_fn)
-                writer.write(step, "eval", eval_metrics)
-                report(f"step {step}: eval top-1 {eval_metrics['top1']:.4f} top-5 {eval_metrics['top5']:.4f} loss {eval_metrics['loss']:.4f}")
+                eval_metrics = evaluate(state, step)
+                if eval_metrics:
+                    writer.write(step, "eval", eval_metrics)
             if save_now:
                 ckpt.save(step, state, train_iter, eval_metrics if evaluate_now else None)
             if stopping:
@@ -186,6 +186,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         signal.signal(signal.SIGTERM, previous_handler)
         ckpt.close()
         writer.close()
+    return eval_metrics
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns the final eval metrics."""
+    save_config(config, workdir)
+    mesh, train_split, eval_split, steps_per_epoch, total_steps, state, ckpt = _setup(config, workdir)
+    train_iter = iter(train_split.dataset)
+    if ckpt.latest_step() is not None:
+        state = ckpt.restore(state, data_iterator=train_iter)
+        log.info("Resumed from %s at step %d.", ckpt.directory, int(state.step))
+    train_fn = jax.jit(functools.partial(steps.train_step, label_smoothing=config.label_smoothing), donate_argnums=0)
+    eval_fn = jax.jit(steps.eval_step)
+    skipped = 0
+
+    def step_fn(state, batch, step):
+        nonlocal skipped
+        corrupt = int(np.sum(batch.get("corrupt", 0)))
+        if corrupt:
+            skipped += corrupt
+            log.warning("%d corrupt images skipped so far.", skipped)
+        return train_fn(state, mesh.shard(batch))
+
+    def evaluate_fn(state, step):
+        metrics = run_eval(state, eval_split, mesh, eval_fn)
+        report(f"step {step}: eval top-1 {metrics['top1']:.4f} top-5 {metrics['top5']:.4f} loss {metrics['loss']:.4f}")
+        return metrics
+
+    eval_metrics = fit(
+        config, state=state, train_iter=train_iter, step_fn=step_fn, total_steps=total_steps,
+        eval_every=config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch, ckpt=ckpt,
+        writer=MetricWriter(workdir), evaluate=evaluate_fn,
+        learning_rate=optim.learning_rate_schedule(config, steps_per_epoch, total_steps),
+    )
     plot_curves(workdir)
     return eval_metrics
 
