@@ -292,3 +292,11 @@ def test_rejects_bad_arguments():
         multilevel_roi_align([features[None]], np.zeros((1, 1, 4)), 2, (4, 8))
     with pytest.raises(ValueError, match=r"rois \[B, R, 4\]"):
         multilevel_roi_align([features[None]], np.zeros((2, 1, 4)), 2, (4,))
+
+
+def test_no_rois_gives_an_empty_result():
+    features = jnp.ones((6, 5, 3))
+    out = roi_align(features, jnp.zeros((0, 4)), 7, 1.0)
+    assert out.shape == (0, 7, 7, 3)
+    levels = [jnp.ones((2, 8, 8, 3)), jnp.ones((2, 4, 4, 3))]
+    assert multilevel_roi_align(levels, jnp.zeros((2, 0, 4)), (7, 7), (4, 8)).shape == (2, 0, 7, 7, 3)

@@ -125,3 +125,9 @@ def test_every_detection_config_loads_and_states_its_command(path):
         assert (config.batch_size, config.base_lr, config.num_epochs, tuple(config.lr_decay_epochs)) == (16, 0.02, 12.0, (8, 11))
         assert (config.warmup_steps, config.warmup_factor, config.momentum, config.weight_decay) == (500, 0.001, 0.9, 1e-4)
         assert (tuple(config.data.scale), config.data.flip_prob, config.model.frozen_stages, config.model.norm_eval) == ((1333, 800), 0.5, 1, True)
+
+
+@pytest.mark.slow  # about 8 minutes on 2 CPU cores
+def test_the_default_reaches_its_targets_on_held_out_shapes(tmp_path):
+    metrics = loop.train_and_evaluate(coco_default.get_config(), str(tmp_path))
+    assert metrics["AP50"] >= 0.8 and metrics["AP"] >= 0.4, metrics
