@@ -31,6 +31,7 @@ def assert_batches_equal(a, b):
     for x, y in zip(a, b):
         assert x.keys() == y.keys()
         for key in x:
+            assert x[key].dtype == y[key].dtype, key
             np.testing.assert_array_equal(x[key], y[key], err_msg=key)
 
 

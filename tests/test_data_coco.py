@@ -12,24 +12,12 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from cvolution_jax.data import coco, shapes, transforms
+from tests.test_data import assert_batches_equal, take
 
 STREAM = dict(num_threads=2, num_workers=0)
 
 # pycocotools' decode under numpy 2; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
-
-
-def take(iterator, n):
-    return [next(iterator) for _ in range(n)]
-
-
-def assert_batches_equal(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for key in x:
-            assert x[key].dtype == y[key].dtype, key
-            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
 
 
 def read_tree(root):

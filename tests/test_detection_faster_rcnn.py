@@ -63,6 +63,7 @@ def test_tiny_detector_overfits_two_images():
             assert (inter / union).max(initial=0) > 0.5
 
 
+@pytest.mark.slow  # 16 s; the default-suite overfit test and experiments test run the same paths
 def test_output_shapes_are_static():
     model, batch = tiny_detector("involution"), two_images()
     variables = model.init(jax.random.key(0), batch)

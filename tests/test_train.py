@@ -81,6 +81,7 @@ def test_weighted_cross_entropy_closed_form():
     assert math.isclose(float(steps.weighted_cross_entropy(logits, labels, mask, eps)), expected, rel_tol=1e-6)
 
 
+@pytest.mark.slow  # 20 s; test_experiments_coco checks the same error on the backbone path
 def test_restoring_into_a_different_model_names_the_parameter(tmp_path):
     tx = optax.sgd(0.1)
     small = steps.create_train_state(models.create("rednet26", num_classes=10, widths=(16, 16, 16, 16)), tx, (32, 32, 3), jax.random.key(0))
