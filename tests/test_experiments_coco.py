@@ -1,8 +1,6 @@
 """experiments.coco end to end on a tiny synthetic dataset: train, checkpoint, COCO eval, restore,
 pictures, and backbone initialisation from an ImageNet checkpoint."""
 
-import glob
-import importlib.util
 import json
 import os
 
@@ -16,6 +14,7 @@ from cvolution_jax import count, models
 from cvolution_jax.detection import loop
 from cvolution_jax.train import checkpoint, steps
 from experiments.configs import coco_default
+from tests.test_experiments_imagenet import CONFIGS, load_config
 
 BATCH = {"image": jnp.zeros((1, 64, 64, 3)), "image_size": jnp.asarray([[64, 64]], jnp.int32)}
 BACKBONE = {"stage_sizes": (1, 1, 1, 1), "widths": (4, 8, 8, 16), "stem_width": 8}
@@ -107,16 +106,12 @@ def test_a_different_backbone_checkpoint_is_refused_by_name(tmp_path):
         loop.load_pretrained(variables, str(tmp_path / "imagenet"))
 
 
-DETECTION_CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "experiments", "configs", "*.py")))
-DETECTION_CONFIGS = [p for p in DETECTION_CONFIGS if os.path.basename(p).startswith(("coco", "faster_rcnn"))]
+DETECTION_CONFIGS = [p for p in CONFIGS if os.path.basename(p).startswith(("coco", "faster_rcnn"))]
 
 
 @pytest.mark.parametrize("path", DETECTION_CONFIGS, ids=os.path.basename)
 def test_every_detection_config_loads_and_states_its_command(path):
-    spec = importlib.util.spec_from_file_location("config_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = load_config(path)
     assert config.model.backbone in models.names()
     assert "python -m experiments.coco --config experiments/configs/" + os.path.basename(path) in open(path).read()
     name = os.path.basename(path)[: -len("_1x.py")]

@@ -118,13 +118,18 @@ def test_bad_mode_is_reported(tmp_path):
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "experiments", "configs", "*.py")))
 
 
-# Detection configs (experiments.coco) are checked in test_experiments_coco.py.
-@pytest.mark.parametrize("path", [p for p in CONFIGS if not os.path.basename(p).startswith(("_", "common", "coco", "faster_rcnn"))], ids=os.path.basename)
-def test_every_config_loads_and_names_a_registered_model(path):
+def load_config(path):
+    """`get_config()` of the config file at `path`."""
     spec = importlib.util.spec_from_file_location("config_under_test", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config()
+    return module.get_config()
+
+
+# Detection configs (experiments.coco) are checked in test_experiments_coco.py.
+@pytest.mark.parametrize("path", [p for p in CONFIGS if not os.path.basename(p).startswith(("_", "common", "coco", "faster_rcnn"))], ids=os.path.basename)
+def test_every_config_loads_and_names_a_registered_model(path):
+    config = load_config(path)
     assert config.model.name in models.names()
     assert "python -m experiments.imagenet --config experiments/configs/" + os.path.basename(path) in open(path).read()
     if config.data.name == "imagenet":

@@ -392,9 +392,11 @@ def _bucket_indices(dataset: CocoDataset, scale, buckets) -> np.ndarray:
     return indices
 
 
-def _check_options(
+def _layout(
     dataset, *, batch_size, scale, buckets, max_gt, process_index, process_count, num_threads, num_workers
-) -> None:
+) -> tuple[tuple[int, int], tuple[tuple[int, int], ...], np.ndarray]:
+    """Checks a stream's options; returns `(scale, buckets)` as int tuples and each record's bucket."""
+    buckets = tuple(tuple(int(s) for s in b) for b in buckets)
     if batch_size < 1:
         raise ValueError(f"batch_size (per process) must be >= 1, got {batch_size}.")
     if not 0 <= process_index < process_count:
@@ -413,6 +415,7 @@ def _check_options(
             "%s: %d images have more than max_gt=%d boxes (up to %d); only their first %d boxes are targets.",
             dataset.annotation_file, len(truncated), max_gt, max(len(r.labels) for r in truncated), max_gt,
         )
+    return tuple(scale), buckets, _bucket_indices(dataset, scale, buckets)
 
 
 # ------------------------------------------------------------------------------- streams
@@ -511,8 +514,7 @@ def train_stream(
     [b, G] (-1 in empty slots), "gt_valid": bool [b, G], "mask": float32 [b] (all 1 here),
     "flipped": bool [b]}, with b = batch_size, G = max_gt and (H, W) the batch's bucket.
     """
-    buckets = tuple(tuple(int(s) for s in b) for b in buckets)
-    _check_options(
+    scale, buckets, bucket_of = _layout(
         dataset, batch_size=batch_size, scale=scale, buckets=buckets, max_gt=max_gt, process_index=process_index,
         process_count=process_count, num_threads=num_threads, num_workers=num_workers,
     )
@@ -520,12 +522,11 @@ def train_stream(
         raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}.")
     if seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed}.")
-    bucket_of = _bucket_indices(dataset, scale, buckets)
     eligible = np.asarray(
         [i for i, r in enumerate(dataset.records) if len(r.labels) or not drop_empty], np.int64
     )
     batches = _TrainBatches(
-        dataset, Preprocess(tuple(scale), buckets, max_gt, flip_prob), eligible, bucket_of, len(buckets),
+        dataset, Preprocess(scale, buckets, max_gt, flip_prob), eligible, bucket_of, len(buckets),
         seed, batch_size, process_count, process_index,
     )
     if batches.batches_per_epoch == 0:
@@ -584,12 +585,10 @@ def eval_pass(
     on how they are split. Batches as in `train_stream`; drop padding slots by `mask` or
     `image_id` before evaluating.
     """
-    buckets = tuple(tuple(int(s) for s in b) for b in buckets)
-    _check_options(
+    scale, buckets, bucket_of = _layout(
         dataset, batch_size=batch_size, scale=scale, buckets=buckets, max_gt=max_gt, process_index=process_index,
         process_count=process_count, num_threads=num_threads, num_workers=num_workers,
     )
-    bucket_of = _bucket_indices(dataset, scale, buckets)
     global_batch = batch_size * process_count
     groups, bucket_of_batch = [], []
     for b in range(len(buckets)):
@@ -602,7 +601,7 @@ def eval_pass(
     first = process_index * batch_size
     slots = np.concatenate(groups)[:, first:first + batch_size]
     batches = _EvalBatch(
-        dataset.records, Preprocess(tuple(scale), buckets, max_gt), slots, np.asarray(bucket_of_batch, np.int32)
+        dataset.records, Preprocess(scale, buckets, max_gt), slots, np.asarray(bucket_of_batch, np.int32)
     )
     ds = grain.MapDataset.range(len(slots)).map(batches)
     return to_iter_dataset(ds, num_workers=num_workers, num_threads=num_threads)

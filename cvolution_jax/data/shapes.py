@@ -108,6 +108,13 @@ def write_shapes(
     return paths
 
 
+def split_paths(out_dir: str | os.PathLike, split: str) -> dict[str, str]:
+    """`{"annotation_file", "image_dir"}` of `split` ("train" or "val") under `out_dir`, written or not."""
+    out_dir = os.fspath(out_dir)
+    return {"annotation_file": os.path.join(out_dir, "annotations", f"instances_{split}.json"),
+            "image_dir": os.path.join(out_dir, split)}
+
+
 def _info(split: str, num_images: int, image_size: int, seed: int) -> dict:
     # Everything the content depends on; a mismatch with the file on disk means regenerate.
     return {
@@ -132,9 +139,8 @@ def _is_complete(annotation_file: str, image_dir: str, info: dict) -> bool:
 
 
 def _write_split(out_dir: str, split: str, num_images: int, image_size: int, seed: int) -> dict[str, str]:
-    annotation_file = os.path.join(out_dir, "annotations", f"instances_{split}.json")
-    image_dir = os.path.join(out_dir, split)
-    paths = {"annotation_file": annotation_file, "image_dir": image_dir}
+    paths = split_paths(out_dir, split)
+    annotation_file, image_dir = paths["annotation_file"], paths["image_dir"]
     info = _info(split, num_images, image_size, seed)
     if _is_complete(annotation_file, image_dir, info):
         log.info("shapes %s: %s is up to date; nothing to write.", split, annotation_file)

@@ -257,6 +257,11 @@ def _load_results(results):
     return results
 
 
+def stat_names(max_dets=DEFAULT_MAX_DETS) -> tuple[str, ...]:
+    """The 12 numbers' keys in ``evaluate``'s result, in ``COCOeval.summarize``'s order."""
+    return ("AP", "AP50", "AP75", "APs", "APm", "APl", *(f"AR{m}" for m in max_dets), "ARs", "ARm", "ARl")
+
+
 def evaluate(annotation_file_or_coco, results, iou_type="bbox", max_dets=DEFAULT_MAX_DETS,
              image_ids=None):
     """Runs pycocotools' ``COCOeval`` on ``results`` and returns its 12 numbers and summary.
@@ -354,21 +359,18 @@ def evaluate(annotation_file_or_coco, results, iou_type="bbox", max_dets=DEFAULT
         coco_eval.accumulate()
 
     last = max_dets[-1]
-    rows = [  # (key, ap, iou threshold, area, max detections), summarize's order
-        ("AP", 1, None, "all", last), ("AP50", 1, 0.5, "all", last),
-        ("AP75", 1, 0.75, "all", last), ("APs", 1, None, "small", last),
-        ("APm", 1, None, "medium", last), ("APl", 1, None, "large", last),
-        (f"AR{max_dets[0]}", 0, None, "all", max_dets[0]),
-        (f"AR{max_dets[1]}", 0, None, "all", max_dets[1]),
-        (f"AR{max_dets[2]}", 0, None, "all", last), ("ARs", 0, None, "small", last),
-        ("ARm", 0, None, "medium", last), ("ARl", 0, None, "large", last),
+    rows = [  # (ap, iou threshold, area, max detections) of stat_names, summarize's order
+        (1, None, "all", last), (1, 0.5, "all", last), (1, 0.75, "all", last), (1, None, "small", last),
+        (1, None, "medium", last), (1, None, "large", last), (0, None, "all", max_dets[0]),
+        (0, None, "all", max_dets[1]), (0, None, "all", last), (0, None, "small", last),
+        (0, None, "medium", last), (0, None, "large", last),
     ]
     stats = {}
     lines = []
     if not detections:
         lines.append(" No detections to evaluate: each row below is 0 where ground truth exists "
                      "(-1 where none does).")
-    for name, ap, iou_thr, area, max_det in rows:
+    for name, (ap, iou_thr, area, max_det) in zip(stat_names(max_dets), rows):
         stats[name], line = _summary_row(coco_eval, ap, iou_thr, area, max_det)
         lines.append(line)
     stats["summary"] = "\n".join(lines) + "\n"

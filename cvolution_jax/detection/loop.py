@@ -39,32 +39,32 @@ CURVES = (("train", "rcnn_accuracy", "train R-CNN accuracy"), ("eval", "AP", "ev
 # ----------------------------------------------------------------------------------------- data
 
 
-def annotation_paths(config: ml_collections.ConfigDict, workdir: str, train: bool) -> tuple[str, str]:
-    """`(annotation JSON, image folder)` of the train or eval split of `config.data`.
+def dataset_paths(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, str]]:
+    """`{"train": {"annotation_file", "image_dir"}, "val": {...}}` of `config.data` (`load_coco`'s arguments).
 
     "shapes" writes the synthetic dataset on first use (into `data.data_dir`, default
     `<workdir>/shapes`); "coco" reads COCO 2017's layout under `data.data_dir` unless
     `data.{train,val}_annotations` / `data.{train,val}_images` name the files.
     """
     cfg = config.data
-    split = "train" if train else "val"
     if cfg.name == "shapes":
         root = cfg.data_dir or os.path.join(workdir, "shapes")
         if jax.process_index() == 0:
             shapes.write_shapes(root, num_train=cfg.num_train, num_val=cfg.num_val, image_size=cfg.image_size,
                                 seed=cfg.shapes_seed)
         multihost_utils.sync_global_devices("shapes dataset written")
-        return os.path.join(root, "annotations", f"instances_{split}.json"), os.path.join(root, split)
+        return {split: shapes.split_paths(root, split) for split in ("train", "val")}
     if cfg.name == "coco":
-        annotations = cfg.get(f"{split}_annotations") or os.path.join(cfg.data_dir, "annotations", f"instances_{split}2017.json")
-        images = cfg.get(f"{split}_images") or os.path.join(cfg.data_dir, f"{split}2017")
-        return annotations, images
+        return {split: {
+            "annotation_file": cfg.get(f"{split}_annotations") or os.path.join(cfg.data_dir, "annotations", f"instances_{split}2017.json"),
+            "image_dir": cfg.get(f"{split}_images") or os.path.join(cfg.data_dir, f"{split}2017"),
+        } for split in ("train", "val")}
     raise ValueError(f"config.data.name must be 'coco' or 'shapes' for detection; got {cfg.name!r}.")
 
 
 def _stream_args(config, mesh: DataMesh) -> dict:
     cfg = config.data
-    return dict(batch_size=mesh.per_process, scale=tuple(cfg.scale), buckets=tuple(map(tuple, cfg.buckets)),
+    return dict(batch_size=mesh.per_process, scale=cfg.scale, buckets=cfg.buckets,
                 max_gt=cfg.max_gt, process_index=jax.process_index(), process_count=jax.process_count(),
                 num_threads=cfg.num_threads, num_workers=cfg.num_workers)
 
@@ -78,7 +78,7 @@ def create_detector(config: ml_collections.ConfigDict, num_classes: int) -> Fast
         raise ValueError(f"config.dtype must be one of {sorted(DTYPES)}; got {config.dtype!r}.")
     cfg = config.model
     dtype = DTYPES[config.dtype]
-    unknown = sorted(set(cfg.settings) - {f.name for f in Settings.__dataclass_fields__.values()})
+    unknown = sorted(set(cfg.settings) - set(Settings.__dataclass_fields__))
     if unknown:
         raise ValueError(f"config.model.settings has unknown fields {unknown}; valid: {sorted(Settings.__dataclass_fields__)}.")
     settings = Settings(**{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in cfg.settings.items()})
@@ -178,8 +178,9 @@ class _Run:
     def __init__(self, config, workdir, train: bool):
         self.config = config
         self.mesh = DataMesh(config.batch_size)
-        self.eval_data = coco.load_coco(*annotation_paths(config, workdir, train=False))
-        self.train_data = coco.load_coco(*annotation_paths(config, workdir, train=True)) if train else None
+        paths = dataset_paths(config, workdir)
+        self.eval_data = coco.load_coco(**paths["val"])
+        self.train_data = coco.load_coco(**paths["train"]) if train else None
         num_images = len(self.train_data.records) if train else 0
         self.steps_per_epoch = max(num_images // config.batch_size, 1)
         self.total_steps = config.num_train_steps if config.num_train_steps > 0 else int(config.num_epochs * self.steps_per_epoch)
@@ -220,7 +221,7 @@ def run_eval(run: _Run, state, workdir: str, step: int, vis: int = 0) -> dict:
                                       image_ids=[r.image_id for r in dataset.records])
         report(metrics.pop("summary"))
     # Every process gets process 0's numbers: each one's checkpoint manager ranks checkpoints by AP.
-    keys = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+    keys = evaluation.stat_names()
     values = np.asarray([metrics.get(k, 0.0) for k in keys], np.float64)
     if jax.process_count() > 1:
         values = np.asarray(multihost_utils.broadcast_one_to_all(values))

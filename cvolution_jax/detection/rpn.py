@@ -146,5 +146,5 @@ def proposals(logits, deltas, anchors, valid, level_counts, image_size, *, nms_p
     boxes = coder.decode(anchors[picked], deltas[picked], stds=RPN_STDS, max_shape=image_size)
     nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     keep, kept = nms.batched_nms(boxes, scores, jnp.concatenate(levels), iou_threshold, max_proposals,
-                                 valid=nonempty & (scores > -jnp.inf))
+                                 valid=nonempty)  # invalid anchors' -inf scores are never kept
     return jnp.where(kept[:, None], boxes[keep], 0.0), kept
