@@ -2,9 +2,10 @@
 
     python -m cvolution_jax.count [NAME ...] [--image-size 224] [--num-classes 1000] [--json]
 
-Detectors (`faster_rcnn_*`, see `DETECTORS`) are counted with 80 classes on one 800x1280
-image: the whole test-time network, box head on its 1000 proposals included, as mmdetection's
-`get_flops` runs it (`forward_dummy`); RoIAlign and NMS are not counted.
+Detectors (`faster_rcnn_*`, `mask_rcnn_*`, see `DETECTORS`) are counted with 80 classes on one
+800x1280 image: the whole test-time network, box head on its 1000 proposals included (and the
+mask head on the 100 detections); RoIAlign and NMS are not counted. (mmdetection's `get_flops`
+runs `forward_dummy`, whose mask head sees the first 100 proposals: the same count.)
 
 Parameters are the sizes of the leaves of the model's real `params` collection (BatchNorm
 running statistics excluded), obtained by tracing `model.init` abstractly: the same variables
@@ -31,36 +32,53 @@ import jax.numpy as jnp
 
 from cvolution_jax import layers, models
 from cvolution_jax.detection.faster_rcnn import FasterRCNN
+from cvolution_jax.detection.mask_rcnn import MaskRCNN
 
 
 def _macs(module: nn.Module, args, output) -> int:
+    # `count` runs one image, so every leading axis of an output counts: the mask head folds its
+    # RoIs into the batch axis of its convolutions.
     if isinstance(module, nn.Conv):
         kernel = module.variables["params"]["kernel"]
-        return math.prod(output.shape[1:]) * math.prod(kernel.shape[:-1])
+        return math.prod(output.shape[:-1]) * math.prod(kernel.shape)
+    if isinstance(module, nn.ConvTranspose):  # every input pixel meets every kernel tap once
+        kernel = module.variables["params"]["kernel"]
+        return math.prod(args[0].shape[:-1]) * math.prod(kernel.shape)
     if isinstance(module, nn.Dense):
-        return math.prod(output.shape[1:]) * args[0].shape[-1]
+        return math.prod(output.shape) * args[0].shape[-1]
     if isinstance(module, (layers.Involution, layers.CVolution)):
-        return math.prod(output.shape[1:]) * module.kernel_size**2
+        return math.prod(output.shape) * module.kernel_size**2
     return 0
 
 
-# detector -> (registry backbone, FPN output op): the seed's Faster R-CNN table and mmdet's baseline.
+# detector -> (registry backbone, FPN output op, RPN / mask-head op): the seed's Faster and Mask
+# R-CNN tables, their "head" variants and mmdet's baselines.
 DETECTORS = {
-    "faster_rcnn_resnet50_fpn": ("resnet50", "conv"),
-    "faster_rcnn_rednet50_fpn": ("rednet50", "conv"),
-    "faster_rcnn_rednet50_neck_fpn": ("rednet50", "involution"),
-    "faster_rcnn_cednet50_fpn": ("cednet50", "cvolution"),
+    "faster_rcnn_resnet50_fpn": ("resnet50", "conv", "conv"),
+    "faster_rcnn_rednet50_fpn": ("rednet50", "conv", "conv"),
+    "faster_rcnn_rednet50_neck_fpn": ("rednet50", "involution", "conv"),
+    "faster_rcnn_cednet50_fpn": ("cednet50", "cvolution", "conv"),
     # RedNet-50 backbone with a C-volution neck: the design whose count is the seed's CedNet-50 row.
-    "faster_rcnn_rednet50_cvolution_neck_fpn": ("rednet50", "cvolution"),
+    "faster_rcnn_rednet50_cvolution_neck_fpn": ("rednet50", "cvolution", "conv"),
+    "mask_rcnn_resnet50_fpn": ("resnet50", "conv", "conv"),
+    "mask_rcnn_rednet50_fpn": ("rednet50", "conv", "conv"),
+    "mask_rcnn_rednet50_neck_fpn": ("rednet50", "involution", "conv"),
+    "mask_rcnn_rednet50_neck_fpn_head": ("rednet50", "involution", "involution"),
+    "mask_rcnn_cednet50_fpn": ("cednet50", "cvolution", "conv"),
+    "mask_rcnn_cednet50_fpn_head": ("cednet50", "cvolution", "cvolution"),
 }
 DETECTOR_IMAGE = (800, 1280)  # (H, W) of the detectors' MAC count
 DETECTOR_CLASSES = 80
 
 
 def create_detector(name: str, num_classes: int = DETECTOR_CLASSES) -> nn.Module:
-    """The Faster R-CNN `name` of `DETECTORS` with mmdet's settings."""
-    backbone, neck_op = DETECTORS[name]
-    return FasterRCNN(backbone=models.create(backbone, num_classes=1), num_classes=num_classes, neck_op=neck_op)
+    """The Faster or Mask R-CNN `name` of `DETECTORS` with mmdet's settings."""
+    backbone, neck_op, head_op = DETECTORS[name]
+    kwargs = dict(backbone=models.create(backbone, num_classes=1), num_classes=num_classes, neck_op=neck_op,
+                  rpn_op=head_op)
+    if name.startswith("mask_rcnn"):
+        return MaskRCNN(mask_op=head_op, **kwargs)
+    return FasterRCNN(**kwargs)
 
 
 def count(model: nn.Module, image_size: int | tuple[int, int] = 224) -> dict:

@@ -86,3 +86,24 @@ def test_cednet50_detector_is_the_seed_row_plus_the_cednet_backbone():
     backbone = lambda name: count.count(models.create(name))["params"]  # noqa: E731
     assert detector("faster_rcnn_cednet50_fpn") - detector("faster_rcnn_rednet50_cvolution_neck_fpn") == (
         backbone("cednet50") - backbone("rednet50"))
+
+
+@pytest.mark.parametrize("name, published", [
+    ("mask_rcnn_resnet50_fpn", 44.2e6),  # the seed's table: RedNet-50's 34.2M is 22.6% below it
+    ("mask_rcnn_rednet50_fpn", 34.2e6),
+    ("mask_rcnn_rednet50_neck_fpn", 32.2e6),
+    ("mask_rcnn_cednet50_fpn", 33.4e6),
+])
+def test_mask_rcnn_parameters_match_the_seed_table(name, published):
+    params = count.count(count.create_detector(name), count.DETECTOR_IMAGE)["params"]
+    assert abs(params - published) <= 0.02 * published, params
+
+
+def test_mask_head_adds_its_closed_form_parameters_and_macs():
+    """mmdet's FCNMaskHead with 80 classes: 4 conv 3x3 (256 -> 256, bias), a 2x2 stride-2 deconv, a
+    1x1 conv to 80 maps, run on the 100 detections at 14x14 (28x28 after the deconv)."""
+    faster = count.count(count.create_detector("faster_rcnn_resnet50_fpn"), count.DETECTOR_IMAGE)
+    mask = count.count(count.create_detector("mask_rcnn_resnet50_fpn"), count.DETECTOR_IMAGE)
+    assert mask["params"] - faster["params"] == 4 * (256 * 256 * 9 + 256) + (2 * 2 * 256 * 256 + 256) + (256 * 80 + 80)
+    per_roi = 4 * 14 * 14 * 256 * 256 * 9 + 14 * 14 * 2 * 2 * 256 * 256 + 28 * 28 * 256 * 80
+    assert mask["macs"] - faster["macs"] == 100 * per_roi

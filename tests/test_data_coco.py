@@ -458,3 +458,45 @@ def test_eval_pass_covers_every_image_once_with_equal_batch_counts(mixed):
             np.testing.assert_array_equal(
                 np.concatenate([per_process[0][t][key], per_process[1][t][key]]), batch[key], err_msg=key
             )
+
+
+def test_instance_masks_are_box_crops_of_the_segmentation_flipped_with_the_image(tmp_path):
+    # 40 x 60 image; a polygon triangle and an RLE disk, the disk's box poking past the right edge.
+    triangle = [[6.0, 4.0, 30.0, 4.0, 6.0, 30.0]]
+    yy, xx = np.mgrid[:40, :60]
+    disk = ((yy - 20) ** 2 + (xx - 52) ** 2 <= 81).astype(np.uint8)
+    rle = mask_utils.encode(np.asfortranarray(disk))
+    rle["counts"] = rle["counts"].decode("ascii")
+    path, image_dir = write_coco(tmp_path, [(1, 40, 60)], [
+        annotation(1, 1, 7, [6, 4, 24, 26], segmentation=triangle),
+        annotation(2, 1, 3, [43, 11, 20, 19], segmentation=rle),
+    ], CATEGORIES)
+    record = coco.load_coco(path, image_dir).records[0]
+    size = 16
+    plain = coco.Preprocess((30, 20), ((24, 32),), max_gt=3, mask_size=size)(record, None)
+    flipped = coco.Preprocess((30, 20), ((24, 32),), max_gt=3, flip_prob=1.0, mask_size=size)(record, np.random.default_rng(0))
+    full = [mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(triangle, 40, 60))), disk]
+    boxes = [(6, 4, 30, 30), (43, 11, 60, 30)]  # original pixels, the disk's clipped to the width 60
+    assert plain["masks"].shape == (3, size, size) and plain["masks"].dtype == np.uint8
+    for i, (mask, (x1, y1, x2, y2)) in enumerate(zip(full, boxes)):
+        # The crop samples the box at the centres of a size x size grid: nearest pixel by hand,
+        # away from the mask's edges where bilinear and nearest can differ.
+        ys = y1 + (np.arange(size) + 0.5) * (y2 - y1) / size
+        xs = x1 + (np.arange(size) + 0.5) * (x2 - x1) / size
+        nearest = mask[np.floor(ys).astype(int)][:, np.floor(xs).astype(int)]
+        inside = np.ones_like(nearest, bool)
+        for axis in (0, 1):
+            inside &= np.diff(nearest, axis=axis, prepend=np.take(nearest, [0], axis)) == 0
+            inside &= np.diff(nearest, axis=axis, append=np.take(nearest, [-1], axis)) == 0
+        assert inside.mean() > 0.6
+        np.testing.assert_array_equal(plain["masks"][i][inside], nearest[inside])
+        np.testing.assert_array_equal(flipped["masks"][i], plain["masks"][i][:, ::-1])
+    assert not plain["masks"][2].any()
+    assert "masks" not in coco.Preprocess((30, 20), ((24, 32),), max_gt=3)(record, None)
+
+
+def test_instance_masks_need_a_segmentation(tmp_path):
+    path, image_dir = write_coco(tmp_path, [(1, 20, 20)], [annotation(1, 1, 7, [2, 2, 8, 8])], CATEGORIES)
+    record = coco.load_coco(path, image_dir).records[0]
+    with pytest.raises(ValueError, match="no 'segmentation'.*mask_size=0"):
+        coco.Preprocess((20, 20), ((20, 20),), max_gt=2, mask_size=8)(record, None)

@@ -28,7 +28,8 @@ def tiny_config(data_dir):
     config.model.fc_dim = 32
     config.model.settings = {"anchor_scale": 4.0, "train_nms_pre": 50, "train_proposals": 32, "rcnn_samples": 16,
                              "test_nms_pre": 50, "test_proposals": 32, "detections_nms_pre": 64}
-    config.data.update(data_dir=str(data_dir), num_train=16, num_val=6, image_size=64, scale=(64, 64), buckets=((64, 64),))
+    config.data.update(data_dir=str(data_dir), num_train=16, num_val=6, image_size=64, scale=(64, 64), buckets=((64, 64),),
+                       mask_size=28)
     config.batch_size = 4
     config.num_train_steps = 6
     config.eval_every_steps = 6
@@ -46,17 +47,18 @@ def trained(tmp_path_factory):
 
 def test_training_writes_checkpoint_metrics_detections_and_pictures(trained):
     config, workdir, metrics = trained
-    assert set(metrics) >= {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100"}
-    assert all(-1 <= metrics[k] <= 1 for k in ("AP", "AP50", "AR100"))
+    assert set(metrics) >= {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "segm_AP", "segm_AR100"}
+    assert all(-1 <= metrics[k] <= 1 for k in ("AP", "AP50", "AR100", "segm_AP", "segm_AP50"))
     assert checkpoint.Checkpointer(str(workdir / "checkpoints")).all_steps() == [6]
     detections = json.loads((workdir / "eval_6" / "detections.json").read_text())
-    assert all(set(d) == {"image_id", "category_id", "bbox", "score"} for d in detections)
+    assert all(set(d) == {"image_id", "category_id", "bbox", "score", "segmentation"} for d in detections)
+    assert all(d["segmentation"]["size"] == [64, 64] for d in detections)
     assert {d["category_id"] for d in detections} <= {1, 2, 3}
     assert len(list((workdir / "eval_6").glob("*.png"))) == 2
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["split"] == "train"]
     assert [r["step"] for r in train] == [3, 6]
-    assert all(np.isfinite(r[k]) for r in train for k in ("loss", "rpn_cls", "rpn_reg", "rcnn_cls", "rcnn_reg"))
+    assert all(np.isfinite(r[k]) for r in train for k in ("loss", "rpn_cls", "rpn_reg", "rcnn_cls", "rcnn_reg", "rcnn_mask"))
     assert (workdir / "curves.png").exists()
 
 
@@ -106,7 +108,7 @@ def test_a_different_backbone_checkpoint_is_refused_by_name(tmp_path):
         loop.load_pretrained(variables, str(tmp_path / "imagenet"))
 
 
-DETECTION_CONFIGS = [p for p in CONFIGS if os.path.basename(p).startswith(("coco", "faster_rcnn"))]
+DETECTION_CONFIGS = [p for p in CONFIGS if os.path.basename(p).startswith(("coco", "faster_rcnn", "mask_rcnn", "nuclei"))]
 
 
 @pytest.mark.parametrize("path", DETECTION_CONFIGS, ids=os.path.basename)
@@ -115,8 +117,10 @@ def test_every_detection_config_loads_and_states_its_command(path):
     assert config.model.backbone in models.names()
     assert "python -m experiments.coco --config experiments/configs/" + os.path.basename(path) in open(path).read()
     name = os.path.basename(path)[: -len("_1x.py")]
-    if name.startswith("faster_rcnn"):
-        assert count.DETECTORS[name] == (config.model.backbone, config.model.neck_op)
+    if name.startswith(("faster_rcnn", "mask_rcnn")):
+        assert config.model.detector == name.split("_rcnn")[0] + "_rcnn"
+        ops = (config.model.neck_op, config.model.rpn_op) + ((config.model.mask_op,) if name.startswith("mask") else ())
+        assert count.DETECTORS[name] == (config.model.backbone, *ops[:2]) and len(set(ops[1:])) == 1
         assert (config.batch_size, config.base_lr, config.num_epochs, tuple(config.lr_decay_epochs)) == (16, 0.02, 12.0, (8, 11))
         assert (config.warmup_steps, config.warmup_factor, config.momentum, config.weight_decay) == (500, 0.001, 0.9, 1e-4)
         assert (tuple(config.data.scale), config.data.flip_prob, config.model.frozen_stages, config.model.norm_eval) == ((1333, 800), 0.5, 1, True)
@@ -125,4 +129,4 @@ def test_every_detection_config_loads_and_states_its_command(path):
 @pytest.mark.slow  # about 8 minutes on 2 CPU cores
 def test_the_default_reaches_its_targets_on_held_out_shapes(tmp_path):
     metrics = loop.train_and_evaluate(coco_default.get_config(), str(tmp_path))
-    assert metrics["AP50"] >= 0.8 and metrics["AP"] >= 0.4, metrics
+    assert metrics["AP50"] >= 0.8 and metrics["AP"] >= 0.4 and metrics["segm_AP"] >= 0.4, metrics

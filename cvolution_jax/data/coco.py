@@ -44,12 +44,14 @@ from PIL import Image
 
 from cvolution_jax.data import transforms
 from cvolution_jax.data.pipeline import to_iter_dataset
+from cvolution_jax.detection import masks as masks_lib
 
 log = logging.getLogger(__name__)
 
 # One batch: {"image": float32 [b, H, W, 3], "image_size": int32 [b, 2], "scale": float32 [b, 2],
 # "image_id": int32 [b], "boxes": float32 [b, G, 4], "labels": int32 [b, G],
-# "gt_valid": bool [b, G], "mask": float32 [b], "flipped": bool [b]}.
+# "gt_valid": bool [b, G], "mask": float32 [b], "flipped": bool [b]}, and with `mask_size` M > 0
+# "masks": uint8 [b, G, M, M] (each ground truth's instance mask cropped to its box).
 Batch = dict[str, np.ndarray]
 
 SKIP_CROWD = "crowd"
@@ -296,7 +298,10 @@ def choose_bucket(height: int, width: int, buckets: Sequence[tuple[int, int]]) -
 class Preprocess:
     """(record, rng) -> one example: {"image": float32 [H, W, 3], "image_size": int32 [2],
     "scale": float32 [2], "image_id": int32 [], "boxes": float32 [G, 4], "labels": int32 [G],
-    "gt_valid": bool [G], "mask": float32 [], "flipped": bool []} for its bucket (H, W).
+    "gt_valid": bool [G], "mask": float32 [], "flipped": bool []} for its bucket (H, W), plus
+    "masks": uint8 [G, M, M] when `mask_size` M > 0: each object's segmentation (polygons or RLE,
+    decoded by pycocotools) cropped to its box on an M x M grid (`masks.crop_mask`), flipped with
+    the image, 1 where the crop is >= 0.5.
 
     `rng` is a `np.random.Generator` for training (flip with it) and None for evaluation.
     A module-level dataclass so grain's workers can unpickle it.
@@ -306,6 +311,7 @@ class Preprocess:
     buckets: tuple[tuple[int, int], ...]
     max_gt: int
     flip_prob: float = 0.0
+    mask_size: int = 0
 
     def __call__(self, record: CocoRecord, rng: np.random.Generator | None) -> Batch:
         try:
@@ -327,15 +333,18 @@ class Preprocess:
         pixels = np.asarray(image)
 
         factors = np.asarray([new_width / record.width, new_height / record.height], np.float32)
-        boxes = record.boxes[:self.max_gt] * np.tile(factors, 2)
-        # Annotated boxes may poke past the image border; mmdet clips them after resizing too.
-        boxes = np.clip(boxes, 0, np.asarray([new_width, new_height] * 2, np.float32))
+        # Annotated boxes may poke past the image border; mmdet clips them after resizing too
+        # (clipping first is the same, and gives the boxes the masks are cropped to).
+        original = np.clip(record.boxes[:self.max_gt], 0, np.asarray([record.width, record.height] * 2, np.float32))
+        boxes = original * np.tile(factors, 2)
+        crops = self._crops(record, original) if self.mask_size > 0 else None
         flipped = rng is not None and rng.random() < self.flip_prob
         if flipped:
             pixels = pixels[:, ::-1]
             boxes = np.stack([new_width - boxes[:, 2], boxes[:, 1], new_width - boxes[:, 0], boxes[:, 3]], axis=1)
+            crops = crops[:, :, ::-1] if crops is not None else None
 
-        out = _empty_example(self.buckets[bucket], self.max_gt)
+        out = _empty_example(self.buckets[bucket], self.max_gt, self.mask_size)
         out["image"][:new_height, :new_width] = transforms.normalize(
             pixels, transforms.IMAGENET_MEAN, transforms.IMAGENET_STD
         )
@@ -343,6 +352,8 @@ class Preprocess:
         out["boxes"][:n] = boxes
         out["labels"][:n] = record.labels[:self.max_gt]
         out["gt_valid"][:n] = True
+        if crops is not None:
+            out["masks"][:n] = crops
         out["image_size"][:] = (new_height, new_width)
         out["scale"][:] = (new_height / record.height, new_width / record.width)
         out["image_id"] = np.int32(record.image_id)
@@ -350,10 +361,29 @@ class Preprocess:
         out["flipped"] = np.bool_(flipped)
         return out
 
+    def _crops(self, record: CocoRecord, boxes: np.ndarray) -> np.ndarray:
+        """uint8 [n, M, M]: the first n objects' masks cropped to `boxes` (original pixels)."""
+        crops = np.zeros((len(boxes), self.mask_size, self.mask_size), np.uint8)
+        for i, (segmentation, box) in enumerate(zip(record.segmentations, boxes)):
+            if segmentation is None:
+                raise ValueError(
+                    f"Image {record.path} (COCO image id {record.image_id}): object {i} has no 'segmentation', "
+                    f"but Mask R-CNN needs an instance mask per object (config.data.mask_size > 0). Use an "
+                    f"instances file with segmentations, or set data.mask_size=0 to train boxes only.")
+            try:
+                full = masks_lib.decode_segmentation(segmentation, record.height, record.width)
+            except Exception as error:
+                raise ValueError(
+                    f"Image {record.path} (COCO image id {record.image_id}): cannot decode the segmentation of "
+                    f"object {i} at {record.height}x{record.width}: {error}") from error
+            crops[i] = masks_lib.crop_mask(full, box, self.mask_size) >= 0.5
+        return crops
 
-def _empty_example(bucket: tuple[int, int], max_gt: int) -> Batch:
+
+def _empty_example(bucket: tuple[int, int], max_gt: int, mask_size: int = 0) -> Batch:
     """A padding slot: zero image, image_id -1, labels -1, mask 0 (scale 1 so dividing is safe)."""
-    return {
+    masks = {"masks": np.zeros((max_gt, mask_size, mask_size), np.uint8)} if mask_size > 0 else {}
+    return {**masks,
         "image": np.zeros((*bucket, 3), np.float32),
         "image_size": np.zeros(2, np.int32),
         "scale": np.ones(2, np.float32),
@@ -393,7 +423,7 @@ def _bucket_indices(dataset: CocoDataset, scale, buckets) -> np.ndarray:
 
 
 def _layout(
-    dataset, *, batch_size, scale, buckets, max_gt, process_index, process_count, num_threads, num_workers
+    dataset, *, batch_size, scale, buckets, max_gt, process_index, process_count, num_threads, num_workers, mask_size
 ) -> tuple[tuple[int, int], tuple[tuple[int, int], ...], np.ndarray]:
     """Checks a stream's options; returns `(scale, buckets)` as int tuples and each record's bucket."""
     buckets = tuple(tuple(int(s) for s in b) for b in buckets)
@@ -407,6 +437,8 @@ def _layout(
         raise ValueError(f"buckets must be a non-empty sequence of (H, W) with positive sizes, got {buckets!r}.")
     if max_gt < 1:
         raise ValueError(f"max_gt must be >= 1, got {max_gt}.")
+    if mask_size < 0:
+        raise ValueError(f"mask_size must be >= 0 (0: no instance masks), got {mask_size}.")
     if num_workers < 0 or num_threads < 1:
         raise ValueError(f"num_workers must be >= 0 and num_threads >= 1, got {num_workers} and {num_threads}.")
     truncated = [r for r in dataset.records if len(r.labels) > max_gt]
@@ -496,6 +528,7 @@ def train_stream(
     num_threads: int,
     num_workers: int,
     drop_empty: bool = True,
+    mask_size: int = 0,
 ) -> grain.IterDataset:
     """Infinite training batches: this process's slice of each global batch.
 
@@ -507,16 +540,18 @@ def train_stream(
 
     drop_empty: leave out images with no target boxes (none annotated, or all skipped), as
       mmdetection's filter_empty_gt does.
+    mask_size: M > 0 adds instance masks for Mask R-CNN (see `Preprocess`).
 
     Yields {"image": float32 [b, H, W, 3] normalised and zero padded, "image_size": int32 [b, 2]
     (h, w) of the resized image, "scale": float32 [b, 2] (new_h / h, new_w / w), "image_id":
     int32 [b], "boxes": float32 [b, G, 4] (x1, y1, x2, y2) in resized pixels, "labels": int32
     [b, G] (-1 in empty slots), "gt_valid": bool [b, G], "mask": float32 [b] (all 1 here),
-    "flipped": bool [b]}, with b = batch_size, G = max_gt and (H, W) the batch's bucket.
+    "flipped": bool [b]}, with b = batch_size, G = max_gt and (H, W) the batch's bucket, and
+    "masks": uint8 [b, G, M, M] when mask_size M > 0.
     """
     scale, buckets, bucket_of = _layout(
         dataset, batch_size=batch_size, scale=scale, buckets=buckets, max_gt=max_gt, process_index=process_index,
-        process_count=process_count, num_threads=num_threads, num_workers=num_workers,
+        process_count=process_count, num_threads=num_threads, num_workers=num_workers, mask_size=mask_size,
     )
     if not 0 <= flip_prob <= 1:
         raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}.")
@@ -526,7 +561,7 @@ def train_stream(
         [i for i, r in enumerate(dataset.records) if len(r.labels) or not drop_empty], np.int64
     )
     batches = _TrainBatches(
-        dataset, Preprocess(scale, buckets, max_gt, flip_prob), eligible, bucket_of, len(buckets),
+        dataset, Preprocess(scale, buckets, max_gt, flip_prob, mask_size), eligible, bucket_of, len(buckets),
         seed, batch_size, process_count, process_index,
     )
     if batches.batches_per_epoch == 0:
@@ -557,7 +592,8 @@ class _EvalBatch:
     def __call__(self, batch: int) -> Batch:
         bucket = self.preprocess.buckets[int(self.bucket_of_batch[batch])]
         rows = [
-            self.preprocess(self.records[int(i)], None) if i >= 0 else _empty_example(bucket, self.preprocess.max_gt)
+            self.preprocess(self.records[int(i)], None) if i >= 0
+            else _empty_example(bucket, self.preprocess.max_gt, self.preprocess.mask_size)
             for i in self.slots[batch]
         ]
         return _stack(rows)
@@ -574,6 +610,7 @@ def eval_pass(
     process_count: int,
     num_threads: int,
     num_workers: int,
+    mask_size: int = 0,
 ) -> grain.IterDataset:
     """One pass without augmentation: every image exactly once over all processes.
 
@@ -587,7 +624,7 @@ def eval_pass(
     """
     scale, buckets, bucket_of = _layout(
         dataset, batch_size=batch_size, scale=scale, buckets=buckets, max_gt=max_gt, process_index=process_index,
-        process_count=process_count, num_threads=num_threads, num_workers=num_workers,
+        process_count=process_count, num_threads=num_threads, num_workers=num_workers, mask_size=mask_size,
     )
     global_batch = batch_size * process_count
     groups, bucket_of_batch = [], []
@@ -601,7 +638,7 @@ def eval_pass(
     first = process_index * batch_size
     slots = np.concatenate(groups)[:, first:first + batch_size]
     batches = _EvalBatch(
-        dataset.records, Preprocess(scale, buckets, max_gt), slots, np.asarray(bucket_of_batch, np.int32)
+        dataset.records, Preprocess(scale, buckets, max_gt, mask_size=mask_size), slots, np.asarray(bucket_of_batch, np.int32)
     )
     ds = grain.MapDataset.range(len(slots)).map(batches)
     return to_iter_dataset(ds, num_workers=num_workers, num_threads=num_threads)

@@ -127,7 +127,8 @@ def _info(split: str, num_images: int, image_size: int, seed: int) -> dict:
     }
 
 
-def _is_complete(annotation_file: str, image_dir: str, info: dict) -> bool:
+def is_complete(annotation_file: str, image_dir: str, info: dict) -> bool:
+    """Whether a split was written completely with content `info` (its JSON is written last)."""
     try:
         with open(annotation_file) as f:
             existing = json.load(f)
@@ -140,15 +141,38 @@ def _is_complete(annotation_file: str, image_dir: str, info: dict) -> bool:
 
 def _write_split(out_dir: str, split: str, num_images: int, image_size: int, seed: int) -> dict[str, str]:
     paths = split_paths(out_dir, split)
-    annotation_file, image_dir = paths["annotation_file"], paths["image_dir"]
     info = _info(split, num_images, image_size, seed)
-    if _is_complete(annotation_file, image_dir, info):
-        log.info("shapes %s: %s is up to date; nothing to write.", split, annotation_file)
+    if is_complete(paths["annotation_file"], paths["image_dir"], info):
+        log.info("shapes %s: %s is up to date; nothing to write.", split, paths["annotation_file"])
         return paths
 
-    # The annotation file is the completion marker: gone before anything else changes.
+    def examples():
+        for index in range(num_images):
+            pixels, objects = draw_image(image_size, np.random.default_rng((seed, SPLITS[split], index)))
+            yield pixels, {}, [(category_id, visible, {}) for category_id, visible, _ in objects]
+
+    categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CATEGORIES)]
+    content = write_split(out_dir, split, info, categories, examples())
+    log.info("shapes %s: wrote %d images, %d objects to %s.", split, len(content["images"]),
+             len(content["annotations"]), paths["image_dir"])
+    return paths
+
+
+def write_split(out_dir: str, split: str, info: dict, categories: list[dict], examples) -> dict:
+    """Writes one COCO split under `split_paths(out_dir, split)` so that a killed run is never taken
+    as complete; returns the annotation file's content.
+
+    `examples` yields `(pixels uint8 [H, W, 3], image_fields, objects)` per image, `objects` a list
+    of `(category_id, visible bool [H, W], annotation_fields)`; the fields are added to the
+    image's / annotation's dict (e.g. `iscrowd`). Images go to a temporary folder renamed into
+    place, and the annotation file (the completion marker, holding `info` for `is_complete`) is
+    removed first and written last, atomically.
+    """
+    paths = split_paths(out_dir, split)
+    annotation_file, image_dir = paths["annotation_file"], paths["image_dir"]
     if os.path.exists(annotation_file):
         os.remove(annotation_file)
+    os.makedirs(os.path.dirname(annotation_file), exist_ok=True)
     temp_dir = os.path.join(out_dir, f".{split}.tmp-{os.getpid()}")
     old_dir = os.path.join(out_dir, f".{split}.old-{os.getpid()}")
     for leftover in (temp_dir, old_dir):
@@ -157,15 +181,14 @@ def _write_split(out_dir: str, split: str, num_images: int, image_size: int, see
     os.makedirs(temp_dir)
 
     images, annotations = [], []
-    for index in range(num_images):
-        rng = np.random.default_rng((seed, SPLITS[split], index))
-        pixels, objects = draw_image(image_size, rng)
+    for index, (pixels, image_fields, objects) in enumerate(examples):
         file_name = f"{index:06d}.png"
         Image.fromarray(pixels).save(os.path.join(temp_dir, file_name))
         image_id = index + 1  # COCO ids start at 1
-        images.append({"id": image_id, "file_name": file_name, "height": image_size, "width": image_size})
-        for category_id, visible, _ in objects:
-            annotations.append(_annotation(len(annotations) + 1, image_id, category_id, visible))
+        images.append({"id": image_id, "file_name": file_name, "height": pixels.shape[0], "width": pixels.shape[1],
+                       **image_fields})
+        for category_id, visible, fields in objects:
+            annotations.append({**instance_annotation(len(annotations) + 1, image_id, category_id, visible), **fields})
 
     if os.path.exists(image_dir):
         os.rename(image_dir, old_dir)
@@ -173,22 +196,13 @@ def _write_split(out_dir: str, split: str, num_images: int, image_size: int, see
     if os.path.exists(old_dir):
         shutil.rmtree(old_dir)
 
-    dataset = {
-        "info": info,
-        "licenses": [],
-        "images": images,
-        "annotations": annotations,
-        "categories": [
-            {"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CATEGORIES)
-        ],
-    }
+    content = {"info": info, "licenses": [], "images": images, "annotations": annotations, "categories": categories}
     with atomic_open(annotation_file) as f:
-        json.dump(dataset, f, separators=(",", ":"))
-    log.info("shapes %s: wrote %d images, %d objects to %s.", split, len(images), len(annotations), image_dir)
-    return paths
+        json.dump(content, f, separators=(",", ":"))
+    return content
 
 
-def _annotation(annotation_id: int, image_id: int, category_id: int, visible: np.ndarray) -> dict:
+def instance_annotation(annotation_id: int, image_id: int, category_id: int, visible: np.ndarray) -> dict:
     """COCO annotation of a visible mask (bool [H, W]): compressed RLE, area, tight xywh box."""
     rle = mask_utils.encode(np.asfortranarray(visible.astype(np.uint8)))
     rows = np.flatnonzero(visible.any(axis=1))
@@ -355,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # grain installs a root handler
     paths = write_shapes(
         args.out, num_train=args.num_train, num_val=args.num_val, image_size=args.image_size, seed=args.seed
     )

@@ -32,6 +32,7 @@ import os
 
 import numpy as np
 
+from cvolution_jax.detection import masks as masks_lib
 from cvolution_jax.files import atomic_open
 
 DEFAULT_MAX_DETS = (1, 10, 100)
@@ -49,7 +50,8 @@ def _import_pycocotools():
     return coco, cocoeval, mask
 
 
-def to_coco_results(image_ids, boxes, scores, labels, valid, scale, category_ids):
+def to_coco_results(image_ids, boxes, scores, labels, valid, scale, category_ids, masks=None, image_shapes=None,
+                    mask_threshold=0.5):
     """Detections of a padded, static-shape batch -> a list of COCO result dicts.
 
     Args:
@@ -61,11 +63,16 @@ def to_coco_results(image_ids, boxes, scores, labels, valid, scale, category_ids
       scale: ``[B, 2]`` ``(new_h / h, new_w / w)`` of each image's resize; boxes are divided by
         it per axis to get original-image pixels.
       category_ids: sequence mapping contiguous label -> COCO category id.
+      masks: optional ``[B, D, m, m]`` mask probabilities of each detection over its box (Mask
+        R-CNN); each is pasted into its original image (``masks.paste_masks``, binarised at
+        ``mask_threshold``) and RLE encoded as the result's ``"segmentation"``.
+      image_shapes: ``[B, 2]`` original ``(height, width)`` of each image; needed with ``masks``.
 
     Returns:
       A list of ``{"image_id": int, "category_id": int, "bbox": [x, y, w, h], "score": float}``
-      with Python numbers only (JSON-serialisable), in batch order, then slot order. Boxes are
-      not clipped: the detector clips to the resized image already.
+      (plus ``"segmentation"`` with ``masks``) with Python numbers only (JSON-serialisable), in
+      batch order, then slot order. Boxes are not clipped: the detector clips to the resized
+      image already.
     """
     image_ids = np.asarray(image_ids)
     boxes = np.asarray(boxes, np.float64)
@@ -144,7 +151,33 @@ def to_coco_results(image_ids, boxes, scores, labels, valid, scale, category_ids
             "bbox": [float(v) for v in xywh[b, d]],
             "score": float(scores[b, d]),
         })
+    if masks is not None:
+        _add_segmentations(results, keep, original, masks, image_shapes, mask_threshold)
     return results
+
+
+def _add_segmentations(results, keep, original_boxes, masks, image_shapes, threshold):
+    """Adds each kept detection's pasted, RLE-encoded mask to ``results`` (in ``keep``'s order)."""
+    masks = np.asarray(masks, np.float32)
+    if masks.ndim != 4 or masks.shape[:2] != keep.shape or masks.shape[2] != masks.shape[3]:
+        raise ValueError(
+            f"masks must have shape [B, D, m, m] = [{keep.shape[0]}, {keep.shape[1]}, m, m] (one mask per "
+            f"detection slot); got {masks.shape}.")
+    if image_shapes is None or np.shape(image_shapes) != (keep.shape[0], 2):
+        raise ValueError(
+            f"image_shapes must be [B, 2] = [{keep.shape[0]}, 2] original (height, width) per image to paste "
+            f"masks into; got {None if image_shapes is None else np.shape(image_shapes)}.")
+    image_shapes = np.asarray(image_shapes).astype(int)
+    index = 0
+    for b in range(keep.shape[0]):
+        slots = np.flatnonzero(keep[b])
+        if not len(slots):
+            continue
+        height, width = image_shapes[b]
+        pasted = masks_lib.paste_masks(masks[b, slots], original_boxes[b, slots], height, width, threshold)
+        for rle in masks_to_rle(pasted):
+            results[index]["segmentation"] = rle
+            index += 1
 
 
 def masks_to_rle(masks):

@@ -30,6 +30,9 @@ from cvolution_jax.detection import roi_align, roi_head, rpn
 from cvolution_jax.detection.fpn import FPN
 
 
+LOSSES = ("rpn_cls", "rpn_reg", "rcnn_cls", "rcnn_reg")  # summed into the training loss
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """The detector's training and test settings; the defaults are mmdet v2's Faster R-CNN 1x."""
@@ -55,6 +58,12 @@ class Settings:
     nms_iou: float = 0.5
     max_detections: int = 100
     detections_nms_pre: int = 1000  # (RoI, class) candidates entering the final NMS
+    # Mask R-CNN only: RoIAlign size of the mask head (its masks are twice that), the probability
+    # at which a pasted mask is binarised (mmdet's mask_thr_binary), and a cap on the positive RoIs
+    # per image the mask head trains on (0: all of them, as mmdet; a random subset otherwise).
+    mask_roi_size: int = 14
+    mask_threshold: float = 0.5
+    mask_rois: int = 0
 
 
 class FasterRCNN(nn.Module):
@@ -83,6 +92,8 @@ class FasterRCNN(nn.Module):
     settings: Settings = Settings()
     norm_eval: bool = True
     dtype: Any = jnp.float32
+
+    loss_names = LOSSES  # the losses summed into the training objective (a class constant)
 
     def setup(self):
         self.neck = FPN(self.channels, self.neck_op, op_kwargs=self.op_kwargs, dtype=self.dtype)
@@ -117,6 +128,10 @@ class FasterRCNN(nn.Module):
     def __call__(self, batch):
         """Detections ``{"boxes" [B, D, 4], "scores" [B, D], "labels" [B, D], "valid" [B, D]}``
         in the resized image's pixels (D = ``settings.max_detections``)."""
+        return self.detect(batch)[1]
+
+    def detect(self, batch):
+        """``(FPN levels, detections)``: what ``__call__`` returns, with the features it came from."""
         s = self.settings
         levels = self._levels(batch["image"], train=False)
         logits, deltas = self.rpn_head(levels, train=False)
@@ -126,10 +141,14 @@ class FasterRCNN(nn.Module):
         detect = lambda lg, dl, r, v, size: roi_head.detections(  # noqa: E731
             lg, dl, r, v, size, score_threshold=s.score_threshold, iou_threshold=s.nms_iou,
             max_detections=s.max_detections, nms_pre=s.detections_nms_pre)
-        return jax.vmap(detect)(cls_logits, box_deltas, rois, roi_valid, batch["image_size"])
+        return levels, jax.vmap(detect)(cls_logits, box_deltas, rois, roi_valid, batch["image_size"])
 
     def losses(self, batch, key):
-        """The four training losses and the R-CNN's sampled accuracy, as a dict of scalars."""
+        """The training losses (`LOSSES`) and the R-CNN's sampled accuracy, as a dict of scalars."""
+        return self.detector_losses(batch, key)[0]
+
+    def detector_losses(self, batch, key):
+        """``(losses, FPN levels, R-CNN targets)``: ``losses``' dict with what it was computed from."""
         s = self.settings
         rpn_key, rcnn_key = jax.random.split(key)
         batch_size = batch["image"].shape[0]
@@ -151,11 +170,9 @@ class FasterRCNN(nn.Module):
             batch["gt_valid"])
         cls_logits, box_deltas = self._box_head(levels, target["rois"])
         rcnn_cls, rcnn_reg, accuracy = roi_head.loss(cls_logits, box_deltas, target)
-        return {"rpn_cls": rpn_cls, "rpn_reg": rpn_reg, "rcnn_cls": rcnn_cls, "rcnn_reg": rcnn_reg,
-                "rcnn_accuracy": accuracy}
-
-
-LOSSES = ("rpn_cls", "rpn_reg", "rcnn_cls", "rcnn_reg")
+        losses = {"rpn_cls": rpn_cls, "rpn_reg": rpn_reg, "rcnn_cls": rcnn_cls, "rcnn_reg": rcnn_reg,
+                  "rcnn_accuracy": accuracy}
+        return losses, levels, target
 
 
 def frozen(path: Sequence[str], frozen_stages: int) -> bool:

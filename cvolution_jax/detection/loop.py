@@ -3,9 +3,10 @@
 The same machinery as image classification (`cvolution_jax.train`): data parallel over a mesh of
 every device, orbax checkpoints of the state and the data iterator (a rerun resumes; SIGTERM
 saves and returns), metrics as JSONL and TensorBoard. What differs is the model
-(`FasterRCNN`), the optimizer (mmdet's SGD with linear warm-up and step decay, stem and first
-stage frozen) and evaluation: pycocotools' COCOeval on the detections of the whole eval split,
-whose 12-number summary is printed and whose detections are written as COCO results JSON.
+(`FasterRCNN` or `MaskRCNN`, by `config.model.detector`), the optimizer (mmdet's SGD with linear
+warm-up and step decay, stem and first stage frozen) and evaluation: pycocotools' COCOeval on the
+detections of the whole eval split, whose 12-number bbox summary (and for Mask R-CNN the segm one,
+its numbers named `segm_AP` ...) is printed and whose detections are written as COCO results JSON.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ import optax
 from jax.experimental import multihost_utils
 
 from cvolution_jax import models
-from cvolution_jax.data import coco, shapes
-from cvolution_jax.detection import evaluation, visualize
-from cvolution_jax.detection.faster_rcnn import LOSSES, FasterRCNN, Settings, frozen
+from cvolution_jax.data import coco, nuclei, shapes
+from cvolution_jax.detection import evaluation, masks, visualize
+from cvolution_jax.detection.faster_rcnn import FasterRCNN, Settings, frozen
+from cvolution_jax.detection.mask_rcnn import MaskRCNN
 from cvolution_jax.train import checkpoint, steps
 from cvolution_jax.train.loop import DTYPES, DataMesh, fit, report, save_config
 from cvolution_jax.train.metrics import MetricWriter, plot_curves
@@ -33,7 +35,9 @@ from cvolution_jax.train.metrics import MetricWriter, plot_curves
 log = logging.getLogger(__name__)
 
 # Right panel of curves.png: the R-CNN's accuracy on its sampled RoIs and the eval AP.
-CURVES = (("train", "rcnn_accuracy", "train R-CNN accuracy"), ("eval", "AP", "eval AP"), ("eval", "AP50", "eval AP50"))
+CURVES = (("train", "rcnn_accuracy", "train R-CNN accuracy"), ("eval", "AP", "eval AP"), ("eval", "AP50", "eval AP50"),
+          ("eval", "segm_AP", "eval segm AP"))
+DETECTORS = {"faster_rcnn": FasterRCNN, "mask_rcnn": MaskRCNN}
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -43,40 +47,54 @@ def dataset_paths(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
     """`{"train": {"annotation_file", "image_dir"}, "val": {...}}` of `config.data` (`load_coco`'s arguments).
 
     "shapes" writes the synthetic dataset on first use (into `data.data_dir`, default
-    `<workdir>/shapes`); "coco" reads COCO 2017's layout under `data.data_dir` unless
-    `data.{train,val}_annotations` / `data.{train,val}_images` name the files.
+    `<workdir>/shapes`), "nuclei" the real nuclei sample (`cvolution_jax.data.nuclei`, default
+    `<workdir>/nuclei`, from the stardist wheel `data.wheel` or one pip downloads); "coco" reads
+    COCO 2017's layout under `data.data_dir` unless `data.{train,val}_annotations` /
+    `data.{train,val}_images` name the files.
     """
     cfg = config.data
-    if cfg.name == "shapes":
-        root = cfg.data_dir or os.path.join(workdir, "shapes")
+    if cfg.name in ("shapes", "nuclei"):
+        root = cfg.data_dir or os.path.join(workdir, cfg.name)
         if jax.process_index() == 0:
-            shapes.write_shapes(root, num_train=cfg.num_train, num_val=cfg.num_val, image_size=cfg.image_size,
-                                seed=cfg.shapes_seed)
-        multihost_utils.sync_global_devices("shapes dataset written")
+            if cfg.name == "shapes":
+                shapes.write_shapes(root, num_train=cfg.num_train, num_val=cfg.num_val, image_size=cfg.image_size,
+                                    seed=cfg.shapes_seed)
+            else:
+                nuclei.write_nuclei(root, wheel=cfg.wheel or None)
+        multihost_utils.sync_global_devices(f"{cfg.name} dataset written")
         return {split: shapes.split_paths(root, split) for split in ("train", "val")}
     if cfg.name == "coco":
         return {split: {
             "annotation_file": cfg.get(f"{split}_annotations") or os.path.join(cfg.data_dir, "annotations", f"instances_{split}2017.json"),
             "image_dir": cfg.get(f"{split}_images") or os.path.join(cfg.data_dir, f"{split}2017"),
         } for split in ("train", "val")}
-    raise ValueError(f"config.data.name must be 'coco' or 'shapes' for detection; got {cfg.name!r}.")
+    raise ValueError(f"config.data.name must be 'coco', 'shapes' or 'nuclei' for detection; got {cfg.name!r}.")
 
 
 def _stream_args(config, mesh: DataMesh) -> dict:
     cfg = config.data
+    # Only Mask R-CNN reads instance masks; Faster R-CNN does not pay for decoding them.
+    mask_size = cfg.mask_size if config.model.detector == "mask_rcnn" else 0
     return dict(batch_size=mesh.per_process, scale=cfg.scale, buckets=cfg.buckets,
                 max_gt=cfg.max_gt, process_index=jax.process_index(), process_count=jax.process_count(),
-                num_threads=cfg.num_threads, num_workers=cfg.num_workers)
+                num_threads=cfg.num_threads, num_workers=cfg.num_workers, mask_size=mask_size)
 
 
 # ---------------------------------------------------------------------------------- model, optim
 
 
 def create_detector(config: ml_collections.ConfigDict, num_classes: int) -> FasterRCNN:
-    """The detector of `config.model`: a registry backbone plus FPN, RPN and box head."""
+    """The detector of `config.model`: a registry backbone plus FPN, RPN and box head (and for
+    `detector="mask_rcnn"` the mask head)."""
     if config.dtype not in DTYPES:
         raise ValueError(f"config.dtype must be one of {sorted(DTYPES)}; got {config.dtype!r}.")
     cfg = config.model
+    if cfg.detector not in DETECTORS:
+        raise ValueError(f"config.model.detector must be one of {sorted(DETECTORS)}; got {cfg.detector!r}.")
+    if cfg.detector == "mask_rcnn" and config.data.mask_size <= 0:
+        raise ValueError(
+            f"config.data.mask_size is {config.data.mask_size}, but Mask R-CNN trains on instance masks cropped "
+            f"to M x M per object; set it > 0 (56 in the Mask R-CNN configs).")
     dtype = DTYPES[config.dtype]
     unknown = sorted(set(cfg.settings) - set(Settings.__dataclass_fields__))
     if unknown:
@@ -84,9 +102,11 @@ def create_detector(config: ml_collections.ConfigDict, num_classes: int) -> Fast
     settings = Settings(**{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in cfg.settings.items()})
     op_kwargs = tuple(sorted(dict(cfg.op_kwargs).items()))
     backbone = models.create(cfg.backbone, num_classes=1, dtype=dtype, **dict(cfg.backbone_overrides))
-    return FasterRCNN(backbone=backbone, num_classes=num_classes, neck_op=cfg.neck_op, rpn_op=cfg.rpn_op,
-                      channels=cfg.channels, fc_dim=cfg.fc_dim, op_kwargs=op_kwargs, settings=settings,
-                      norm_eval=cfg.norm_eval, dtype=dtype)
+    extra = ({"mask_op": cfg.mask_op, "mask_convs": cfg.mask_convs, "mask_channels": cfg.mask_channels}
+             if cfg.detector == "mask_rcnn" else {})
+    return DETECTORS[cfg.detector](
+        backbone=backbone, num_classes=num_classes, neck_op=cfg.neck_op, rpn_op=cfg.rpn_op, channels=cfg.channels,
+        fc_dim=cfg.fc_dim, op_kwargs=op_kwargs, settings=settings, norm_eval=cfg.norm_eval, dtype=dtype, **extra)
 
 
 def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
@@ -149,16 +169,17 @@ def load_pretrained(variables: dict, path: str, step: int | None = None) -> dict
 # -------------------------------------------------------------------------------------- steps
 
 
-def train_step(state: steps.TrainState, batch, key, frozen_stages: int):
-    """One SGD step; returns the new state and the losses (plus `loss`, `param_norm`)."""
+def train_step(state: steps.TrainState, batch, key, frozen_stages: int, loss_names: tuple[str, ...]):
+    """One SGD step; returns the new state and the losses (plus `loss`, the sum of `loss_names`,
+    and `param_norm`)."""
     mask = frozen_mask(state.params, frozen_stages)
 
     def loss_fn(params):
         # No gradient reaches frozen parameters, so XLA drops their backward computation.
         params = jax.tree.map(lambda p, m: jax.lax.stop_gradient(p) if m == "frozen" else p, params, mask)
         losses, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, batch, key,
-                                         method=FasterRCNN.losses, mutable=["batch_stats"])
-        return sum(losses[k] for k in LOSSES), (losses, updates)
+                                         method="losses", mutable=["batch_stats"])
+        return sum(losses[k] for k in loss_names), (losses, updates)
 
     (loss, (losses, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     state = state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"])
@@ -199,46 +220,62 @@ class _Run:
 
 
 def run_eval(run: _Run, state, workdir: str, step: int, vis: int = 0) -> dict:
-    """COCO bbox metrics of `state` on the whole eval split; writes the detections JSON (and
-    `vis` pictures) under `<workdir>/eval_<step>/`."""
+    """COCO bbox (and for Mask R-CNN segm) metrics of `state` on the whole eval split; writes the
+    detections JSON (and `vis` pictures) under `<workdir>/eval_<step>/`."""
     predict = jax.jit(predict_step)
-    dataset = run.eval_data
+    dataset, settings = run.eval_data, run.model.settings
+    shape_of = {r.image_id: (r.height, r.width) for r in dataset.records}
+    with_masks = isinstance(run.model, MaskRCNN)
     results, drawn = [], 0
     out_dir = os.path.join(workdir, f"eval_{step}")
-    keys = ("image_id", "scale", "image_size", "boxes", "labels", "gt_valid")
+    keys = ("image_id", "scale", "image_size", "boxes", "labels", "gt_valid") + (("masks",) if with_masks else ())
     for batch in coco.eval_pass(dataset, **_stream_args(run.config, run.mesh)):
         dets = predict(state, run.mesh.shard({k: batch[k] for k in ("image", "image_size")}))
-        dets = multihost_utils.process_allgather(dets, tiled=True)
+        dets = jax.tree.map(np.asarray, multihost_utils.process_allgather(dets, tiled=True))
         host = multihost_utils.process_allgather({k: batch[k] for k in keys}, tiled=True)
+        shapes = np.asarray([shape_of.get(int(i), (1, 1)) for i in host["image_id"]])  # (1, 1): padding slot
         results += evaluation.to_coco_results(host["image_id"], dets["boxes"], dets["scores"], dets["labels"],
-                                              dets["valid"], host["scale"], dataset.category_ids)
+                                              dets["valid"], host["scale"], dataset.category_ids,
+                                              masks=dets.get("masks"), image_shapes=shapes,
+                                              mask_threshold=settings.mask_threshold)
         if jax.process_index() == 0 and drawn < vis:
-            drawn += _draw(batch, dets, dataset, out_dir, vis - drawn)
+            drawn += _draw(batch, dets, dataset, out_dir, vis - drawn, settings.mask_threshold)
+    max_dets = tuple(run.config.eval_max_dets)
+    names = [(iou_type, prefix, evaluation.stat_names(max_dets))
+             for iou_type, prefix in (("bbox", ""), ("segm", "segm_"))[:2 if with_masks else 1]]
     metrics = {}
     if jax.process_index() == 0:
         evaluation.write_results(os.path.join(out_dir, "detections.json"), results)
-        metrics = evaluation.evaluate(dataset.annotation_file, results,
-                                      image_ids=[r.image_id for r in dataset.records])
-        report(metrics.pop("summary"))
+        for iou_type, prefix, _ in names:
+            stats = evaluation.evaluate(dataset.annotation_file, results, iou_type=iou_type, max_dets=max_dets,
+                                        image_ids=[r.image_id for r in dataset.records])
+            report(f"COCO {iou_type} evaluation:\n" + stats.pop("summary"))
+            metrics.update({prefix + k: v for k, v in stats.items()})
     # Every process gets process 0's numbers: each one's checkpoint manager ranks checkpoints by AP.
-    keys = evaluation.stat_names()
+    keys = [prefix + k for _, prefix, stat_keys in names for k in stat_keys]
     values = np.asarray([metrics.get(k, 0.0) for k in keys], np.float64)
     if jax.process_count() > 1:
         values = np.asarray(multihost_utils.broadcast_one_to_all(values))
     return {k: float(v) for k, v in zip(keys, values)}
 
 
-def _draw(batch, dets, dataset, out_dir, limit: int) -> int:
+def _draw(batch, dets, dataset, out_dir, limit: int, mask_threshold: float) -> int:
     drawn = 0
     for i in range(len(batch["image_id"])):
         if drawn == limit or batch["image_id"][i] < 0:
             continue
         picture = visualize.denormalize_image(batch["image"][i], batch["image_size"][i])
-        gt = batch["gt_valid"][i]
+        height, width = picture.shape[:2]
+        gt, valid = batch["gt_valid"][i], dets["valid"][i]
+        gt_masks = pred_masks = None
+        if "masks" in dets:  # both pasted into the resized image the picture shows
+            gt_masks = masks.paste_masks(batch["masks"][i][gt], batch["boxes"][i][gt], height, width)
+            pred_masks = masks.paste_masks(dets["masks"][i][valid], dets["boxes"][i][valid], height, width,
+                                           mask_threshold)
         visualize.draw_detections(
-            picture, batch["boxes"][i][gt], batch["labels"][i][gt], np.asarray(dets["boxes"][i])[dets["valid"][i]],
-            np.asarray(dets["labels"][i])[dets["valid"][i]], np.asarray(dets["scores"][i])[dets["valid"][i]],
-            dataset.category_names, os.path.join(out_dir, f"image_{int(batch['image_id'][i])}.png"))
+            picture, batch["boxes"][i][gt], batch["labels"][i][gt], dets["boxes"][i][valid], dets["labels"][i][valid],
+            dets["scores"][i][valid], dataset.category_names,
+            os.path.join(out_dir, f"image_{int(batch['image_id'][i])}.png"), gt_masks=gt_masks, masks=pred_masks)
         drawn += 1
     return drawn
 
@@ -253,7 +290,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, vis: int
     if ckpt.latest_step() is not None:
         state = ckpt.restore(state, data_iterator=train_iter)
         log.info("Resumed from %s at step %d.", ckpt.directory, int(state.step))
-    train_fn = jax.jit(functools.partial(train_step, frozen_stages=config.model.frozen_stages), donate_argnums=0)
+    train_fn = jax.jit(functools.partial(train_step, frozen_stages=config.model.frozen_stages,
+                                         loss_names=run.model.loss_names), donate_argnums=0)
     base_key = jax.random.key(config.seed + 1)
 
     def step_fn(state, batch, step):

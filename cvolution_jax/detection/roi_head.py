@@ -57,8 +57,9 @@ def targets(key, proposals, proposal_valid, gt_boxes, gt_labels, gt_valid, *, nu
 
     Returns:
       dict of ``rois [S, 4]``, ``labels [S]`` (``num_classes`` = background), ``deltas [S, 4]``
-      (zeros except for positives), ``is_pos [S]`` and ``sampled [S]`` (slot in use), S =
-      ``num_samples``.
+      (zeros except for positives), ``gt_index [S]`` (each RoI's matched ground truth, valid for
+      positives), ``is_pos [S]`` and ``sampled [S]`` (slot in use), S = ``num_samples``. Positives
+      fill the first slots (``assign.sample``).
     """
     # mmdet assigns the proposals alone, then prepends the ground truth as proposals matched to
     # themselves (``add_gt_as_proposals``).
@@ -74,6 +75,7 @@ def targets(key, proposals, proposal_valid, gt_boxes, gt_labels, gt_valid, *, nu
         "rois": jnp.where(sampled[:, None], rois, 0.0),
         "labels": jnp.where(is_pos, gt_labels[gt_index], num_classes),
         "deltas": coder.encode(rois, goals),
+        "gt_index": gt_index,
         "is_pos": is_pos,
         "sampled": sampled,
     }

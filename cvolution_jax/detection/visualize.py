@@ -63,7 +63,26 @@ def _check_boxes(name, boxes, labels, count_name):
     return boxes, labels.astype(np.int64)
 
 
-def _draw_panel(image, boxes, labels, texts):
+def _overlay(image, masks, labels, alpha=0.5):
+    """``image`` with each bool ``[H, W]`` mask filled in its class colour at ``alpha``."""
+    out = image.astype(np.float32)
+    for mask, label in zip(masks, labels):
+        out[mask] = (1 - alpha) * out[mask] + alpha * np.asarray(class_colour(label), np.float32)
+    return out.round().astype(np.uint8)
+
+
+def _check_masks(name, masks, count, image):
+    masks = np.asarray(masks, bool)
+    if masks.shape != (count, *image.shape[:2]):
+        raise ValueError(
+            f"{name} must be bool [N, H, W] = [{count}, {image.shape[0]}, {image.shape[1]}], one mask per box "
+            f"in the image's pixels; got {masks.shape}.")
+    return masks
+
+
+def _draw_panel(image, boxes, labels, texts, masks=None):
+    if masks is not None:
+        image = _overlay(image, masks, labels)
     panel = Image.fromarray(image, "RGB")
     draw = ImageDraw.Draw(panel)
     font = ImageFont.load_default()
@@ -85,7 +104,7 @@ def _draw_panel(image, boxes, labels, texts):
 
 
 def draw_detections(image, gt_boxes, gt_labels, boxes, labels, scores, class_names, path,
-                    score_threshold=0.3):
+                    score_threshold=0.3, gt_masks=None, masks=None):
     """Writes a PNG: ground truth (left) next to predictions (right) on ``image``; returns ``path``.
 
     Args:
@@ -98,6 +117,8 @@ def draw_detections(image, gt_boxes, gt_labels, boxes, labels, scores, class_nam
       scores: ``[D]`` predicted scores; predictions below ``score_threshold`` are not drawn.
       class_names: sequence, class index -> name.
       path: where to write the PNG (atomically: a temp file, then ``os.replace``).
+      gt_masks, masks: optional bool ``[G, H, W]`` / ``[D, H, W]`` instance masks in the pixels of
+        ``image``, filled in their box's colour (Mask R-CNN).
 
     The output is ``[H, 2W, 3]``. Colours are per class (``class_colour``), the same in both
     panels, so a wrong-class prediction shows as a different colour from its ground truth.
@@ -121,14 +142,21 @@ def draw_detections(image, gt_boxes, gt_labels, boxes, labels, scores, class_nam
                 f"{name} has class index {values.max()} but class_names holds {len(class_names)} "
                 "names; labels must be contiguous indices into class_names.")
 
+    if gt_masks is not None:
+        gt_masks = _check_masks("gt_masks", gt_masks, len(gt_boxes), image)
+    if masks is not None:
+        masks = _check_masks("masks", masks, len(boxes), image)
+
     gt_keep = gt_labels >= 0
     truth = _draw_panel(image, gt_boxes[gt_keep], gt_labels[gt_keep],
-                        [class_names[label] for label in gt_labels[gt_keep]])
+                        [class_names[label] for label in gt_labels[gt_keep]],
+                        None if gt_masks is None else gt_masks[gt_keep])
     keep = (labels >= 0) & (scores >= score_threshold)
     order = np.argsort(scores[keep], kind="stable")  # the best drawn last, on top
     predicted = _draw_panel(image, boxes[keep][order], labels[keep][order],
                             [f"{class_names[label]} {score:.2f}"
-                             for label, score in zip(labels[keep][order], scores[keep][order])])
+                             for label, score in zip(labels[keep][order], scores[keep][order])],
+                            None if masks is None else masks[keep][order])
 
     height, width = image.shape[:2]
     canvas = Image.new("RGB", (2 * width, height))

@@ -52,30 +52,39 @@ def imagenet(model: str) -> ml_collections.ConfigDict:
 
 # Box AP (COCO val2017, %) of the seed's Faster R-CNN 1x table and mmdetection's ResNet-50 baseline.
 PUBLISHED_BOX_AP = {"resnet50": 37.4, "rednet50": 39.5, "rednet50_neck": 40.2, "cednet50": 40.5}
+# (box AP, mask AP) of the seed's Mask R-CNN 1x table and mmdetection's ResNet-50 baseline.
+PUBLISHED_MASK_RCNN_AP = {"resnet50": (38.2, 34.7), "rednet50": (39.9, 35.7), "rednet50_neck": (40.8, 36.4),
+                          "cednet50": (41.0, 36.7)}
 
 
-def detection(backbone: str, neck_op: str = "conv") -> ml_collections.ConfigDict:
-    """Every field `cvolution_jax.detection.loop` reads, with mmdet's Faster R-CNN FPN 1x recipe on
-    COCO 2017 for registry backbone `backbone` and FPN output op `neck_op`."""
+def detection(backbone: str, neck_op: str = "conv", detector: str = "faster_rcnn",
+              head_op: str = "conv") -> ml_collections.ConfigDict:
+    """Every field `cvolution_jax.detection.loop` reads, with mmdet's Faster R-CNN (or Mask R-CNN)
+    FPN 1x recipe on COCO 2017 for registry backbone `backbone`, FPN output op `neck_op` and the
+    op of the RPN's shared layer and the mask head's 4 layers `head_op` (the seed's "head" variants)."""
     config = ml_collections.ConfigDict()
     config.mode = "train"  # "train" (resumes from the latest checkpoint) or "eval"
     config.checkpoint_step = -1  # eval mode: the step to restore; -1 for the latest
     config.model = ml_collections.ConfigDict({
+        "detector": detector,  # "faster_rcnn" or "mask_rcnn"
         "backbone": backbone,  # any registry name (cvolution_jax.models.names())
         "backbone_overrides": {},  # ResNet fields, e.g. a smaller network for the CPU default
         "pretrained": "",  # workdir of an experiments.imagenet run whose latest checkpoint initialises the backbone
         "frozen_stages": 1,  # stem and stage 1 frozen (mmdet); -1 freezes nothing
         "norm_eval": True,  # backbone BatchNorm in inference mode (mmdet); False to train from scratch
         "neck_op": neck_op,  # FPN output op: "conv" (3x3), "involution" or "cvolution" (K=7)
-        "rpn_op": "conv",  # the RPN's shared layer: "conv" or an op (the seed's "head" variants)
+        "rpn_op": head_op,  # the RPN's shared layer: "conv" or an op (the seed's "head" variants)
+        "mask_op": head_op,  # mask_rcnn: the mask head's layers, "conv" (3x3) or an op (K=7)
+        "mask_convs": 4,  # mask_rcnn: number of those layers
+        "mask_channels": 256,  # mask_rcnn: their width (an op keeps the FPN's channels)
         "op_kwargs": {},  # spatial_op switches of neck/head ops, e.g. {"impl": "xla"}
         "channels": 256,  # FPN and RPN channels
         "fc_dim": 1024,  # box head FC width
         "settings": {},  # cvolution_jax.detection.faster_rcnn.Settings fields to override
     })
     config.data = ml_collections.ConfigDict({
-        "name": "coco",  # "coco" (COCO 2017 layout) or "shapes" (synthetic, written on first use)
-        "data_dir": "",  # coco: the folder holding annotations/ train2017/ val2017/; shapes: where to write it
+        "name": "coco",  # "coco" (COCO 2017 layout), "shapes" (synthetic) or "nuclei" (real sample); both written on first use
+        "data_dir": "",  # coco: the folder holding annotations/ train2017/ val2017/; shapes, nuclei: where to write it
         "train_annotations": "",  # coco: overrides <data_dir>/annotations/instances_train2017.json
         "train_images": "",
         "val_annotations": "",
@@ -83,6 +92,7 @@ def detection(backbone: str, neck_op: str = "conv") -> ml_collections.ConfigDict
         "scale": (1333, 800),  # resize keeping aspect ratio: long side <= 1333, short side <= 800
         "buckets": ((800, 1344), (1344, 800)),  # padded (H, W) shapes; a batch holds one bucket
         "max_gt": 100,  # ground-truth slots per image
+        "mask_size": 56 if detector == "mask_rcnn" else 0,  # mask_rcnn: each object's mask cropped to its box, M x M
         "flip_prob": 0.5,
         "num_workers": 8,
         "num_threads": 4,
@@ -91,6 +101,8 @@ def detection(backbone: str, neck_op: str = "conv") -> ml_collections.ConfigDict
         "num_val": 200,
         "image_size": 128,
         "shapes_seed": 0,
+        # nuclei only
+        "wheel": "",  # a local stardist-0.9.2 wheel; empty: pip downloads it
     })
     config.dtype = "float32"
     config.seed = 0
@@ -108,6 +120,11 @@ def detection(backbone: str, neck_op: str = "conv") -> ml_collections.ConfigDict
     config.eval_every_steps = -1  # -1: once per epoch
     config.checkpoint_every_steps = 1000
     config.keep_checkpoints = 3  # the latest ones; the best by eval AP is kept too
+    config.eval_max_dets = (1, 10, 100)  # COCOeval's maxDets; raise the last for crowded images
     key = backbone + ("_neck" if neck_op == "involution" else "")
-    config.expected_box_ap = PUBLISHED_BOX_AP.get(key, -1.0)
+    if detector == "mask_rcnn":
+        published = PUBLISHED_MASK_RCNN_AP.get(key, (-1.0, -1.0)) if head_op == "conv" else (-1.0, -1.0)
+        config.expected_box_ap, config.expected_mask_ap = published
+    else:
+        config.expected_box_ap = PUBLISHED_BOX_AP.get(key, -1.0) if head_op == "conv" else -1.0
     return config

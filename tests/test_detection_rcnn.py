@@ -1,4 +1,5 @@
-"""Faster R-CNN end to end: a tiny detector overfits two images; freezing follows mmdet."""
+"""Faster / Mask R-CNN end to end: a tiny Mask R-CNN overfits the boxes and masks of two images;
+freezing follows mmdet."""
 
 import jax
 import jax.numpy as jnp
@@ -7,39 +8,52 @@ import optax
 import pytest
 
 from cvolution_jax import models
-from cvolution_jax.detection import loop
+from cvolution_jax.detection import loop, masks
 from cvolution_jax.detection.faster_rcnn import FasterRCNN, Settings, frozen
+from cvolution_jax.detection.mask_rcnn import MaskRCNN
 from cvolution_jax.train import steps
 
 
-def tiny_detector(neck_op="conv"):
+def tiny_detector(neck_op="conv", cls=MaskRCNN):
     backbone = models.create("resnet50", num_classes=1, stage_sizes=(1, 1, 1, 1), widths=(8, 16, 32, 64), stem_width=16)
     settings = Settings(anchor_scale=4.0, rpn_samples=64, train_nms_pre=100, train_proposals=32, rcnn_samples=32,
                         test_nms_pre=100, test_proposals=32, detections_nms_pre=64, max_detections=10)
-    return FasterRCNN(backbone=backbone, num_classes=2, neck_op=neck_op, channels=32, fc_dim=64, settings=settings,
-                      norm_eval=False, op_kwargs=(("impl", "xla"),))
+    extra = {"mask_channels": 32} if cls is MaskRCNN else {}
+    return cls(backbone=backbone, num_classes=2, neck_op=neck_op, channels=32, fc_dim=64, settings=settings,
+               norm_eval=False, op_kwargs=(("impl", "xla"),), **extra)
+
+
+MASK_SIZE = 28  # ground-truth crops
 
 
 def two_images():
+    """Two 64x64 images with ellipses filling their boxes: the batch (with box-crop masks, as the
+    data pipeline makes them) and the image-size ground-truth masks [2, 3, 64, 64]."""
     rng = np.random.default_rng(0)
     images = rng.normal(0, 0.3, (2, 64, 64, 3)).astype(np.float32)
     boxes = np.zeros((2, 3, 4), np.float32)
     labels = np.full((2, 3), -1, np.int32)
+    full = np.zeros((2, 3, 64, 64), np.uint8)
+    crops = np.zeros((2, 3, MASK_SIZE, MASK_SIZE), np.uint8)
+    yy, xx = np.mgrid[:64, :64] + 0.5
     for b, objects in enumerate([[(8, 8, 30, 26, 0), (36, 30, 60, 60, 1)], [(20, 4, 44, 20, 1), (4, 36, 28, 62, 0), (40, 40, 56, 56, 0)]]):
         for g, (x1, y1, x2, y2, label) in enumerate(objects):
-            images[b, y1:y2, x1:x2, label] += 2.0
-            boxes[b, g], labels[b, g] = (x1, y1, x2, y2), label
-    return {"image": jnp.asarray(images), "image_size": jnp.full((2, 2), 64, jnp.int32), "boxes": jnp.asarray(boxes),
-            "labels": jnp.asarray(labels), "gt_valid": jnp.asarray(labels >= 0)}
+            ellipse = ((xx - (x1 + x2) / 2) / ((x2 - x1) / 2)) ** 2 + ((yy - (y1 + y2) / 2) / ((y2 - y1) / 2)) ** 2 <= 1
+            images[b, ellipse, label] += 2.0
+            boxes[b, g], labels[b, g], full[b, g] = (x1, y1, x2, y2), label, ellipse
+            crops[b, g] = masks.crop_mask(full[b, g], boxes[b, g], MASK_SIZE) >= 0.5
+    batch = {"image": jnp.asarray(images), "image_size": jnp.full((2, 2), 64, jnp.int32), "boxes": jnp.asarray(boxes),
+             "labels": jnp.asarray(labels), "gt_valid": jnp.asarray(labels >= 0), "masks": jnp.asarray(crops)}
+    return batch, full
 
 
-def test_tiny_detector_overfits_two_images():
-    model, batch = tiny_detector(), two_images()
+def test_tiny_mask_rcnn_overfits_boxes_and_masks_of_two_images():
+    model, (batch, gt_masks) = tiny_detector(), two_images()
     variables = model.init(jax.random.key(0), batch)
     num_steps = 400  # Adam with cosine decay: the loss settles instead of bouncing with the RoI sampling
     state = steps.TrainState.create(apply_fn=model.apply, params=variables["params"],
                                     tx=optax.adam(optax.cosine_decay_schedule(3e-3, num_steps)), batch_stats=variables["batch_stats"])
-    step = jax.jit(lambda s, k: loop.train_step(s, batch, k, frozen_stages=-1))
+    step = jax.jit(lambda s, k: loop.train_step(s, batch, k, frozen_stages=-1, loss_names=model.loss_names))
     losses = []
     for i in range(num_steps):
         state, metrics = step(state, jax.random.key(i))
@@ -48,24 +62,28 @@ def test_tiny_detector_overfits_two_images():
     first, last = np.mean(losses[:5]), np.mean(losses[-5:])
     assert last < first / 10, (first, last)
 
-    dets = model.apply({"params": state.params, "batch_stats": state.batch_stats}, batch)
+    dets = jax.tree.map(np.asarray, model.apply({"params": state.params, "batch_stats": state.batch_stats}, batch))
+    assert dets["masks"].shape == (2, 10, 28, 28)
     for b in range(2):
-        valid = np.asarray(dets["valid"][b])
-        found = np.asarray(dets["boxes"][b])[valid]
-        scores = np.asarray(dets["scores"][b])[valid]
-        for gt, label in zip(np.asarray(batch["boxes"][b]), np.asarray(batch["labels"][b])):
+        valid = dets["valid"][b]
+        found, scores, found_labels = dets["boxes"][b][valid], dets["scores"][b][valid], dets["labels"][b][valid]
+        pasted = masks.paste_masks(dets["masks"][b][valid], found, 64, 64)
+        for gt, label, gt_mask in zip(np.asarray(batch["boxes"][b]), np.asarray(batch["labels"][b]), gt_masks[b]):
             if label < 0:
                 continue
-            # A confident detection of the right class lies on the object.
-            mine = found[(np.asarray(dets["labels"][b])[valid] == label) & (scores > 0.5)]
-            inter = np.prod(np.clip(np.minimum(mine[:, 2:], gt[2:]) - np.maximum(mine[:, :2], gt[:2]), 0, None), axis=1)
-            union = np.prod(mine[:, 2:] - mine[:, :2], axis=1) + np.prod(gt[2:] - gt[:2]) - inter
-            assert (inter / union).max(initial=0) > 0.5
+            # A confident detection of the right class lies on the object, and so does its mask.
+            mine = (found_labels == label) & (scores > 0.5)
+            inter = np.prod(np.clip(np.minimum(found[:, 2:], gt[2:]) - np.maximum(found[:, :2], gt[:2]), 0, None), axis=1)
+            union = np.prod(found[:, 2:] - found[:, :2], axis=1) + np.prod(gt[2:] - gt[:2]) - inter
+            box_iou = np.where(mine, inter / union, 0)
+            assert box_iou.max(initial=0) > 0.5
+            best = pasted[box_iou.argmax()]
+            assert (best & gt_mask.astype(bool)).sum() / (best | gt_mask.astype(bool)).sum() > 0.7
 
 
 @pytest.mark.slow  # 16 s; the default-suite overfit test and experiments test run the same paths
 def test_output_shapes_are_static():
-    model, batch = tiny_detector("involution"), two_images()
+    model, (batch, _) = tiny_detector("involution", cls=FasterRCNN), two_images()
     variables = model.init(jax.random.key(0), batch)
     dets = model.apply(variables, batch)
     assert {k: v.shape for k, v in dets.items()} == {"boxes": (2, 10, 4), "scores": (2, 10), "labels": (2, 10), "valid": (2, 10)}
@@ -87,12 +105,12 @@ def test_frozen_follows_mmdets_frozen_stages(path, frozen_stages, expected):
 
 
 def test_frozen_parameters_do_not_move():
-    model, batch = tiny_detector(), two_images()
+    model, (batch, _) = tiny_detector(), two_images()
     variables = model.init(jax.random.key(0), batch)
     config = loop_config()
     tx = loop.create_optimizer(config, steps_per_epoch=10, params=variables["params"])
     state = steps.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx, batch_stats=variables["batch_stats"])
-    new, _ = jax.jit(lambda s: loop.train_step(s, batch, jax.random.key(0), frozen_stages=1))(state)
+    new, _ = jax.jit(lambda s: loop.train_step(s, batch, jax.random.key(0), frozen_stages=1, loss_names=model.loss_names))(state)
     before, after = variables["params"]["backbone"], new.params["backbone"]
     for name in before:
         moved = any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before[name]), jax.tree.leaves(after[name])))

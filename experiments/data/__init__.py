@@ -1,0 +1,1 @@
+"""Entry points that write data sets to disk (`python -m experiments.data.nuclei ...`)."""
