@@ -1,8 +1,8 @@
 """Heat maps of a trained model's dynamic kernels over an image, as in the involution paper's figure.
 
     python -m experiments.visualize --checkpoint runs/default --image digit.png
-    python -m experiments.visualize --checkpoint runs/cednet50 --image cat.jpg --layer layer3_5/conv2 \
-        --groups 16 --pixel 120,96 --out cat_kernels.png
+    python -m experiments.visualize --checkpoint runs/cednet50 --image cat.jpg --layer layer3_5/conv2 --groups 16
+    python -m experiments.visualize --checkpoint runs/cednet50 --image cat.jpg --pixel 120,96 --out cat_kernels.png
     python -m experiments.visualize --checkpoint runs/coco_default --image street.jpg --layer neck/output0
     python -m experiments.visualize --checkpoint runs/cednet50 --list_layers
 

@@ -111,7 +111,7 @@ def fetch_wheel(dest_dir: str | os.PathLike) -> str:
         + "\n".join(errors)
         + f"\nExpected a file stardist-{STARDIST_VERSION}-*.whl (any platform's wheel will do). Download one by "
         f"hand from https://pypi.org/project/stardist/{STARDIST_VERSION}/#files and pass its path "
-        f"(write_nuclei(..., wheel=PATH) or --wheel PATH), or put it in {dest_dir}."
+        f"(write_nuclei(..., wheel=PATH), --wheel PATH, or --config.data.wheel=PATH for experiments.coco), or put it in {dest_dir}."
     )
 
 

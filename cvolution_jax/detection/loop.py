@@ -228,17 +228,23 @@ def run_eval(run: _Run, state, workdir: str, step: int, vis: int = 0) -> dict:
     with_masks = isinstance(run.model, MaskRCNN)
     results, drawn = [], 0
     out_dir = os.path.join(workdir, f"eval_{step}")
-    keys = ("image_id", "scale", "image_size", "boxes", "labels", "gt_valid") + (("masks",) if with_masks else ())
-    for batch in coco.eval_pass(dataset, **_stream_args(run.config, run.mesh)):
+    keys = ("image_id", "scale")
+    stream = _stream_args(run.config, run.mesh)
+    if not vis:
+        stream["mask_size"] = 0  # ground-truth masks only serve the pictures
+    for batch in coco.eval_pass(dataset, **stream):
         dets = predict(state, run.mesh.shard({k: batch[k] for k in ("image", "image_size")}))
         dets = jax.tree.map(np.asarray, multihost_utils.process_allgather(dets, tiled=True))
         host = multihost_utils.process_allgather({k: batch[k] for k in keys}, tiled=True)
+        if jax.process_index() != 0:
+            continue  # process 0 evaluates: it alone pastes masks and keeps the results
         shapes = np.asarray([shape_of.get(int(i), (1, 1)) for i in host["image_id"]])  # (1, 1): padding slot
         results += evaluation.to_coco_results(host["image_id"], dets["boxes"], dets["scores"], dets["labels"],
                                               dets["valid"], host["scale"], dataset.category_ids,
                                               masks=dets.get("masks"), image_shapes=shapes,
                                               mask_threshold=settings.mask_threshold)
-        if jax.process_index() == 0 and drawn < vis:
+        if drawn < vis:
+            # The local batch is the first slice of the gathered one: its detections come first.
             drawn += _draw(batch, dets, dataset, out_dir, vis - drawn, settings.mask_threshold)
     max_dets = tuple(run.config.eval_max_dets)
     names = [(iou_type, prefix, evaluation.stat_names(max_dets))
