@@ -16,9 +16,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cvolution_jax.layers import conv, spatial_op
-
-NECK_OPS = ("conv", "involution", "cvolution")
+from cvolution_jax.layers import SPATIAL_OPS, conv, spatial_op
 
 
 def upsample_nearest(x, size):
@@ -54,8 +52,8 @@ class FPN(nn.Module):
 
     @nn.compact
     def __call__(self, stages, train: bool = False):
-        if self.op not in NECK_OPS:
-            raise ValueError(f"FPN: op must be one of {NECK_OPS}; got {self.op!r}.")
+        if self.op not in SPATIAL_OPS:
+            raise ValueError(f"FPN: op must be one of {SPATIAL_OPS}; got {self.op!r}.")
         laterals = [
             conv(self.channels, 1, use_bias=True, dtype=self.dtype, name=f"lateral{i}")(c)
             for i, c in enumerate(stages)

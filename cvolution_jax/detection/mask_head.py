@@ -19,9 +19,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import optax
 
-from cvolution_jax.layers import he_normal, spatial_op
-
-HEAD_OPS = ("conv", "involution", "cvolution")
+from cvolution_jax.layers import SPATIAL_OPS, he_normal, spatial_op
 
 
 class MaskHead(nn.Module):
@@ -44,8 +42,8 @@ class MaskHead(nn.Module):
 
     @nn.compact
     def __call__(self, features, train: bool = False):
-        if self.op not in HEAD_OPS:
-            raise ValueError(f"MaskHead: op must be one of {HEAD_OPS}; got {self.op!r}.")
+        if self.op not in SPATIAL_OPS:
+            raise ValueError(f"MaskHead: op must be one of {SPATIAL_OPS}; got {self.op!r}.")
         if self.op != "conv" and features.shape[-1] != self.channels:
             raise ValueError(
                 f"MaskHead: the {self.op} op keeps its channels, so the RoI features must have channels="
