@@ -1,9 +1,10 @@
-"""batched_nms against a per-class greedy NMS written in numpy (no offset trick)."""
+"""batched_nms against greedy NMS written in numpy (float64 IoU, classes compared, no offsets)."""
 
 import jax
 import numpy as np
 import pytest
 
+from cvolution_jax.detection.boxes import box_iou
 from cvolution_jax.detection.nms import batched_nms
 
 
@@ -105,6 +106,67 @@ def test_padding_slots_and_empty_input():
     indices, mask = batched_nms(np.zeros((0, 4), np.float32), np.zeros(0, np.float32),
                                 np.zeros(0, np.int32), 0.5, 3)
     assert np.asarray(indices).tolist() == [0, 0, 0] and not np.asarray(mask).any()
+
+
+def per_class_nms(boxes, scores, classes, iou_threshold, max_output):
+    """numpy_nms run on each class's boxes alone, the kept boxes merged in visiting order."""
+    kept = []
+    for c in np.unique(classes):
+        members = np.flatnonzero(classes == c)
+        same = np.zeros(len(members), np.int32)
+        kept += [int(members[k]) for k in numpy_nms(boxes[members], scores[members], same,
+                                                    iou_threshold, len(members))]
+    return sorted(kept, key=lambda i: (-scores[i], i))[:max_output]
+
+
+def test_76_classes_on_an_800x600_image_decide_on_the_image_coordinates():
+    # Two boxes of class 47 with IoU 0.7000254 (0.70002536 in float64): per-class NMS at 0.7
+    # suppresses the second. Offsetting classes by class * (800 + 1) puts them near x = 38,000,
+    # where float32 resolves 1/256 pixel and the same IoU comes out as 0.6999894.
+    pair = np.array([[494.2665100097656, 59.31547927856445, 556.7740478515625, 144.69107055664062],
+                     [505.296142578125, 59.31547927856445, 567.8037109375, 144.69107055664062]],
+                    np.float32)
+    assert np.asarray(box_iou(pair[:1], pair[1:]))[0, 0] > 0.7
+    assert numpy_iou(*pair.astype(np.float64)) > 0.7
+    rng = np.random.default_rng(3)
+    xy = rng.uniform(0, [700, 500], (3 * 76, 2))
+    others = np.concatenate([xy, xy + rng.uniform(10, 100, (3 * 76, 2))], 1)
+    boxes = np.concatenate([[[0, 0, 800, 600]], others, pair]).astype(np.float32)
+    classes = np.concatenate([[0], np.repeat(np.arange(76), 3), [47, 47]]).astype(np.int32)
+    scores = np.concatenate([[0.01], rng.uniform(0.05, 0.8, 3 * 76), [0.95, 0.9]])
+    scores = scores.astype(np.float32)
+    first, second = len(boxes) - 2, len(boxes) - 1
+    kept = check(boxes, scores, classes, 0.7, len(boxes))
+    assert kept == per_class_nms(boxes, scores, classes, 0.7, len(boxes))
+    assert first in kept and second not in kept
+
+
+@pytest.mark.parametrize("iou_threshold", [0.5, 0.7])
+def test_many_classes_near_the_threshold_equal_per_class_nms(iou_threshold):
+    # Pairs of boxes in classes up to 999, each pair's IoU within 5e-5 of the threshold (on
+    # either side): every decision must be the one per-class NMS makes.
+    rng = np.random.default_rng(4)
+    pairs = 200
+    target = iou_threshold + rng.choice([-1, 1], pairs) * rng.uniform(5e-6, 5e-5, pairs)
+    xy = rng.uniform(0, [700, 500], (pairs, 2))
+    wh = rng.uniform(15, 100, (pairs, 2))
+    shift = wh[:, 0] * (1 - target) / (1 + target)  # IoU of a horizontal shift: (w - d) / (w + d)
+    first = np.concatenate([xy, xy + wh], 1)
+    second = first + np.stack([shift, 0 * shift, shift, 0 * shift], 1)
+    boxes = np.concatenate([[[0, 0, 800, 600]], first, second]).astype(np.float32)
+    pair_classes = rng.choice(1000, pairs, replace=False)
+    classes = np.concatenate([[0], pair_classes, pair_classes]).astype(np.int32)
+    scores = np.concatenate([[0.01], rng.uniform(0.5, 1, pairs), rng.uniform(0.05, 0.45, pairs)])
+    scores = scores.astype(np.float32)
+    # Each pair is on the same side of the threshold in float32 as in float64, so the case is
+    # decidable in the boxes' own coordinates.
+    iou32 = np.diag(np.asarray(box_iou(boxes[1:pairs + 1], boxes[pairs + 1:])))
+    iou64 = np.array([numpy_iou(a, b) for a, b in zip(boxes[1:pairs + 1].astype(np.float64),
+                                                       boxes[pairs + 1:].astype(np.float64))])
+    np.testing.assert_array_equal(iou32 > iou_threshold, iou64 > iou_threshold)
+    assert 0 < (iou64 > iou_threshold).sum() < pairs
+    kept = check(boxes, scores, classes, iou_threshold, len(boxes))
+    assert kept == per_class_nms(boxes, scores, classes, iou_threshold, len(boxes))
 
 
 def test_rejects_mismatched_shapes():

@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cvolution_jax.detection.roi_align import (DEFAULT_MAX_SAMPLING_RATIO, map_roi_levels,
-                                               multilevel_roi_align, roi_align)
+from cvolution_jax.detection.roi_align import (DEFAULT_MAX_SAMPLING_RATIO, MAX_DIVISOR,
+                                               _divide_rounded, _nearest_quotient,
+                                               map_roi_levels, multilevel_roi_align, roi_align)
 
 f32 = np.float32
 # Sample coordinates of up to ~60 cells carry float32 rounding (an ulp there is ~4e-6) into the
@@ -226,6 +227,132 @@ def test_gradient_matches_mmcv_backward_kernel(aligned):
     np.testing.assert_allclose(diff / (2 * step), np.sum(expected * direction), rtol=1e-3)
 
 
+def test_divide_rounded_is_ieee_division_under_jit():
+    # XLA turns a division by a constant or a broadcast into a multiplication by the reciprocal:
+    # 21 / 7 becomes 21 * 0.14285715 = 3.0000002.
+    rng = np.random.default_rng(14)
+    wide = rng.uniform(-1, 1, 20000) * 10.0 ** rng.uniform(-6, 6, 20000)
+    for divisor in [1, 3, 7, 12, 14, 28, 16, 100, MAX_DIVISOR]:
+        multiples = np.arange(-500, 500) * divisor  # exact quotients
+        quarters = rng.integers(1, 2**16, 1000) * divisor / 4
+        numerator = np.concatenate([wide, multiples, quarters, [0.0, -0.0]]).astype(np.float32)
+        got = np.asarray(jax.jit(lambda x: _divide_rounded(x, divisor))(numerator))
+        np.testing.assert_array_equal(got, numerator / np.float32(divisor))
+    # A traced divisor per row, as the sample counts per RoI are.
+    divisor = rng.integers(1, 17, (300, 1)).astype(np.float32)
+    numerator = ((np.arange(16, dtype=np.float32) + 0.5) * rng.integers(1, 60, (300, 1))
+                 * rng.choice([1, 0.25, 1 / 3], (300, 1))).astype(np.float32)
+    got = np.asarray(jax.jit(_divide_rounded)(numerator, divisor))
+    np.testing.assert_array_equal(got, numerator / divisor)
+    special = jax.jit(_divide_rounded)(np.array([np.nan, np.inf, -np.inf], np.float32), 7.0)
+    np.testing.assert_array_equal(special, [np.nan, np.inf, -np.inf])
+
+
+def test_nearest_quotient_corrects_an_estimate_up_to_3_ulp_off():
+    # XLA's float32 division on NVIDIA GPUs (PTX div.full.f32) may be 2 ulp off; emulate that
+    # and worse here, where the CPU divides exactly.
+    rng = np.random.default_rng(15)
+    numerator = np.concatenate([rng.uniform(-1, 1, 5000) * 10.0 ** rng.uniform(-4, 4, 5000),
+                                np.arange(1, 2000) * 7.0]).astype(np.float32)
+    for divisor in [3, 7, 14, 28]:
+        exact = numerator / np.float32(divisor)
+        steps = rng.integers(-3, 4, len(numerator))
+        estimate = exact
+        for _ in range(3):
+            estimate = np.where(steps > 0, np.nextafter(estimate, np.float32(np.inf)),
+                                np.where(steps < 0, np.nextafter(estimate, np.float32(-np.inf)),
+                                         estimate))
+            steps = steps - np.sign(steps)
+        assert (estimate != exact).mean() > 0.5
+        got = jax.jit(_nearest_quotient)(numerator, np.float32(divisor), estimate)
+        np.testing.assert_array_equal(got, exact)
+
+
+def border_samples(rois, output_size, spatial_scale, aligned, height, width):
+    """How many of mmcv's samples lie exactly on y = -1 or y = height, and on x = -1 or width."""
+    on_y = on_x = 0
+    for roi in rois:
+        for _, _, y, x, _ in roi_samples(roi, *output_size, spatial_scale, 0, aligned, None):
+            on_y += y in (-1, height)
+            on_x += x in (-1, width)
+    return on_y, on_x
+
+
+def exact_multiple_rois(rng, stride, out, extents, aligned, height, width):
+    """Integer image-pixel RoIs ``[3 * len(extents), 4]`` of ``(kh * out, kw * out)`` feature
+    cells at ``stride`` for each ``(kh, kw)`` in ``extents`` on a ``height x width`` map: one
+    whose samples fall exactly on the map's top and left borders (y = x = -1), one on its bottom
+    and right borders (y = height, x = width), and one at a random integer position."""
+    # One sample per cell, at start + j + 0.5 with start = x1 / stride (- 0.5 when aligned):
+    # on whole numbers when x1 / stride is a whole number (aligned) or one and a half (not).
+    half = 0.0 if aligned else 0.5
+    rois = []
+    for kh, kw in extents:
+        h, w = kh * out * stride, kw * out * stride
+        for y1, x1 in [((-1 - half) * stride, (-1 - half) * stride),
+                       ((height - 2 - half) * stride, (width - 2 - half) * stride),
+                       tuple(rng.integers(-2 * stride, stride * np.array([height, width])))]:
+            rois.append([x1, y1, x1 + w, y1 + h])
+    rois = np.array(rois, np.float32)
+    np.testing.assert_array_equal(rois, np.round(rois))
+    return rois
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("out", [7, 14, 28])  # the box head, the mask head, mask targets
+def test_exact_multiples_of_the_output_size_at_every_fpn_stride(out, aligned):
+    # Extents of 1 to 3 times the output size in cells: mmcv's bins hold exactly 1 to 3 cells
+    # and as many samples per axis. 3 is the first multiple whose quotient a multiplication by
+    # the reciprocal gets wrong (3.0000002: one sample more, and border samples outside).
+    rng = np.random.default_rng(16 + out + aligned)
+    height, width = 2 * out + 3, 2 * out + 5
+    features = rng.normal(size=(height, width, 2)).astype(np.float32)
+    extents = [(1, 3), (3, 1)] if out == 28 else [(1, 1), (2, 3), (3, 2)]
+    for stride in (4, 8, 16, 32):
+        rois = exact_multiple_rois(rng, stride, out, extents, aligned, height, width)
+        on_y, on_x = border_samples(rois, (out, out), 1 / stride, aligned, height, width)
+        assert on_y > 0 and on_x > 0
+        expected = numpy_roi_align(features, rois, (out, out), 1 / stride, aligned=aligned)
+        got = roi_align(features, rois, out, 1 / stride, aligned=aligned)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=ATOL)
+        got = jit_roi_align(features, rois, (out, out), 1 / stride, 0, aligned,
+                            DEFAULT_MAX_SAMPLING_RATIO)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=ATOL)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("out", [7, 14])
+def test_multilevel_exact_multiples_at_every_level(out, aligned):
+    rng = np.random.default_rng(17 + out + aligned)
+    strides = (4, 8, 16, 32)
+    image_h, image_w = 256, 320
+    shapes = [(image_h // s, image_w // s) for s in strides]
+    features = [rng.normal(size=(1,) + shape + (2,)).astype(np.float32) for shape in shapes]
+    # (level, kh, kw): RoIs of (kh * out, kw * out) cells at the level's stride, whose size
+    # sqrt(w * h) in pixels maps them to that level.
+    if out == 7:
+        specs = [(0, 1, 2), (0, 2, 3), (1, 2, 3), (1, 3, 3), (2, 2, 3), (2, 3, 3), (3, 2, 3),
+                 (3, 3, 4)]
+    else:
+        specs = [(0, 1, 1), (0, 1, 3), (1, 1, 3), (1, 3, 1), (2, 3, 1), (2, 1, 2), (3, 1, 3),
+                 (3, 2, 2)]
+    rois, levels = [], []
+    for level, kh, kw in specs:
+        level_rois = exact_multiple_rois(rng, strides[level], out, [(kh, kw)], aligned,
+                                         *shapes[level])
+        rois.append(level_rois)
+        levels += [level] * len(level_rois)
+    rois = np.concatenate(rois)
+    assert np.asarray(map_roi_levels(rois, 4)).tolist() == levels
+    pool = jax.jit(functools.partial(multilevel_roi_align, output_size=out, strides=strides,
+                                     aligned=aligned))
+    got = np.asarray(pool(features, rois[None]))[0]
+    for r, (roi, level) in enumerate(zip(rois, levels)):
+        expected = numpy_roi_align(features[level][0], roi[None], (out, out),
+                                   1 / strides[level], aligned=aligned)
+        np.testing.assert_allclose(got[r], expected[0], rtol=1e-5, atol=ATOL)
+
+
 def test_map_roi_levels_by_hand():
     # scale = sqrt(w * h); level = floor(log2(scale / 56 + 1e-6)) clipped to [0, 3].
     sides = [(10, 10), (111.9, 111.9), (112, 112), (56, 224), (223.9, 223.9), (224, 224),
@@ -288,6 +415,10 @@ def test_rejects_bad_arguments():
         roi_align(features, np.zeros((1, 4)), (2, 0), 1.0)
     with pytest.raises(ValueError, match="sampling_ratio"):
         roi_align(features, np.zeros((1, 4)), 2, 1.0, sampling_ratio=-1)
+    with pytest.raises(ValueError, match=r"output_size must be an int in \[1, 4095\]"):
+        roi_align(features, np.zeros((1, 4)), MAX_DIVISOR + 1, 1.0)
+    with pytest.raises(ValueError, match=r"max_sampling_ratio must be an int in \[1, 4095\]"):
+        roi_align(features, np.zeros((1, 4)), 2, 1.0, max_sampling_ratio=MAX_DIVISOR + 1)
     with pytest.raises(ValueError, match="one stride per feature level"):
         multilevel_roi_align([features[None]], np.zeros((1, 1, 4)), 2, (4, 8))
     with pytest.raises(ValueError, match=r"rois \[B, R, 4\]"):

@@ -40,6 +40,16 @@ at stride 32, and on the finer levels RoIs of aspect ratio up to 16 (a level-``k
 ``28 * sqrt(aspect)`` cells). The cap costs only in building the weight matrices (``R * out * cap
 * H`` elementwise work, small next to the matmul).
 
+Exact quotients. The bin size ``roi_h / out_h`` and the sample offset ``(i + 0.5) * bin /
+grid`` are float32 divisions rounded to nearest in mmcv, and a one-ulp error there is not small:
+``ceil`` turns 21 cells over 7 bins into 4 samples per bin instead of 3 when the quotient comes
+out as 3.0000002, and a sample exactly on the map's border (``y = -1`` or ``y = H``, where mmcv
+still reads the edge row) falls outside. XLA rounds neither division correctly: it rewrites a
+division by a constant or a broadcast into a multiplication by the reciprocal (``21 * (1 / 7)``
+is 3.0000002), and on NVIDIA GPUs it compiles float32 division to an approximate instruction
+(PTX ``div.full.f32``, up to 2 ulp). ``_divide_rounded`` corrects XLA's quotient to the correctly
+rounded one for the integer divisors that occur here (up to ``MAX_DIVISOR``).
+
 RoIs get no gradient (``stop_gradient``), as mmcv's ``roi_align`` returns none for them; mmdet
 detaches proposals before RoI extraction anyway.
 """
@@ -52,25 +62,73 @@ import jax.numpy as jnp
 # Samples per bin and axis built into the weight matrices when sampling_ratio = 0 (see the module
 # docstring for what it covers and what happens past it).
 DEFAULT_MAX_SAMPLING_RATIO = 16
+# The largest output size and samples per bin: _divide_rounded is exact for divisors of 12 bits.
+MAX_DIVISOR = 2**12 - 1
+# Clears the low 12 of a float32's 23 stored significand bits, leaving 12 significant bits.
+_HIGH_HALF_MASK = -(2**12)
+
+
+def _divide_rounded(numerator, divisor):
+    """``numerator / divisor`` correctly rounded to float32, as IEEE (and mmcv's kernel) divide.
+
+    Args:
+      numerator: float32 array.
+      divisor: float32 array broadcastable to ``numerator`` holding integers in ``[1,
+        MAX_DIVISOR]`` (a bin count or a sample count).
+
+    Returns:
+      float32 array of the broadcast shape. Non-finite numerators give XLA's quotient (NaN or
+      infinity).
+    """
+    numerator = jnp.asarray(numerator, jnp.float32)
+    divisor = jnp.asarray(divisor, jnp.float32)
+    return _nearest_quotient(numerator, divisor, numerator / divisor)
+
+
+def _nearest_quotient(numerator, divisor, estimate):
+    """The float32 nearest ``numerator / divisor``, given an ``estimate`` within 3 ulp of it.
+
+    One correction with an exact residual: ``estimate + (numerator - estimate * divisor) /
+    divisor``. The residual is exact, whatever the rounding or fused multiply-adds: the estimate
+    is split into a high part of 12 significant bits and the rest, each of whose products with a
+    divisor of at most 12 bits is exact; the high product is within a factor 2 of the numerator,
+    so subtracting it is exact (Sterbenz), and what remains is a few ulp of the estimate times the
+    divisor, which float32 holds exactly too. The correction's own division may be a few ulp off
+    (a few millionths of an ulp of the quotient), far less than the distance from
+    ``numerator / divisor`` to any midpoint between floats, at least ``ulp / (4 * divisor)``; so
+    the final addition, correctly rounded, gives the nearest float.
+    """
+    f32 = jnp.float32
+    bits = jax.lax.bitcast_convert_type(estimate, jnp.int32)
+    high = jax.lax.bitcast_convert_type(bits & _HIGH_HALF_MASK, f32)
+    low = estimate - high
+    residual = (numerator - high * divisor) - low * divisor
+    nearest = estimate + residual / divisor
+    # Non-finite estimates (from NaN or infinite numerators) have no residual: keep them.
+    return jnp.where(jnp.isfinite(nearest), nearest, estimate)
 
 
 def _output_size(output_size):
     if isinstance(output_size, int):
         output_size = (output_size, output_size)
     output_size = tuple(output_size)
-    if len(output_size) != 2 or any(not isinstance(n, int) or n <= 0 for n in output_size):
+    if (len(output_size) != 2
+            or any(not isinstance(n, int) or not 0 < n <= MAX_DIVISOR for n in output_size)):
         raise ValueError(
-            f"output_size must be a positive int or (height, width) of ints; got {output_size!r}.")
+            f"output_size must be an int in [1, {MAX_DIVISOR}] or (height, width) of such ints; "
+            f"got {output_size!r}.")
     return output_size
 
 
 def _check_sampling(sampling_ratio, max_sampling_ratio):
-    if not isinstance(sampling_ratio, int) or sampling_ratio < 0:
+    if not isinstance(sampling_ratio, int) or not 0 <= sampling_ratio <= MAX_DIVISOR:
         raise ValueError(
-            f"sampling_ratio must be an int >= 0 (0: adaptive); got {sampling_ratio!r}.")
-    if not isinstance(max_sampling_ratio, int) or max_sampling_ratio <= 0:
+            f"sampling_ratio must be an int in [0, {MAX_DIVISOR}] (0: adaptive); got "
+            f"{sampling_ratio!r}.")
+    if not isinstance(max_sampling_ratio, int) or not 0 < max_sampling_ratio <= MAX_DIVISOR:
         raise ValueError(
-            f"max_sampling_ratio must be a positive int; got {max_sampling_ratio!r}.")
+            f"max_sampling_ratio must be an int in [1, {MAX_DIVISOR}]; got "
+            f"{max_sampling_ratio!r}.")
 
 
 def _axis_weights(start, end, out_size, size, spatial_scale, sampling_ratio, max_sampling_ratio,
@@ -96,7 +154,7 @@ def _axis_weights(start, end, out_size, size, spatial_scale, sampling_ratio, max
     length = end - start
     if not aligned:
         length = jnp.maximum(length, 1.0)
-    bin_size = length / out_size
+    bin_size = _divide_rounded(length, out_size)
     if sampling_ratio > 0:
         num_samples = sampling_ratio
         grid = jnp.full_like(length, sampling_ratio)
@@ -112,7 +170,7 @@ def _axis_weights(start, end, out_size, size, spatial_scale, sampling_ratio, max
     samples = jnp.arange(num_samples, dtype=f32)  # [S]
     start, bin_size, safe_grid = (v[:, None, None] for v in (start, bin_size, safe_grid))
     # mmcv's expression and order: start + p * bin + (i + 0.5) * bin / grid.
-    coord = start + bins * bin_size + (samples + 0.5) * bin_size / safe_grid  # [R, out, S]
+    coord = start + bins * bin_size + _divide_rounded((samples + 0.5) * bin_size, safe_grid)
     used = (samples < grid[:, None, None]) & (coord >= -1.0) & (coord <= size)
     coord = jnp.where(used, coord, 0.0)  # unused samples (or NaN / inf rows) read a finite 0
     # mmcv clamps y <= 0 to 0, and y whose floor is >= size - 1 to size - 1 (reading that cell
