@@ -110,6 +110,10 @@ def main(argv=None) -> None:
     parser.add_argument("--num-classes", type=int, default=1000, help="classifier outputs (default 1000)")
     parser.add_argument("--json", action="store_true", help='print a JSON list of {"model", "params", "macs"}')
     args = parser.parse_args(argv)
+    if args.image_size < 1:
+        parser.error(f"--image-size must be >= 1 (pixels per side); got {args.image_size}.")
+    if args.num_classes < 1:
+        parser.error(f"--num-classes must be >= 1; got {args.num_classes}.")
     unknown = [name for name in args.names if name not in valid]
     if unknown:
         parser.error(f"unknown model(s) {', '.join(unknown)}; valid names: {', '.join(valid)}")

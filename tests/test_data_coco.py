@@ -247,12 +247,15 @@ def test_missing_image_file_raises_naming_it(tmp_path):
     assert os.path.join(image_dir, "2.png") in message and path in message and "1 of the 3" in message
 
 
-def test_undecodable_image_raises_naming_it(tmp_path):
-    path, image_dir = write_coco(tmp_path, [(1, 8, 8)], [], CATEGORIES)
+def test_undecodable_image_is_skipped_naming_it(tmp_path, caplog):
+    path, image_dir = write_coco(tmp_path, [(1, 8, 8)], [annotation(1, 1, 3, [1, 1, 4, 4])], CATEGORIES)
     open(os.path.join(image_dir, "1.png"), "wb").write(b"not a png")
     record = coco.load_coco(path, image_dir).records[0]
-    with pytest.raises(OSError, match="1.png"):
-        coco.Preprocess((8, 8), ((8, 8),), 4)(record, None)
+    with caplog.at_level(logging.WARNING, logger="cvolution_jax.data.coco"):
+        slot = coco.Preprocess((8, 8), ((8, 8),), 4)(record, None)
+    assert os.path.join(image_dir, "1.png") in caplog.text
+    assert (slot["mask"], slot["corrupt"], slot["image_id"]) == (0, 1, 1)
+    assert not slot["image"].any() and not slot["gt_valid"].any() and slot["image"].shape == (8, 8, 3)
 
 
 # ------------------------------------------------------------------------- preprocessing

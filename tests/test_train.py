@@ -114,11 +114,16 @@ def test_train_evaluate_and_restore(tmp_path):
     assert json.load(open(os.path.join(workdir, "config.json")))["model"]["name"] == "cednet26"
     assert os.listdir(os.path.join(workdir, "tensorboard"))
     assert sorted(checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).all_steps())[-1] == 12
-    # Eval mode restores the final checkpoint and reproduces the final evaluation.
-    metrics = loop.evaluate(config, workdir)
+    # Eval mode restores the final checkpoint and reproduces the final evaluation; its config goes
+    # beside the training one, which stays.
+    trained_with = open(os.path.join(workdir, "config.json")).read()
+    eval_config = tiny_config(mode="eval")
+    metrics = loop.evaluate(eval_config, workdir)
     for key in ("top1", "top5", "loss"):
         assert math.isclose(metrics[key], final[key], rel_tol=1e-6)
     assert json.load(open(os.path.join(workdir, "eval_12.json")))["step"] == 12
+    assert open(os.path.join(workdir, "config.json")).read() == trained_with
+    assert json.load(open(os.path.join(workdir, "config_eval_12.json")))["mode"] == "eval"
 
 
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):

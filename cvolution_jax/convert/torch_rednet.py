@@ -34,12 +34,12 @@ ReLU, conv3x3 32->64 +BN+ReLU, maxpool 3x3 s2 pad 1.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import pickle
 import re
 import sys
+import zipfile
 from typing import Any, Mapping
 
 import flax.traverse_util
@@ -53,6 +53,7 @@ from cvolution_jax.models import ResNet
 from cvolution_jax.train import checkpoint, optim, steps
 
 STEP = 0  # the converted weights are the checkpoint a run would start from
+_PICKLE_PROTOCOL = b"\x80"  # pickle's PROTO opcode, the first byte of torch's legacy format (protocol >= 2)
 
 # Our module name -> the mmcls module path it holds. Bottleneck convs/BNs keep their names.
 _MODULES = {
@@ -140,16 +141,36 @@ def as_numpy_state_dict(loaded: Mapping[str, Any]) -> dict[str, np.ndarray]:
     }
 
 
+def check_checkpoint_file(path: str) -> None:
+    """Raises FileNotFoundError or ValueError unless `path` looks like what `torch.save` writes: a
+    complete zip archive (torch >= 1.6) or a pickle (the legacy format). Needs no torch, so an empty
+    or truncated download is named as such before the optional extra is even imported."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No PyTorch checkpoint at {path}; give the .pth file torch.save wrote.")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path} is empty (0 bytes), e.g. an interrupted download or copy; fetch the checkpoint again.")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(b"PK"):
+        # A zip's directory is at its end: a cut-off download starts right but does not open.
+        if not zipfile.is_zipfile(path):
+            raise ValueError(f"{path} is a damaged or truncated zip archive ({os.path.getsize(path)} bytes); fetch the checkpoint again.")
+    elif not head.startswith(_PICKLE_PROTOCOL):
+        raise ValueError(
+            f"{path} is not a PyTorch checkpoint: torch.save writes a zip archive (or a pickle before torch 1.6), "
+            f"but this file starts with {head!r}. Give the .pth of torch.save(model.state_dict(), path)."
+        )
+
+
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
     """Reads a `.pth` file (a state dict or an mmcls checkpoint) on the CPU; see `as_numpy_state_dict`."""
+    check_checkpoint_file(path)
     try:
         import torch
     except ImportError as error:
         raise ImportError(
             'Reading PyTorch checkpoints needs torch, an optional extra: pip install -e ".[torch]".'
         ) from error
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"No PyTorch checkpoint at {path}.")
     try:
         # weights_only: a checkpoint is data; refuse the arbitrary code a full unpickle could run.
         loaded = torch.load(path, map_location="cpu", weights_only=True)
@@ -158,6 +179,8 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
             f"{path} holds objects other than tensors and plain containers, which are not loaded for safety "
             f"({error}). Re-save only the weights: torch.save({{'state_dict': model.state_dict()}}, path)."
         ) from error
+    except (RuntimeError, EOFError) as error:  # what torch.load raises on a damaged archive or pickle
+        raise ValueError(f"torch.load cannot read {path} ({error}); the file is damaged: fetch the checkpoint again.") from error
     return as_numpy_state_dict(loaded)
 
 
@@ -259,8 +282,11 @@ def write_checkpoint(model: ResNet, variables: dict, out_dir: str) -> str:
 
 
 def _parse_overrides(text: str) -> dict:
-    overrides = json.loads(text)
-    fields = sorted(f.name for f in dataclasses.fields(ResNet) if f.name not in ("parent", "name", "num_classes", "dtype"))
+    try:
+        overrides = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--overrides is not JSON ({error}); give an object, e.g. '{{\"stem_width\": 64}}'.") from error
+    fields = sorted(models.OVERRIDABLE)
     if not isinstance(overrides, dict) or set(overrides) - set(fields):
         raise ValueError(f"--overrides must be a JSON object of ResNet fields ({', '.join(fields)}), e.g. '{{\"stem_width\": 64}}'; got {text!r}.")
     # Flax module fields must be hashable: JSON lists become tuples.
@@ -279,6 +305,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-classes", type=int, default=1000, help="rows of head.fc.weight (default 1000)")
     parser.add_argument("--overrides", default="{}", help='JSON of ResNet fields, as config.model.overrides, e.g. \'{"widths": [32, 64, 128, 256]}\'')
     args = parser.parse_args(argv)
+    if args.num_classes < 1:
+        parser.error(f"--num-classes must be >= 1 (the rows of head.fc.weight); got {args.num_classes}.")
     try:
         overrides = _parse_overrides(args.overrides)
         model = models.create(args.model, num_classes=args.num_classes, **overrides)

@@ -19,7 +19,8 @@ mask) and `shapes` (the synthetic COCO-format default, written to disk).
 `batch_size` is per process; the global batch is `batch_size * process_count`. Each batch's
 `mask` is 1 for a real example and 0 for eval padding or an image that failed to decode;
 losses and metrics must weight examples by it. `corrupt` marks the decode failures so the
-training loop can count them.
+training and evaluation loops can count them (evaluation reports its metrics over the images
+that decoded, and how many did not).
 """
 
 from __future__ import annotations

@@ -8,9 +8,11 @@
     state = it.get_state()                # `it.set_state(state)` resumes exactly here
 
 `load_coco` reads and validates the annotation file once: malformed input is an error that
-names the file and the field, or an annotation skipped and counted (`CocoDataset.skipped`),
-never a silent wrong result. Boxes become (x1, y1, x2, y2) in original pixels and category ids
-become contiguous labels [0, num_classes).
+names the file and the field, or an annotation skipped and counted (`CocoDataset.skipped`, and
+`invalid_segmentations` for malformed masks), never a silent wrong result. Boxes become
+(x1, y1, x2, y2) in original pixels and category ids become contiguous labels [0, num_classes).
+A damaged image file or a mask that fails to decode is skipped and logged when its batch is
+built: one bad input never stops a run.
 
 Per image (host side, numpy + PIL), as mmdetection's standard pipeline does: decode RGB,
 resize keeping the aspect ratio so the long side is <= scale's long side and the short side
@@ -50,8 +52,10 @@ log = logging.getLogger(__name__)
 
 # One batch: {"image": float32 [b, H, W, 3], "image_size": int32 [b, 2], "scale": float32 [b, 2],
 # "image_id": int32 [b], "boxes": float32 [b, G, 4], "labels": int32 [b, G],
-# "gt_valid": bool [b, G], "mask": float32 [b], "flipped": bool [b]}, and with `mask_size` M > 0
-# "masks": uint8 [b, G, M, M] (each ground truth's instance mask cropped to its box).
+# "gt_valid": bool [b, G], "mask": float32 [b], "flipped": bool [b], "corrupt": int32 [b]}, and with
+# `mask_size` M > 0 "masks": uint8 [b, G, M, M] (each ground truth's instance mask cropped to its box).
+# `mask` is 0 for padding and for an image that failed to decode; `corrupt` is 1 for the latter,
+# whose slot keeps its `image_id` (padding has -1) so that evaluation can report it.
 Batch = dict[str, np.ndarray]
 
 SKIP_CROWD = "crowd"
@@ -73,6 +77,8 @@ class CocoRecord:
       labels: int32 [n], contiguous labels in [0, num_classes).
       segmentations: the n annotations' raw `segmentation` (polygons or RLE; None if absent),
         kept for instance masks.
+      segmentation_ok: bool [n], False where `segmentation_error` found the segmentation
+        malformed: the object keeps its box but is left out of Mask R-CNN's targets.
     """
 
     path: str
@@ -82,6 +88,7 @@ class CocoRecord:
     boxes: np.ndarray
     labels: np.ndarray
     segmentations: tuple[Any, ...]
+    segmentation_ok: np.ndarray
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -96,6 +103,8 @@ class CocoDataset:
       category_ids: contiguous label i -> COCO category id, sorted by id.
       category_names: label i -> category name.
       skipped: number of annotations left out of the targets, by reason (`SKIP_*`).
+      invalid_segmentations: number of used annotations whose segmentation is malformed (their
+        boxes are targets, their masks are not).
     """
 
     annotation_file: str
@@ -104,6 +113,7 @@ class CocoDataset:
     category_ids: tuple[int, ...]
     category_names: tuple[str, ...]
     skipped: dict[str, int]
+    invalid_segmentations: int = 0
 
     @property
     def num_classes(self) -> int:
@@ -125,6 +135,11 @@ def load_coco(annotation_file: str | os.PathLike, image_dir: str | os.PathLike) 
     Skipped and counted in `skipped` (and logged): crowd annotations (`iscrowd` 1; COCOeval
     reads crowds from the JSON itself), boxes with width or height <= 0, and boxes that do
     not overlap the image.
+
+    Counted in `invalid_segmentations` (and logged, naming the first few): a used annotation
+    whose `segmentation` is malformed (`segmentation_error`). Its box stays a target; Mask R-CNN
+    leaves the object out, as mmdetection drops instances with invalid polygons when it loads
+    masks, so one bad mask never stops a run.
     """
     annotation_file, image_dir = os.fspath(annotation_file), os.fspath(image_dir)
     try:
@@ -175,8 +190,9 @@ def load_coco(annotation_file: str | os.PathLike, image_dir: str | os.PathLike) 
                 raise ValueError(f"{annotation_file}: {where} has {key} {image[key]}; expected a positive int.")
         image_index_of[image_id] = index
 
-    per_image: list[list[tuple[list[float], int, Any]]] = [[] for _ in images]
+    per_image: list[list[tuple[list[float], int, Any, bool]]] = [[] for _ in images]
     skipped = collections.Counter()
+    invalid_segmentations: list[str] = []
     for index, annotation in enumerate(content["annotations"]):
         where = _where("annotations", index, annotation)
         _require(annotation, ("id", "image_id", "bbox", "category_id"), annotation_file, where)
@@ -211,7 +227,11 @@ def load_coco(annotation_file: str | os.PathLike, image_dir: str | os.PathLike) 
         if min(x + w, image["width"]) <= max(x, 0) or min(y + h, image["height"]) <= max(y, 0):
             skipped[SKIP_OUTSIDE] += 1
             continue
-        target = ([x, y, x + w, y + h], label_of[category_id], annotation.get("segmentation"))
+        segmentation = annotation.get("segmentation")
+        problem = None if segmentation is None else segmentation_error(segmentation, image["height"], image["width"])
+        if problem is not None:
+            invalid_segmentations.append(f"{where}: {problem}")
+        target = ([x, y, x + w, y + h], label_of[category_id], segmentation, problem is None)
         per_image[image_index_of[image_id]].append(target)
 
     paths = [os.path.join(image_dir, image["file_name"]) for image in images]
@@ -233,12 +253,19 @@ def load_coco(annotation_file: str | os.PathLike, image_dir: str | os.PathLike) 
             boxes=np.asarray([t[0] for t in targets], np.float32).reshape(-1, 4),
             labels=np.asarray([t[1] for t in targets], np.int32),
             segmentations=tuple(t[2] for t in targets),
+            segmentation_ok=np.asarray([t[3] for t in targets], bool),
         ))
     num_boxes = sum(len(r.labels) for r in records)
     log.info(
         "%s: %d images, %d categories, %d annotations used; skipped: %s.", annotation_file, len(records),
         len(category_ids), num_boxes, ", ".join(f"{reason} {n}" for reason, n in sorted(skipped.items())) or "none",
     )
+    if invalid_segmentations:
+        log.warning(
+            "%s: %d annotations have a malformed segmentation; their boxes are used, their masks are left out "
+            "of Mask R-CNN training (the object is skipped there). First: %s.", annotation_file,
+            len(invalid_segmentations), "; ".join(invalid_segmentations[:3]),
+        )
     return CocoDataset(
         annotation_file=annotation_file,
         image_dir=image_dir,
@@ -246,6 +273,7 @@ def load_coco(annotation_file: str | os.PathLike, image_dir: str | os.PathLike) 
         category_ids=category_ids,
         category_names=tuple(names_by_id[i] for i in category_ids),
         skipped=dict(skipped),
+        invalid_segmentations=len(invalid_segmentations),
     )
 
 
@@ -270,6 +298,76 @@ def _integer(value: Any, file: str, where: str, key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{file}: {where} has {key} {value!r}; expected an integer.")
     return value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def segmentation_error(segmentation: Any, height: int, width: int) -> str | None:
+    """Why a COCO `segmentation` cannot be a mask of a `height` x `width` image; None if it can.
+
+    Polygons: a non-empty list of polygons, each an even number (>= 6, three points) of finite
+    coordinates. pycocotools raises on fewer points, or (for a first polygon of exactly 4
+    numbers) silently reads a box. RLE: `size` equal to [height, width] and `counts` (a list of
+    non-negative ints, or COCO's compressed string) whose runs cover exactly height * width
+    pixels. Checked in Python, without pycocotools, because its C decoder writes past the mask
+    when the runs add up to more than the image.
+    """
+    if isinstance(segmentation, list):
+        if not segmentation:
+            return "segmentation is an empty list of polygons"
+        for k, polygon in enumerate(segmentation):
+            if not isinstance(polygon, list) or not all(_is_number(v) for v in polygon):
+                return f"polygon {k} is not a list of finite numbers"
+            if len(polygon) < 6 or len(polygon) % 2:
+                return (f"polygon {k} has {len(polygon)} coordinates; a polygon needs an even number, at least 6 "
+                        f"(3 points)")
+        return None
+    if not isinstance(segmentation, dict) or "size" not in segmentation or "counts" not in segmentation:
+        return f"segmentation is neither polygons nor RLE (a dict with 'size' and 'counts'): {str(segmentation)[:60]!r}"
+    size = segmentation["size"]
+    if not isinstance(size, (list, tuple)) or list(size) != [height, width]:
+        return f"RLE size {size!r} differs from the image's [height, width] [{height}, {width}]"
+    counts = segmentation["counts"]
+    if isinstance(counts, (str, bytes)):
+        counts = _compressed_rle_counts(counts.decode("ascii", "replace") if isinstance(counts, bytes) else counts)
+        if counts is None:
+            return "RLE counts is not a valid compressed RLE string"
+    elif not isinstance(counts, list) or not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
+        return "RLE counts must be a list of ints or a compressed RLE string"
+    if any(c < 0 for c in counts) or sum(counts) != height * width:
+        return f"RLE runs cover {sum(counts)} pixels (or hold a negative run), not height * width = {height * width}"
+    return None
+
+
+def _compressed_rle_counts(text: str) -> list[int] | None:
+    """The runs of COCO's compressed RLE string (pycocotools' `rleFrString`); None if malformed.
+
+    Each run is a little-endian sequence of 5-bit groups, one per character (value + 48), with
+    0x20 set on every group but the last and 0x10 of the last the sign; from the third run on a
+    run is stored as the difference to the run two before.
+    """
+    counts: list[int] = []
+    position = 0
+    while position < len(text):
+        value, shift, more = 0, 0, True
+        while more:
+            if position == len(text):
+                return None  # the string ends inside a run
+            group = ord(text[position]) - 48
+            if not 0 <= group < 64:
+                return None
+            value |= (group & 0x1F) << shift
+            more = bool(group & 0x20)
+            position += 1
+            shift += 5
+            if not more and group & 0x10:
+                value -= 1 << shift
+        if len(counts) > 2:
+            value += counts[-2]
+        counts.append(value)
+    return counts
 
 
 # ------------------------------------------------------------------------- preprocessing
@@ -298,10 +396,15 @@ def choose_bucket(height: int, width: int, buckets: Sequence[tuple[int, int]]) -
 class Preprocess:
     """(record, rng) -> one example: {"image": float32 [H, W, 3], "image_size": int32 [2],
     "scale": float32 [2], "image_id": int32 [], "boxes": float32 [G, 4], "labels": int32 [G],
-    "gt_valid": bool [G], "mask": float32 [], "flipped": bool []} for its bucket (H, W), plus
-    "masks": uint8 [G, M, M] when `mask_size` M > 0: each object's segmentation (polygons or RLE,
-    decoded by pycocotools) cropped to its box on an M x M grid (`masks.crop_mask`), flipped with
-    the image, 1 where the crop is >= 0.5.
+    "gt_valid": bool [G], "mask": float32 [], "flipped": bool [], "corrupt": int32 []} for its
+    bucket (H, W), plus "masks": uint8 [G, M, M] when `mask_size` M > 0: each object's
+    segmentation (polygons or RLE, decoded by pycocotools) cropped to its box on an M x M grid
+    (`masks.crop_mask`), flipped with the image, 1 where the crop is >= 0.5; objects whose
+    segmentation is malformed or fails to decode are left out (box too), with a warning.
+
+    A file that fails to decode (truncated, empty, not an image) never stops a run: its slot is
+    a zero image without ground truth, mask 0, corrupt 1 and its own image_id, and a warning
+    names the file.
 
     `rng` is a `np.random.Generator` for training (flip with it) and None for evaluation.
     A module-level dataclass so grain's workers can unpickle it.
@@ -314,20 +417,26 @@ class Preprocess:
     mask_size: int = 0
 
     def __call__(self, record: CocoRecord, rng: np.random.Generator | None) -> Batch:
+        # The bucket comes from the annotated size, so a file that fails to decode still fills
+        # its slot of the batch the layout planned.
+        new_height, new_width = rescale_size(record.height, record.width, self.scale)
+        bucket = choose_bucket(new_height, new_width, self.buckets)
+        if bucket is None:
+            raise _no_bucket_error(record, new_height, new_width, self.scale, self.buckets)
         try:
             image = transforms.decode_rgb(record.path)
-        except Exception as error:
-            raise OSError(f"Cannot decode image {record.path} (COCO image id {record.image_id}): {error}") from error
+        except Exception as error:  # one unreadable file must not stop training or evaluation
+            log.warning(
+                "Skipping image %s (COCO image id %d): it could not be decoded (%s: %s). Its slot has mask 0 "
+                "and corrupt 1.", record.path, record.image_id, type(error).__name__, error,
+            )
+            return _corrupt_example(record, self.buckets[bucket], self.max_gt, self.mask_size)
         if (image.height, image.width) != (record.height, record.width):
             raise ValueError(
                 f"Image {record.path} is {image.height}x{image.width} (h x w) but its annotation file says "
                 f"{record.height}x{record.width}; boxes would land in the wrong place. Fix the file's "
                 f"height/width or the image."
             )
-        new_height, new_width = rescale_size(record.height, record.width, self.scale)
-        bucket = choose_bucket(new_height, new_width, self.buckets)
-        if bucket is None:
-            raise _no_bucket_error(record, new_height, new_width, self.scale, self.buckets)
         if (new_height, new_width) != (record.height, record.width):
             image = image.resize((new_width, new_height), Image.BILINEAR)
         pixels = np.asarray(image)
@@ -335,9 +444,12 @@ class Preprocess:
         factors = np.asarray([new_width / record.width, new_height / record.height], np.float32)
         # Annotated boxes may poke past the image border; mmdet clips them after resizing too
         # (clipping first is the same, and gives the boxes the masks are cropped to).
-        original = np.clip(record.boxes[:self.max_gt], 0, np.asarray([record.width, record.height] * 2, np.float32))
-        boxes = original * np.tile(factors, 2)
-        crops = self._crops(record, original) if self.mask_size > 0 else None
+        clipped = np.clip(record.boxes, 0, np.asarray([record.width, record.height] * 2, np.float32))
+        if self.mask_size > 0:
+            objects, crops = self._objects_with_masks(record, clipped)
+        else:
+            objects, crops = np.arange(min(len(record.labels), self.max_gt)), None
+        boxes = clipped[objects] * np.tile(factors, 2)
         flipped = rng is not None and rng.random() < self.flip_prob
         if flipped:
             pixels = pixels[:, ::-1]
@@ -350,7 +462,7 @@ class Preprocess:
         )
         n = len(boxes)
         out["boxes"][:n] = boxes
-        out["labels"][:n] = record.labels[:self.max_gt]
+        out["labels"][:n] = record.labels[objects]
         out["gt_valid"][:n] = True
         if crops is not None:
             out["masks"][:n] = crops
@@ -361,27 +473,48 @@ class Preprocess:
         out["flipped"] = np.bool_(flipped)
         return out
 
-    def _crops(self, record: CocoRecord, boxes: np.ndarray) -> np.ndarray:
-        """uint8 [n, M, M]: the first n objects' masks cropped to `boxes` (original pixels)."""
-        crops = np.zeros((len(boxes), self.mask_size, self.mask_size), np.uint8)
+    def _objects_with_masks(self, record: CocoRecord, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The first (up to max_gt) objects whose masks decode, and their masks cropped to `boxes`.
+
+        boxes: [n, 4] every object's box in original pixels. Returns int64 [k] object indices and
+        uint8 [k, M, M] crops. Objects that `load_coco` found malformed, or that pycocotools cannot
+        decode, are left out of this image's targets (box and mask) with a warning.
+        """
+        objects, crops = [], []
         for i, (segmentation, box) in enumerate(zip(record.segmentations, boxes)):
+            if len(objects) == self.max_gt:
+                break
             if segmentation is None:
                 raise ValueError(
                     f"Image {record.path} (COCO image id {record.image_id}): object {i} has no 'segmentation', "
                     f"but Mask R-CNN needs an instance mask per object (config.data.mask_size > 0). Use an "
                     f"instances file with segmentations, or set data.mask_size=0 to train boxes only.")
+            if not record.segmentation_ok[i]:
+                continue  # counted and named by load_coco
             try:
                 full = masks_lib.decode_segmentation(segmentation, record.height, record.width)
-            except Exception as error:
-                raise ValueError(
-                    f"Image {record.path} (COCO image id {record.image_id}): cannot decode the segmentation of "
-                    f"object {i} at {record.height}x{record.width}: {error}") from error
-            crops[i] = masks_lib.crop_mask(full, box, self.mask_size) >= 0.5
-        return crops
+            except Exception as error:  # one bad mask must not stop a run: drop the object
+                log.warning(
+                    "Image %s (COCO image id %d): skipping object %d, its segmentation cannot be decoded at "
+                    "%dx%d (%s: %s).", record.path, record.image_id, i, record.height, record.width,
+                    type(error).__name__, error,
+                )
+                continue
+            objects.append(i)
+            crops.append(masks_lib.crop_mask(full, box, self.mask_size) >= 0.5)
+        crops = np.asarray(crops, np.uint8).reshape(-1, self.mask_size, self.mask_size)
+        return np.asarray(objects, np.int64), crops
+
+
+def _corrupt_example(record: CocoRecord, bucket: tuple[int, int], max_gt: int, mask_size: int) -> Batch:
+    """The slot of an image that failed to decode: a padding slot that keeps the image's id (so
+    evaluation can name it) and has corrupt 1."""
+    return {**_empty_example(bucket, max_gt, mask_size), "image_id": np.int32(record.image_id), "corrupt": np.int32(1)}
 
 
 def _empty_example(bucket: tuple[int, int], max_gt: int, mask_size: int = 0) -> Batch:
-    """A padding slot: zero image, image_id -1, labels -1, mask 0 (scale 1 so dividing is safe)."""
+    """A padding slot: zero image, image_id -1, labels -1, mask 0, corrupt 0 (scale 1 so dividing
+    is safe)."""
     masks = {"masks": np.zeros((max_gt, mask_size, mask_size), np.uint8)} if mask_size > 0 else {}
     return {**masks,
         "image": np.zeros((*bucket, 3), np.float32),
@@ -393,6 +526,7 @@ def _empty_example(bucket: tuple[int, int], max_gt: int, mask_size: int = 0) -> 
         "gt_valid": np.zeros(max_gt, bool),
         "mask": np.float32(0),
         "flipped": np.bool_(False),
+        "corrupt": np.int32(0),
     }
 
 
@@ -538,16 +672,17 @@ def train_stream(
     images [p * batch_size, (p + 1) * batch_size) of each global batch. Image i of epoch e
     flips with `np.random.default_rng((seed, e, i))`.
 
-    drop_empty: leave out images with no target boxes (none annotated, or all skipped), as
-      mmdetection's filter_empty_gt does.
+    drop_empty: leave out images with no target boxes (none annotated, or all skipped; with
+      masks, also none with a well-formed segmentation), as mmdetection's filter_empty_gt does.
     mask_size: M > 0 adds instance masks for Mask R-CNN (see `Preprocess`).
 
     Yields {"image": float32 [b, H, W, 3] normalised and zero padded, "image_size": int32 [b, 2]
     (h, w) of the resized image, "scale": float32 [b, 2] (new_h / h, new_w / w), "image_id":
     int32 [b], "boxes": float32 [b, G, 4] (x1, y1, x2, y2) in resized pixels, "labels": int32
-    [b, G] (-1 in empty slots), "gt_valid": bool [b, G], "mask": float32 [b] (all 1 here),
-    "flipped": bool [b]}, with b = batch_size, G = max_gt and (H, W) the batch's bucket, and
-    "masks": uint8 [b, G, M, M] when mask_size M > 0.
+    [b, G] (-1 in empty slots), "gt_valid": bool [b, G], "mask": float32 [b] (1, or 0 for an
+    image that failed to decode), "flipped": bool [b], "corrupt": int32 [b] (1 - mask here)},
+    with b = batch_size, G = max_gt and (H, W) the batch's bucket, and "masks": uint8
+    [b, G, M, M] when mask_size M > 0.
     """
     scale, buckets, bucket_of = _layout(
         dataset, batch_size=batch_size, scale=scale, buckets=buckets, max_gt=max_gt, process_index=process_index,
@@ -557,9 +692,23 @@ def train_stream(
         raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}.")
     if seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed}.")
-    eligible = np.asarray(
-        [i for i, r in enumerate(dataset.records) if len(r.labels) or not drop_empty], np.int64
-    )
+    num_targets = np.asarray([_num_targets(r, mask_size) for r in dataset.records], np.int64)
+    if not num_targets.any():
+        used = sum(len(r.labels) for r in dataset.records)
+        skipped = sum(dataset.skipped.values())
+        if used:
+            why = (f"none of its {used} usable annotations has a well-formed segmentation, which instance masks "
+                   f"(mask_size {mask_size}) need")
+        elif skipped:
+            reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(dataset.skipped.items()))
+            why = f"all {skipped} annotations were skipped ({reasons})"
+        else:
+            why = "its annotation list is empty"
+        raise ValueError(
+            f"{dataset.annotation_file} has no usable annotations for training: {why}. Training needs at least "
+            f"one object; check that this is the instances file of the training split."
+        )
+    eligible = np.flatnonzero((num_targets > 0) | (not drop_empty)).astype(np.int64)
     batches = _TrainBatches(
         dataset, Preprocess(scale, buckets, max_gt, flip_prob, mask_size), eligible, bucket_of, len(buckets),
         seed, batch_size, process_count, process_index,
@@ -578,6 +727,14 @@ def train_stream(
     )
     ds = grain.MapDataset.range(batches.batches_per_epoch).repeat(None).map_with_index(batches)
     return to_iter_dataset(ds, num_workers=num_workers, num_threads=num_threads)
+
+
+def _num_targets(record: CocoRecord, mask_size: int) -> int:
+    """How many of the record's objects a stream can use as targets (Preprocess's rule)."""
+    if mask_size == 0:
+        return len(record.labels)
+    # An object without any segmentation counts: Preprocess then says masks need one.
+    return sum(ok or segmentation is None for ok, segmentation in zip(record.segmentation_ok, record.segmentations))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -619,8 +776,9 @@ def eval_pass(
     (zero image, image_id -1, labels -1, mask 0). Process p takes slots
     [p * batch_size, (p + 1) * batch_size) of each, so every process yields the same number of
     batches (a process may get a batch of padding only) and the global batches do not depend
-    on how they are split. Batches as in `train_stream`; drop padding slots by `mask` or
-    `image_id` before evaluating.
+    on how they are split. Batches as in `train_stream`; evaluate only slots with `mask` 1: a slot
+    with corrupt 1 is an image that failed to decode (it keeps its image_id; report it), any
+    other mask-0 slot is padding (image_id -1).
     """
     scale, buckets, bucket_of = _layout(
         dataset, batch_size=batch_size, scale=scale, buckets=buckets, max_gt=max_gt, process_index=process_index,

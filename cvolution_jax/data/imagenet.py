@@ -47,11 +47,13 @@ class ImageFolderRecords:
         return path, path, int(self.labels[index])
 
 
-def scan_image_folder(root: str, classes: list[str]) -> ImageFolderRecords:
+def scan_image_folder(root: str, classes: list[str], *, train: bool) -> ImageFolderRecords:
     """Lists the images under `root/<class>/` for each class folder in `root`.
 
     Labels are indices into `classes` (the training split's sorted class folders, so train and
-    val agree). A class folder in `root` that is not in `classes` is an error.
+    val agree). A class folder in `root` that is not in `classes` is an error, and so is a train
+    class folder without images: it would still be a class (an output of the classifier that no
+    example teaches). An empty val folder only gets a warning: its class is just not evaluated.
     """
     if not os.path.isdir(root):
         raise FileNotFoundError(
@@ -70,6 +72,15 @@ def scan_image_folder(root: str, classes: list[str]) -> ImageFolderRecords:
             entry.name for entry in os.scandir(os.path.join(root, name))
             if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS)
         )
+        if not folder_files:
+            folder = os.path.join(root, name)
+            if train:
+                raise ValueError(
+                    f"Class folder {folder} holds no images (*{', *'.join(IMAGE_EXTENSIONS)}), yet every folder "
+                    f"of the train split is a class. Put the class's images in it, or remove the folder (and "
+                    f"its val counterpart) to train without that class."
+                )
+            log.warning("Val class folder %s holds no images; its class is not evaluated.", folder)
         files += [f"{name}/{file}" for file in folder_files]
         labels += [label_of[name]] * len(folder_files)
     if not files:
@@ -89,7 +100,7 @@ def _image_folder(config: ml_collections.ConfigDict, train: bool) -> tuple[Image
         )
     # Classes are the train tree's folders, so the label of a wnid does not depend on the split.
     classes = sorted(entry.name for entry in os.scandir(train_root) if entry.is_dir())
-    records = scan_image_folder(train_root if train else os.path.join(config.data_dir, "val"), classes)
+    records = scan_image_folder(train_root if train else os.path.join(config.data_dir, "val"), classes, train=train)
     return records, len(classes)
 
 

@@ -1,8 +1,8 @@
 """The detection training loop: `train_and_evaluate(config, workdir)` and `evaluate(config, workdir)`.
 
 The same machinery as image classification (`cvolution_jax.train`): data parallel over a mesh of
-every device, orbax checkpoints of the state and the data iterator (a rerun resumes; SIGTERM
-saves and returns), metrics as JSONL and TensorBoard. What differs is the model
+every device, orbax checkpoints of the state and the data iterator (a rerun resumes; SIGTERM and
+Ctrl-C save and return; the best checkpoint is kept by box AP), metrics as JSONL and TensorBoard. What differs is the model
 (`FasterRCNN` or `MaskRCNN`, by `config.model.detector`), the optimizer (mmdet's SGD with linear
 warm-up and step decay, stem and first stage frozen) and evaluation: pycocotools' COCOeval on the
 detections of the whole eval split, whose 12-number bbox summary (and for Mask R-CNN the segm one,
@@ -25,11 +25,11 @@ from jax.experimental import multihost_utils
 
 from cvolution_jax import models
 from cvolution_jax.data import coco, nuclei, shapes
-from cvolution_jax.detection import evaluation, masks, visualize
+from cvolution_jax.detection import config_checks, evaluation, masks, visualize
 from cvolution_jax.detection.faster_rcnn import FasterRCNN, Settings, frozen
 from cvolution_jax.detection.mask_rcnn import MaskRCNN
 from cvolution_jax.train import checkpoint, steps
-from cvolution_jax.train.loop import DTYPES, DataMesh, fit, report, save_config
+from cvolution_jax.train.loop import DTYPES, DataMesh, fit, print_config, report, save_config
 from cvolution_jax.train.metrics import MetricWriter, plot_curves
 
 log = logging.getLogger(__name__)
@@ -197,6 +197,7 @@ class _Run:
     """What both modes need: mesh, data, model, initial state, checkpointer."""
 
     def __init__(self, config, workdir, train: bool):
+        config_checks.check_detection(config, workdir, train=train)
         self.config = config
         self.mesh = DataMesh(config.batch_size)
         paths = dataset_paths(config, workdir)
@@ -221,14 +222,18 @@ class _Run:
 
 def run_eval(run: _Run, state, workdir: str, step: int, vis: int = 0) -> dict:
     """COCO bbox (and for Mask R-CNN segm) metrics of `state` on the whole eval split; writes the
-    detections JSON (and `vis` pictures) under `<workdir>/eval_<step>/`."""
+    detections JSON (and `vis` pictures) under `<workdir>/eval_<step>/`.
+
+    An image that fails to decode is skipped, logged and left out of COCOeval; the metrics hold
+    `images` (evaluated) and `skipped_images`, whose sum is the split's size.
+    """
     predict = jax.jit(predict_step)
     dataset, settings = run.eval_data, run.model.settings
     shape_of = {r.image_id: (r.height, r.width) for r in dataset.records}
     with_masks = isinstance(run.model, MaskRCNN)
-    results, drawn = [], 0
+    results, drawn, evaluated, skipped = [], 0, [], []
     out_dir = os.path.join(workdir, f"eval_{step}")
-    keys = ("image_id", "scale")
+    keys = ("image_id", "scale", "mask", "corrupt")
     stream = _stream_args(run.config, run.mesh)
     if not vis:
         stream["mask_size"] = 0  # ground-truth masks only serve the pictures
@@ -238,8 +243,13 @@ def run_eval(run: _Run, state, workdir: str, step: int, vis: int = 0) -> dict:
         host = multihost_utils.process_allgather({k: batch[k] for k in keys}, tiled=True)
         if jax.process_index() != 0:
             continue  # process 0 evaluates: it alone pastes masks and keeps the results
-        shapes = np.asarray([shape_of.get(int(i), (1, 1)) for i in host["image_id"]])  # (1, 1): padding slot
-        results += evaluation.to_coco_results(host["image_id"], dets["boxes"], dets["scores"], dets["labels"],
+        real = host["mask"] > 0
+        evaluated += host["image_id"][real].tolist()
+        skipped += host["image_id"][host["corrupt"] > 0].tolist()
+        # A skipped image keeps its id in the batch; -1 makes to_coco_results drop its slot as padding.
+        image_ids = np.where(real, host["image_id"], -1)
+        shapes = np.asarray([shape_of.get(int(i), (1, 1)) for i in image_ids])  # (1, 1): padding slot
+        results += evaluation.to_coco_results(image_ids, dets["boxes"], dets["scores"], dets["labels"],
                                               dets["valid"], host["scale"], dataset.category_ids,
                                               masks=dets.get("masks"), image_shapes=shapes,
                                               mask_threshold=settings.mask_threshold)
@@ -251,24 +261,50 @@ def run_eval(run: _Run, state, workdir: str, step: int, vis: int = 0) -> dict:
              for iou_type, prefix in (("bbox", ""), ("segm", "segm_"))[:2 if with_masks else 1]]
     metrics = {}
     if jax.process_index() == 0:
+        _check_eval_coverage(dataset, evaluated, skipped)
         evaluation.write_results(os.path.join(out_dir, "detections.json"), results)
         for iou_type, prefix, _ in names:
+            # COCOeval counts every object of an image it is told about and has no detections for
+            # as a miss. A skipped image was never shown to the model, so counting its objects as
+            # misses would lower AP by an amount that measures file damage, not the detector: as
+            # the classification eval does, the numbers are over the images evaluated, and the
+            # skipped ones are reported by id (here) and counted in the metrics.
             stats = evaluation.evaluate(dataset.annotation_file, results, iou_type=iou_type, max_dets=max_dets,
-                                        image_ids=[r.image_id for r in dataset.records])
+                                        image_ids=evaluated)
             report(f"COCO {iou_type} evaluation:\n" + stats.pop("summary"))
             metrics.update({prefix + k: v for k, v in stats.items()})
+        metrics.update(images=len(evaluated), skipped_images=len(skipped))
     # Every process gets process 0's numbers: each one's checkpoint manager ranks checkpoints by AP.
-    keys = [prefix + k for _, prefix, stat_keys in names for k in stat_keys]
+    keys = [prefix + k for _, prefix, stat_keys in names for k in stat_keys] + ["images", "skipped_images"]
     values = np.asarray([metrics.get(k, 0.0) for k in keys], np.float64)
     if jax.process_count() > 1:
         values = np.asarray(multihost_utils.broadcast_one_to_all(values))
     return {k: float(v) for k, v in zip(keys, values)}
 
 
+def _check_eval_coverage(dataset, evaluated: list[int], skipped: list[int]) -> None:
+    """Every eval image was evaluated or skipped, exactly once; reports the skipped ones."""
+    expected = sorted(r.image_id for r in dataset.records)
+    if sorted(evaluated + skipped) != expected:
+        raise RuntimeError(
+            f"The eval pass evaluated {len(evaluated)} and skipped {len(skipped)} images, but "
+            f"{dataset.annotation_file} lists {len(expected)}: images were lost or repeated (a bug in the "
+            f"input pipeline).")
+    if not evaluated:
+        raise RuntimeError(
+            f"None of the {len(expected)} images of {dataset.annotation_file} could be decoded (the warnings name "
+            f"them); check that the image folder {dataset.image_dir} holds the right files.")
+    if skipped:
+        shown = ", ".join(map(str, sorted(skipped)[:10])) + (" ..." if len(skipped) > 10 else "")
+        report(
+            f"COCO evaluation over {len(evaluated)} of {len(expected)} images: {len(skipped)} could not be decoded "
+            f"and are left out of COCOeval (image ids {shown}; the warnings name the files).")
+
+
 def _draw(batch, dets, dataset, out_dir, limit: int, mask_threshold: float) -> int:
     drawn = 0
     for i in range(len(batch["image_id"])):
-        if drawn == limit or batch["image_id"][i] < 0:
+        if drawn == limit or batch["mask"][i] == 0:
             continue
         picture = visualize.denormalize_image(batch["image"][i], batch["image_size"][i])
         height, width = picture.shape[:2]
@@ -288,14 +324,15 @@ def _draw(batch, dets, dataset, out_dir, limit: int, mask_threshold: float) -> i
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, vis: int = 0) -> dict:
     """Trains `config` in `workdir` (resuming from its latest checkpoint); returns the final COCO metrics."""
-    save_config(config, workdir)
+    print_config(config)
     run = _Run(config, workdir, train=True)
     state, ckpt = run.state, run.ckpt
     train_iter = iter(coco.train_stream(run.train_data, seed=config.seed, flip_prob=config.data.flip_prob,
                                         **_stream_args(config, run.mesh)))
     if ckpt.latest_step() is not None:
-        state = ckpt.restore(state, data_iterator=train_iter)
+        state = ckpt.restore(state, data_iterator=train_iter, set_aside_damaged=True)
         log.info("Resumed from %s at step %d.", ckpt.directory, int(state.step))
+    save_config(config, workdir, step=int(state.step))
     train_fn = jax.jit(functools.partial(train_step, frozen_stages=config.model.frozen_stages,
                                          loss_names=run.model.loss_names), donate_argnums=0)
     base_key = jax.random.key(config.seed + 1)
@@ -307,7 +344,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, vis: int
     metrics = fit(
         config, state=state, train_iter=train_iter, step_fn=step_fn, total_steps=run.total_steps,
         eval_every=config.eval_every_steps if config.eval_every_steps > 0 else run.steps_per_epoch, ckpt=ckpt,
-        writer=MetricWriter(workdir), learning_rate=learning_rate_schedule(config, run.steps_per_epoch),
+        writer=MetricWriter(workdir, start_step=int(state.step)), learning_rate=learning_rate_schedule(config, run.steps_per_epoch),
         evaluate=lambda state, step: run_eval(run, state, workdir, step, vis=vis if step == run.total_steps else 0),
     )
     plot_curves(workdir, scores=CURVES, score_title="score")
@@ -315,14 +352,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, vis: int
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None = None, vis: int = 0) -> dict:
-    """Restores checkpoint `step` of `workdir` (default: the latest) and runs COCO evaluation;
-    metrics go to `<workdir>/eval_<step>.json`, detections to `<workdir>/eval_<step>/`."""
-    save_config(config, workdir)
+    """Restores checkpoint `step` of `workdir` (default: the latest good one) and runs COCO evaluation;
+    metrics go to `<workdir>/eval_<step>.json`, detections to `<workdir>/eval_<step>/`, the config
+    to `<workdir>/config_eval_<step>.json`."""
+    print_config(config)
     run = _Run(config, workdir, train=False)
     try:
         state = run.ckpt.restore(run.state, step)
     finally:
         run.ckpt.close()
+    save_config(config, workdir, step=int(state.step), mode="eval")
     restored = int(state.step)
     metrics = run_eval(run, state, workdir, restored, vis=vis)
     if jax.process_index() == 0:

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax.numpy as jnp
@@ -28,6 +29,9 @@ FAMILIES = {
     "cednet": ((26, 38, 50, 101, 152), dict(op="cvolution", stem="rednet", kernel_size=7)),
 }
 
+# The ResNet fields `create` takes as overrides (num_classes and dtype are its own arguments).
+OVERRIDABLE = tuple(f.name for f in dataclasses.fields(ResNet) if f.name not in ("parent", "name", "num_classes", "dtype"))
+
 
 def names() -> list[str]:
     """Every registered model name, e.g. `resnet50`, `rednet26`, `cednet152`."""
@@ -44,6 +48,9 @@ def create(name: str, *, num_classes: int = 1000, dtype: Any = jnp.float32, **ov
       **overrides: other `ResNet` fields, e.g. `stage_sizes=(1, 1, 1), widths=(16, 32, 64)` or
         `op_kwargs=(("context", "none"), ("channel_branch", True))` for an ablation.
     """
+    unknown = sorted(set(overrides) - set(OVERRIDABLE))
+    if unknown:
+        raise ValueError(f"Unknown ResNet field(s) {', '.join(unknown)} in the overrides of {name!r}; valid: {', '.join(OVERRIDABLE)}.")
     for family, (depths, fields) in FAMILIES.items():
         suffix = name[len(family):]
         if name.startswith(family) and suffix.isdigit() and int(suffix) in depths:
@@ -52,4 +59,4 @@ def create(name: str, *, num_classes: int = 1000, dtype: Any = jnp.float32, **ov
     raise ValueError(f"Unknown model {name!r}. Valid names: {', '.join(names())}.")
 
 
-__all__ = ["Bottleneck", "ResNet", "STAGE_SIZES", "FAMILIES", "names", "create"]
+__all__ = ["Bottleneck", "ResNet", "STAGE_SIZES", "FAMILIES", "OVERRIDABLE", "names", "create"]

@@ -9,12 +9,14 @@ Module names follow mmcls (`layer3_5/conv2` is `layer3.5.conv2`) so PyTorch weig
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cvolution_jax.layers import batch_norm, conv, spatial_op
+from cvolution_jax import ops
+from cvolution_jax.layers import SPATIAL_OPS, batch_norm, conv, spatial_op
 
 EXPANSION = 4
 STEMS = ("resnet", "rednet", "small")
@@ -72,6 +74,11 @@ class ResNet(nn.Module):
     op_kwargs: Any = ()
     dtype: Any = jnp.float32
 
+    def __post_init__(self):
+        # At construction, so a bad field fails before any tracing or compilation, naming itself.
+        check_fields(self)
+        super().__post_init__()
+
     @nn.compact
     def __call__(self, x, train: bool = False, return_stages: bool = False):
         """`[B, H, W, 3] -> [B, num_classes]` logits (float32).
@@ -80,8 +87,6 @@ class ResNet(nn.Module):
         for the resnet and rednet stems), a detector's backbone features; `fc` is then never
         created, so a detector's backbone parameters are the classifier's minus `fc`.
         """
-        if self.stem not in STEMS:
-            raise ValueError(f"ResNet: stem must be one of {STEMS}; got {self.stem!r}.")
         bn = functools.partial(batch_norm, train, dtype=self.dtype)
         x = x.astype(self.dtype)
         if self.stem == "resnet":
@@ -107,3 +112,50 @@ class ResNet(nn.Module):
         x = x.mean(axis=(1, 2))
         x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.normal(0.01), name="fc")(x)
         return x.astype(jnp.float32)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_fields(model: ResNet) -> None:
+    """Raises ValueError naming the first field of `model` that cannot build its network.
+
+    `zip(stage_sizes, widths)` would silently drop the stages one of them lacks; an involution or
+    C-volution shares one kernel among 16 channels, so its widths must be multiples of 16, and
+    the rednet and small stems run their op on `stem_width / 2` channels.
+    """
+    if model.stem not in STEMS:
+        raise ValueError(f"ResNet: stem must be one of {STEMS}; got {model.stem!r}.")
+    if model.op not in SPATIAL_OPS:
+        raise ValueError(f"ResNet: op must be one of {SPATIAL_OPS}; got {model.op!r}.")
+    stage_sizes, widths = tuple(model.stage_sizes), tuple(model.widths)
+    if not stage_sizes or not all(_is_int(n) and n >= 1 for n in stage_sizes):
+        raise ValueError(f"ResNet: stage_sizes must be one or more block counts >= 1, e.g. (3, 4, 6, 3); got {stage_sizes}.")
+    if len(widths) != len(stage_sizes):
+        raise ValueError(
+            f"ResNet: {len(stage_sizes)} stages in stage_sizes {stage_sizes} but {len(widths)} in widths {widths}; "
+            f"give one width per stage."
+        )
+    if not _is_int(model.kernel_size) or model.kernel_size < 1 or model.kernel_size % 2 == 0:
+        raise ValueError(
+            f"ResNet: kernel_size must be an odd int >= 1 (3 for conv, 7 for involution and C-volution); got {model.kernel_size!r}."
+        )
+    if not _is_int(model.num_classes) or model.num_classes < 1:
+        raise ValueError(f"ResNet: num_classes must be an int >= 1; got {model.num_classes!r}.")
+    if model.op == "conv":
+        if not all(_is_int(w) and w >= 1 for w in widths):
+            raise ValueError(f"ResNet: widths must be ints >= 1; got {widths}.")
+        stem_multiple, stem_minimum = 1, 1 if model.stem == "resnet" else 2  # the rednet stems halve stem_width
+    else:
+        group = ops.GROUP_CHANNELS
+        if not all(_is_int(w) and w >= group and w % group == 0 for w in widths):
+            raise ValueError(
+                f"ResNet: widths must be multiples of {group} with op={model.op!r} (one kernel per {group} channels); "
+                f"got {widths}."
+            )
+        stem_multiple = stem_minimum = 1 if model.stem == "resnet" else 2 * group
+    if not _is_int(model.stem_width) or model.stem_width < stem_minimum or model.stem_width % stem_multiple:
+        need = f"a multiple of {stem_multiple}" if stem_multiple > 1 else f"an int >= {stem_minimum}"
+        why = f": the {model.stem!r} stem's first conv and op have stem_width / 2 channels" if model.stem != "resnet" else ""
+        raise ValueError(f"ResNet: stem_width must be {need} with op={model.op!r}, stem={model.stem!r}{why}; got {model.stem_width!r}.")

@@ -1,7 +1,7 @@
 """What the training entry points (`experiments.imagenet`, `experiments.coco`) share: flags and main().
 
     cli.define_flags()                                   # at import, before absl parses
-    app.run(lambda argv: cli.run(argv, train_and_evaluate, evaluate))
+    app.run(lambda argv: cli.run(argv, train_and_evaluate, evaluate), flags_parser=cli.parse_flags)
 
 `--config` (an ml_collections config file; `config.mode` "train" or "eval"), `--workdir`, and
 the multi-process flags: `--multihost` calls `jax.distributed.initialize()`, which reads the
@@ -11,12 +11,13 @@ cluster from SLURM, Open MPI or Kubernetes; or `--coordinator_address=HOST:PORT
 
 from __future__ import annotations
 
+import difflib
 import logging
 import sys
 from collections.abc import Callable
 
 from absl import app, flags
-from ml_collections import config_flags
+from ml_collections import config_dict, config_flags
 
 from cvolution_jax.train import distributed
 from cvolution_jax.train.loop import DivergedError
@@ -32,6 +33,52 @@ def define_flags() -> None:
     flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
     flags.DEFINE_integer("heartbeat_timeout_seconds", distributed.HEARTBEAT_TIMEOUT_SECONDS, "Multi-process: fail after a peer is silent this long.")
     flags.mark_flags_as_required(["config", "workdir"])
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing (`app.run(main, flags_parser=cli.parse_flags)`), except that an override
+    of a field the config lacks (`--config.no_such_field=1`, where ml_collections raises an
+    AttributeError) exits with one line naming it and the fields there are."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError):
+        message = _unknown_override(argv)
+        if message is None:  # not a mistyped override: a bug, whose traceback is wanted
+            raise
+        sys.exit(f"error: {message}")
+
+
+def _unknown_override(argv: list[str]) -> str | None:
+    """What is wrong with the first `--config.a.b` override of `argv` whose field the config file
+    does not have, or None if every field exists."""
+    path, overrides = None, []
+    for i, arg in enumerate(argv[1:], 1):
+        name, equals, value = arg.lstrip("-").partition("=")
+        if not arg.startswith("-"):
+            continue
+        if name == "config":
+            path = value if equals else (argv[i + 1] if i + 1 < len(argv) else None)
+        elif name.startswith("config."):
+            overrides.append(name[len("config."):])
+    if path is None:
+        return None
+    try:
+        config = flags.FLAGS["config"].parser.parse(path)  # loads the file again, without overrides
+    except Exception:  # noqa: BLE001 - the file's own error is absl's to report
+        return None
+    for override in overrides:
+        node, keys = config, override.split(".")
+        for depth, key in enumerate(keys):
+            if not isinstance(node, config_dict.ConfigDict):
+                break  # an index into a tuple field, or a field of a non-config value: ml_collections' to judge
+            if key not in node:
+                where = ".".join(["config", *keys[:depth]])
+                close = difflib.get_close_matches(key, list(node.keys()), n=1)
+                guess = f" (did you mean {where}.{close[0]}?)" if close else ""
+                return (f"--config.{override}: {path} has no field {where}.{key}{guess}; the fields of {where} are "
+                        f"{', '.join(sorted(node.keys()))}. Fix the spelling, or add the field to the config file.")
+            node = node[key]
+    return None
 
 
 def _initialize_distributed() -> None:
@@ -65,3 +112,5 @@ def run(argv, train: Callable, evaluate: Callable) -> None:
             raise ValueError(f"--config.mode must be 'train' or 'eval'; got {config.mode!r}.")
     except (DivergedError, FileNotFoundError, ValueError) as error:  # CheckpointMismatchError is a ValueError
         sys.exit(f"error: {error}")
+    except KeyboardInterrupt:  # Ctrl-C before the training steps began, in eval mode, or pressed twice
+        sys.exit("Interrupted (Ctrl-C): nothing was saved after the last checkpoint; rerun the same command to resume from it.")

@@ -6,8 +6,8 @@ over the mesh's `data` axis, and the state is replicated. One jitted `train_step
 
 A run is resumable: rerunning the same command with the same workdir restores the latest
 checkpoint (state and data iterator) and continues; on CPU the final parameters equal, bitwise,
-those of an uninterrupted run. SIGTERM saves a checkpoint and returns; a non-finite loss stops
-the run before anything is saved, so the last checkpoint on disk is a good one.
+those of an uninterrupted run. SIGTERM and Ctrl-C save a checkpoint and return; a non-finite loss
+stops the run before anything is saved, so the last checkpoint on disk is a good one.
 """
 
 from __future__ import annotations
@@ -24,11 +24,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from cvolution_jax import data, models
-from cvolution_jax.train import checkpoint, optim, steps
+from cvolution_jax.train import checkpoint, config_checks, optim, steps
 from cvolution_jax.train.metrics import MetricWriter, plot_curves
 
 log = logging.getLogger(__name__)
@@ -54,14 +55,60 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int):
     return models.create(config.model.name, num_classes=num_classes, dtype=DTYPES[config.dtype], **overrides)
 
 
-def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Prints the resolved config and writes it to `<workdir>/config.json` (process 0)."""
+def print_config(config: ml_collections.ConfigDict) -> None:
+    """Prints the resolved config once (process 0), before anything else of the run."""
+    if jax.process_index() == 0:
+        print(config)
+
+
+def _flatten(tree, prefix: tuple = ()) -> dict:
+    """`{"data.image_size": 16, ...}` of nested dicts."""
+    if not isinstance(tree, dict):
+        return {".".join(prefix): tree}
+    return {path: leaf for key, value in tree.items() for path, leaf in _flatten(value, (*prefix, str(key))).items()}
+
+
+def _config_differences(saved: dict, current: dict) -> list[str]:
+    """`"base_lr: 0.1 -> 0.2"` per field that differs (absent fields shown as `-`)."""
+    saved, current = _flatten(saved), _flatten(current)
+    return [f"{path}: {saved.get(path, '-')} -> {current.get(path, '-')}"
+            for path in sorted(set(saved) | set(current)) if saved.get(path, "-") != current.get(path, "-")]
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str, *, step: int = 0, mode: str = "train") -> str | None:
+    """Writes the resolved config beside the checkpoints, never over the record of how they were trained.
+
+    - training from scratch (`step` 0): `<workdir>/config.json`;
+    - training resumed from checkpoint `step`: `config.json` stays (written if missing); a config that
+      differs from it goes to `config_resume_<step>.json`, with a warning naming the fields;
+    - evaluation of checkpoint `step` (`mode="eval"`): `config_eval_<step>.json`.
+
+    Returns the path written (process 0), or None when there was nothing new to record.
+    """
     if jax.process_index() != 0:
-        return
-    print(config)
+        return None
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
+    text = config.to_json_best_effort(indent=2)
+    original = os.path.join(workdir, "config.json")
+    if mode == "eval":
+        path = os.path.join(workdir, f"config_eval_{step}.json")
+    elif step == 0 or not os.path.exists(original):
+        path = original
+    else:
+        try:
+            with open(original) as f:
+                differences = _config_differences(json.load(f), json.loads(text))
+        except (OSError, ValueError) as error:
+            differences = [f"{original} cannot be read ({error})"]
+        if not differences:
+            return None
+        path = os.path.join(workdir, f"config_resume_{step}.json")
+        shown = "; ".join(differences[:8]) + (f"; and {len(differences) - 8} more" if len(differences) > 8 else "")
+        log.warning("Resuming from step %d with a config that differs from %s, which the run was started with (%s). "
+                    "%s keeps the first; this one is written to %s.", step, original, shown, original, path)
+    with open(path, "w") as f:
+        f.write(text)
+    return path
 
 
 class DataMesh:
@@ -102,16 +149,38 @@ def _setup(config, workdir):
 
 
 def run_eval(state, eval_split, mesh: DataMesh, eval_fn) -> dict:
-    """Top-1, top-5 and loss over the whole eval split (every example exactly once)."""
-    totals = None
+    """Top-1, top-5 and loss over the whole eval split (every example exactly once).
+
+    An image that failed to decode is left out (its mask is 0) and counted, as in training, so one
+    damaged validation file never stops a run. Returns `{"loss", "top1", "top5"}` averaged over
+    the `images` evaluated, plus `images` and `skipped_images` (the split's size is their sum).
+    """
+    totals, corrupt = None, 0
     for batch in eval_split.dataset:
+        corrupt += int(np.sum(batch["corrupt"]))
         sums = eval_fn(state, mesh.shard(batch))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
-    count = float(totals["examples"])
-    if round(count) != eval_split.num_examples:
-        raise RuntimeError(f"Evaluated {count} examples but the eval split has {eval_split.num_examples}.")
-    return {key: float(totals[key]) / count for key in ("loss", "top1", "top5")}
+    if jax.process_count() > 1:  # each process counted the failures of its own shard
+        corrupt = int(np.sum(multihost_utils.process_allgather(np.int64(corrupt))))
+    evaluated = round(float(totals["examples"]))
+    if evaluated + corrupt != eval_split.num_examples:
+        raise RuntimeError(
+            f"Evaluated {evaluated} examples and skipped {corrupt} that failed to decode, but the eval split has "
+            f"{eval_split.num_examples}: the eval pass lost or repeated examples (a bug in the input pipeline)."
+        )
+    if evaluated == 0:
+        raise RuntimeError(
+            f"None of the {eval_split.num_examples} eval images could be decoded (the warnings name them); "
+            f"check data.data_dir and the validation files."
+        )
+    if corrupt:
+        report(
+            f"Evaluated {evaluated} of {eval_split.num_examples} eval images: {corrupt} could not be decoded and "
+            f"are left out of the metrics (the warnings name the files)."
+        )
+    metrics = {key: float(totals[key]) / evaluated for key in ("loss", "top1", "top5")}
+    return {**metrics, "images": evaluated, "skipped_images": corrupt}
 
 
 def _check_finite(history: list[dict], ckpt: checkpoint.Checkpointer) -> dict:
@@ -131,7 +200,10 @@ def _check_finite(history: list[dict], ckpt: checkpoint.Checkpointer) -> dict:
 
 def fit(config, *, state, train_iter, step_fn, total_steps: int, eval_every: int, ckpt: checkpoint.Checkpointer,
         writer: MetricWriter, evaluate, learning_rate) -> dict:
-    """The training loop of every task: steps, logging, evaluation, checkpoints, SIGTERM.
+    """The training loop of every task: steps, logging, evaluation, checkpoints, SIGTERM and Ctrl-C.
+
+    SIGTERM or SIGINT (Ctrl-C) finishes the current step, saves a checkpoint and returns; a second
+    Ctrl-C raises KeyboardInterrupt at once, without saving.
 
     Args:
       state: the (restored) train state; training continues from `state.step`.
@@ -146,9 +218,20 @@ def fit(config, *, state, train_iter, step_fn, total_steps: int, eval_every: int
     Returns:
       The last evaluation's metrics.
     """
+    if total_steps < 1:
+        raise ValueError(
+            f"The run has {total_steps} training steps: config.num_epochs={config.num_epochs} of this dataset's "
+            f"steps per epoch rounds down to 0. Raise config.num_epochs or set config.num_train_steps."
+        )
     start = int(state.step)
     stop = {"signal": None}
-    previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+
+    def request_stop(signum, frame):
+        if signum == signal.SIGINT and stop["signal"] is not None:
+            raise KeyboardInterrupt  # pressed again: the user wants out now, not after the save
+        stop["signal"] = signum
+
+    previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     history, eval_metrics = [], {}
     progress = tqdm(total=total_steps, initial=start, desc="train", unit="step", disable=jax.process_index() != 0)
     tick, tick_step = time.perf_counter(), start
@@ -179,11 +262,14 @@ def fit(config, *, state, train_iter, step_fn, total_steps: int, eval_every: int
             if save_now:
                 ckpt.save(step, state, train_iter, eval_metrics if evaluate_now else None)
             if stopping:
-                report(f"Received signal {stop['signal']}: saved the checkpoint of step {step}; rerun the same command to resume.")
+                name = signal.Signals(stop["signal"]).name
+                report(f"Received signal {stop['signal']} ({name}): saved the checkpoint of step {step}; rerun the same "
+                       f"command to resume.")
                 break
     finally:
         progress.close()
-        signal.signal(signal.SIGTERM, previous_handler)
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
         ckpt.close()
         writer.close()
     return eval_metrics
@@ -191,12 +277,14 @@ def fit(config, *, state, train_iter, step_fn, total_steps: int, eval_every: int
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns the final eval metrics."""
-    save_config(config, workdir)
+    print_config(config)
+    config_checks.check_classification(config, workdir, train=True)
     mesh, train_split, eval_split, steps_per_epoch, total_steps, state, ckpt = _setup(config, workdir)
     train_iter = iter(train_split.dataset)
     if ckpt.latest_step() is not None:
-        state = ckpt.restore(state, data_iterator=train_iter)
+        state = ckpt.restore(state, data_iterator=train_iter, set_aside_damaged=True)
         log.info("Resumed from %s at step %d.", ckpt.directory, int(state.step))
+    save_config(config, workdir, step=int(state.step))
     train_fn = jax.jit(functools.partial(steps.train_step, label_smoothing=config.label_smoothing), donate_argnums=0)
     eval_fn = jax.jit(steps.eval_step)
     skipped = 0
@@ -217,7 +305,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     eval_metrics = fit(
         config, state=state, train_iter=train_iter, step_fn=step_fn, total_steps=total_steps,
         eval_every=config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch, ckpt=ckpt,
-        writer=MetricWriter(workdir), evaluate=evaluate_fn,
+        writer=MetricWriter(workdir, start_step=int(state.step)), evaluate=evaluate_fn,
         learning_rate=optim.learning_rate_schedule(config, steps_per_epoch, total_steps),
     )
     plot_curves(workdir)
@@ -225,19 +313,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> dict:
-    """Restores checkpoint `step` of `workdir` (default: the latest) and evaluates it.
+    """Restores checkpoint `step` of `workdir` (default: the latest good one) and evaluates it.
 
-    Prints top-1/top-5 and writes them to `<workdir>/eval_<step>.json`.
+    Prints top-1/top-5 and writes them to `<workdir>/eval_<step>.json`, the config to
+    `<workdir>/config_eval_<step>.json`.
     """
-    save_config(config, workdir)
+    print_config(config)
+    config_checks.check_classification(config, workdir, train=False)
     mesh, _, eval_split, _, _, state, ckpt = _setup(config, workdir)
     try:
         state = ckpt.restore(state, step)
     finally:
         ckpt.close()
+    save_config(config, workdir, step=int(state.step), mode="eval")
     metrics = run_eval(state, eval_split, mesh, jax.jit(steps.eval_step))
     restored = int(state.step)
-    report(f"checkpoint step {restored}: top-1 {metrics['top1']:.4f}  top-5 {metrics['top5']:.4f}  loss {metrics['loss']:.4f}  ({eval_split.num_examples} images)")
+    report(f"checkpoint step {restored}: top-1 {metrics['top1']:.4f}  top-5 {metrics['top5']:.4f}  loss {metrics['loss']:.4f}  ({metrics['images']} images)")
     if jax.process_index() == 0:
         with open(os.path.join(workdir, f"eval_{restored}.json"), "w") as f:
             json.dump({"step": restored, **metrics}, f, indent=1)

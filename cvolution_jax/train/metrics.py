@@ -3,26 +3,63 @@
 Every record is `{"step": int, "split": "train" | "eval", <metric>: float, ...}`, one JSON object
 per line in `<workdir>/metrics.jsonl`; the same scalars go to TensorBoard under `<workdir>/tensorboard`
 as `<split>/<metric>`. Only process 0 writes.
+
+A resumed run repeats the steps after its checkpoint, so the writer first drops what a killed run
+logged after that step (and TensorBoard purges those events): each step is logged once.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import jax
 
+log = logging.getLogger(__name__)
+
 
 class MetricWriter:
-    def __init__(self, workdir: str):
+    """Appends records to `<workdir>/metrics.jsonl` and TensorBoard.
+
+    Args:
+      start_step: the step the run starts from (a resumed run's checkpoint); records of later
+        steps, written by a run killed before it could checkpoint them, are dropped.
+    """
+
+    def __init__(self, workdir: str, start_step: int = 0):
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.enabled = jax.process_index() == 0
         self._tensorboard = None
         if self.enabled:
             os.makedirs(workdir, exist_ok=True)
+            self._drop_after(start_step)
             from tensorboardX import SummaryWriter  # imported here: only process 0 writes events
 
-            self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
+
+    def _drop_after(self, step: int) -> None:
+        """Rewrites metrics.jsonl without the records after `step` and without a line cut short by a kill."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            lines = f.read().splitlines()
+        kept = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # only a kill mid-write leaves a partial line
+            if record.get("step", 0) <= step:
+                kept.append(line)
+        if len(kept) == len([line for line in lines if line.strip()]):
+            return
+        log.info("%s: dropped %d records after step %d, the step this run resumes from.", self.path,
+                 len(lines) - len(kept), step)
+        temporary = self.path + ".tmp"
+        with open(temporary, "w") as f:
+            f.write("".join(line + "\n" for line in kept))
+        os.replace(temporary, self.path)  # a kill now leaves the old file or the new one, never half
 
     def write(self, step: int, split: str, metrics: dict) -> None:
         if not self.enabled:

@@ -1,0 +1,111 @@
+"""Config checks run before a run builds its data or model: a mistake fails in a second, naming its field.
+
+    config_checks.check_classification(config, workdir, train=True)   # cvolution_jax.train.loop
+    config_checks.check_run(config, workdir, train=True)              # any task's loop, first
+
+Each check raises `ConfigError` (a ValueError, which the entry points print as one `error:` line)
+saying which field was wrong, what it holds, what was expected and how to fix it on the command line.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+import tempfile
+from typing import Any
+
+import ml_collections
+
+from cvolution_jax import data, models
+
+
+class ConfigError(ValueError):
+    """A config field (or the workdir) that the run cannot use."""
+
+
+def is_int(value) -> bool:
+    """An int (numpy's too), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _get(config: ml_collections.ConfigDict, path: str) -> Any:
+    value = config
+    for key in path.split("."):
+        value = value[key]
+    return value
+
+
+def check_int(config: ml_collections.ConfigDict, path: str, minimum: int, why: str = "") -> None:
+    """Raises ConfigError unless `config.<path>` is an int >= `minimum`."""
+    value = _get(config, path)
+    if not is_int(value) or value < minimum:
+        raise ConfigError(f"config.{path} must be an int >= {minimum}{why}; got {value!r}. Set --config.{path}=N.")
+
+
+def check_size(config: ml_collections.ConfigDict, path: str) -> None:
+    """Raises ConfigError unless `config.<path>` is a positive size: N, or (H, W) of positive ints."""
+    value = _get(config, path)
+    sizes = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    if len(sizes) not in (1, 2) or not all(is_int(n) and n >= 1 for n in sizes):
+        raise ConfigError(f"config.{path} must be a size in pixels >= 1 (N or (H, W)); got {value!r}. Set --config.{path}=N.")
+
+
+def check_workdir(workdir: str, *, create: bool = True) -> None:
+    """Creates `workdir` if needed (`create`; else a missing one is left for the checkpoint restore
+    to report) and writes a probe file there; ConfigError if either fails.
+
+    Trying is the only reliable test: permission bits say nothing to root, and a read-only mount
+    or a full disk shows only on writing.
+    """
+    if not workdir:
+        raise ConfigError("--workdir is empty; give the directory for checkpoints, metrics and the config.")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"--workdir {workdir} is a file, not a directory; give a directory (it is created if missing).")
+    if not create and not os.path.exists(workdir):
+        return
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=workdir):
+            pass
+    except OSError as error:
+        raise ConfigError(
+            f"--workdir {workdir} cannot be written ({error.strerror or error}); give a directory this user can write."
+        ) from error
+
+
+def check_run(config: ml_collections.ConfigDict, workdir: str, *, train: bool) -> None:
+    """The fields every task's loop (`cvolution_jax.train.loop.fit`) reads, and the workdir.
+
+    `train`: whether the run trains (a training length is only needed then).
+    """
+    check_int(config, "batch_size", 1, " (the global batch)")
+    if train and not (config.num_train_steps > 0 or config.num_epochs > 0):
+        raise ConfigError(
+            f"config.num_epochs is {config.num_epochs} and config.num_train_steps {config.num_train_steps}: nothing to "
+            f"train. Set --config.num_epochs > 0, or --config.num_train_steps > 0 (which overrides it)."
+        )
+    check_int(config, "log_every_steps", 1)
+    check_int(config, "checkpoint_every_steps", 1, " (a number above the run's steps saves at evaluations and at the end only)")
+    check_int(config, "keep_checkpoints", 0, " (how many of the latest checkpoints to keep besides the best)")
+    check_workdir(workdir, create=train)
+
+
+def check_backbone(config: ml_collections.ConfigDict, name_path: str, overrides_path: str) -> models.ResNet:
+    """The registry model `config.<name_path>` built with the ResNet fields `config.<overrides_path>`
+    (stage_sizes, widths, stem_width, ...); ConfigError naming both if it cannot be built."""
+    name, overrides = _get(config, name_path), dict(_get(config, overrides_path))
+    try:
+        return models.create(name, num_classes=1, **overrides)
+    except ValueError as error:
+        raise ConfigError(
+            f"config.{name_path}={name!r} with config.{overrides_path}={overrides}: {error}"
+        ) from error
+
+
+def check_classification(config: ml_collections.ConfigDict, workdir: str, *, train: bool) -> None:
+    """Every field `cvolution_jax.train.loop` reads before it builds anything, then the workdir."""
+    if config.data.name not in data.DATASETS:
+        raise ConfigError(f"config.data.name must be one of {sorted(data.DATASETS)}; got {config.data.name!r}.")
+    check_int(config, "data.image_size", 1, " (images are resized to image_size x image_size)")
+    check_backbone(config, "model.name", "model.overrides")
+    check_run(config, workdir, train=train)

@@ -1,0 +1,296 @@
+"""User mistakes end in one `error:` line that names the field and the fix, before anything is built:
+config checks (`cvolution_jax.train.config_checks`, `cvolution_jax.detection.config_checks`), the
+models' field checks, the entry points' flag parsing, `count` and the PyTorch converter."""
+
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from cvolution_jax import count, models
+from cvolution_jax.convert import torch_rednet
+from cvolution_jax.detection.config_checks import check_detection
+from cvolution_jax.train.config_checks import ConfigError, check_classification, check_workdir
+from experiments.configs import coco_default
+from tests import tiny_config
+from tests.test_experiments_imagenet import CONFIGS, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DETECTION = ("coco", "faster_rcnn", "mask_rcnn", "nuclei")
+
+
+def entry_point(module, config, workdir, *overrides):
+    """Runs `python -m <module>` and returns its stderr's one `error:` line, checking that it failed
+    without a traceback."""
+    result = subprocess.run([sys.executable, "-m", module, f"--config={config}", f"--workdir={workdir}", *overrides],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr[-2000:]
+    return errors[0]
+
+
+# ---------------------------------------------------------------------------------- the models
+
+
+def test_widths_shorter_than_stage_sizes_is_refused_not_a_dropped_stage():
+    with pytest.raises(ValueError, match=r"3 stages in stage_sizes \(1, 1, 1\) but 2 in widths \(16, 32\); give one width per stage"):
+        models.create("cednet26", stage_sizes=(1, 1, 1), widths=(16, 32), stem_width=32)
+    with pytest.raises(ValueError, match=r"4 stages in stage_sizes \(1, 2, 4, 1\) but 5 in widths"):
+        models.create("resnet50", stage_sizes=(1, 2, 4, 1), widths=(8, 8, 8, 8, 8))
+
+
+@pytest.mark.parametrize("op_model", ["rednet26", "cednet26"])
+def test_op_widths_must_be_multiples_of_16(op_model):
+    with pytest.raises(ValueError, match=r"widths must be multiples of 16 with op='(involution|cvolution)'.*got \(16, 24, 32, 64\)"):
+        models.create(op_model, widths=(16, 24, 32, 64))
+    # 32 and 48 are exact multiples, and the stem's op runs on 64 / 2 = 32 channels.
+    models.create(op_model, widths=(16, 32, 48, 64), stem_width=64)
+
+
+def test_stem_width_must_give_the_stem_op_a_multiple_of_16_channels():
+    # 48 is a multiple of 16, but the rednet stem's op runs on 48 / 2 = 24 channels.
+    with pytest.raises(ValueError, match=r"stem_width must be a multiple of 32 .*stem_width / 2 channels; got 48"):
+        models.create("cednet26", stem_width=48)
+    with pytest.raises(ValueError, match=r"stem_width must be a multiple of 32 .*stem='small'.*got 16"):
+        models.create("rednet26", stem="small", stem_width=16)
+    models.create("cednet26", stem_width=96)
+    # Convolutions group nothing: any positive width builds.
+    models.create("resnet50", widths=(4, 8, 8, 12), stem_width=8)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("stage_sizes", (1, 0, 1, 1), r"stage_sizes must be one or more block counts >= 1"),
+    ("stage_sizes", (), r"stage_sizes must be one or more block counts >= 1"),
+    ("kernel_size", 4, r"kernel_size must be an odd int >= 1"),
+    ("stem", "tiny", r"stem must be one of \('resnet', 'rednet', 'small'\); got 'tiny'"),
+    ("op", "attention", r"op must be one of \('conv', 'involution', 'cvolution'\); got 'attention'"),
+    ("widths", (64, 0, 256, 512), r"widths must be ints >= 1; got \(64, 0, 256, 512\)"),
+    ("stem_width", 0, r"stem_width must be an int >= 1 .*got 0"),
+])
+def test_every_resnet_field_is_checked_at_construction(field, value, message):
+    with pytest.raises(ValueError, match="ResNet: " + message):
+        models.ResNet(**{"stage_sizes": (3, 4, 6, 3), field: value})
+
+
+def test_unknown_override_lists_the_resnet_fields():
+    with pytest.raises(ValueError, match=r"Unknown ResNet field\(s\) widht in the overrides of 'cednet26'; valid: stage_sizes, op, .*stem_width"):
+        models.create("cednet26", widht=(16, 16, 16, 16))
+
+
+# -------------------------------------------------------------------------- classification config
+
+
+def tiny(**fields):
+    config = tiny_config.get_config()
+    config.update(fields)
+    return config
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"num_epochs": 0.0, "num_train_steps": -1}, r"config.num_epochs is 0.0 and config.num_train_steps -1: nothing to train"),
+    ({"checkpoint_every_steps": 0}, r"config.checkpoint_every_steps must be an int >= 1 .*got 0"),
+    ({"log_every_steps": 0}, r"config.log_every_steps must be an int >= 1; got 0"),
+    ({"keep_checkpoints": -1}, r"config.keep_checkpoints must be an int >= 0 .*got -1"),
+    ({"batch_size": 0}, r"config.batch_size must be an int >= 1 .*got 0"),
+])
+def test_run_fields_are_checked(tmp_path, fields, message):
+    with pytest.raises(ConfigError, match=message):
+        check_classification(tiny(**fields), str(tmp_path), train=True)
+    assert not os.listdir(tmp_path)  # refused before anything was written
+
+
+def test_data_and_model_fields_are_named():
+    config = tiny()
+    config.data.image_size = 0
+    with pytest.raises(ConfigError, match=r"config.data.image_size must be an int >= 1 .*got 0. Set --config.data.image_size=N"):
+        check_classification(config, "unused", train=True)
+    config = tiny()
+    config.model.overrides.widths = (16,)
+    with pytest.raises(ConfigError, match=r"config.model.name='cednet26' with config.model.overrides=.*2 stages in stage_sizes \(1, 1\) but 1 in widths"):
+        check_classification(config, "unused", train=True)
+    config = tiny()
+    config.data.name = "mnist"
+    with pytest.raises(ConfigError, match=r"config.data.name must be one of \['digits', .*got 'mnist'"):
+        check_classification(config, "unused", train=True)
+
+
+def test_evaluation_needs_no_training_length_and_creates_no_workdir(tmp_path):
+    check_classification(tiny(num_epochs=0.0, num_train_steps=-1), str(tmp_path / "missing"), train=False)
+    assert not (tmp_path / "missing").exists()  # the restore names the missing checkpoint
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if not os.path.basename(p).startswith(("_", "common"))], ids=os.path.basename)
+def test_every_shipped_config_passes(path, tmp_path):
+    config = load_config(path)
+    if os.path.basename(path).startswith(DETECTION):
+        check_detection(config, str(tmp_path), train=True)
+    else:
+        check_classification(config, str(tmp_path), train=True)
+
+
+# ----------------------------------------------------------------------------------- the workdir
+
+
+def test_a_workdir_that_is_a_file_or_under_one_is_refused(tmp_path):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    with pytest.raises(ConfigError, match=rf"--workdir {a_file} is a file, not a directory; give a directory"):
+        check_workdir(str(a_file))
+    with pytest.raises(ConfigError, match=r"notes.txt/run cannot be written \(Not a directory\); give a directory this user can write"):
+        check_workdir(str(a_file / "run"))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories; the check tries a write, so it passes there")
+def test_a_read_only_workdir_is_refused(tmp_path):
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    try:
+        with pytest.raises(ConfigError, match=r"read_only cannot be written \(Permission denied\)"):
+            check_workdir(str(read_only))
+        with pytest.raises(ConfigError, match=r"read_only/run cannot be written \(Permission denied\)"):
+            check_workdir(str(read_only / "run"))
+    finally:
+        read_only.chmod(0o755)
+
+
+def test_a_workdir_creates_its_parents_and_leaves_no_probe(tmp_path):
+    check_workdir(str(tmp_path / "a" / "b"))
+    assert os.listdir(tmp_path / "a" / "b") == []
+
+
+# ------------------------------------------------------------------------------ detection config
+
+
+def detection_config(**model):
+    config = coco_default.get_config()
+    config.model.update(model)
+    return config
+
+
+def test_detection_fields_are_checked(tmp_path):
+    workdir = str(tmp_path)
+    with pytest.raises(ConfigError, match=r"config.model.channels must be a multiple of 16 with neck_op='cvolution' .*got 24"):
+        check_detection(detection_config(channels=24), workdir, train=True)
+    with pytest.raises(ConfigError, match=r"neck_op='involution', rpn_op='cvolution'.*got 40"):
+        check_detection(detection_config(channels=40, neck_op="involution", rpn_op="cvolution"), workdir, train=True)
+    check_detection(detection_config(channels=24, neck_op="conv"), workdir, train=True)  # convolutions group nothing
+    with pytest.raises(ConfigError, match=r"backbone_overrides gives the backbone 3 stages .*the FPN takes C2-C5, so give 4"):
+        check_detection(detection_config(backbone_overrides={"stage_sizes": (1, 1, 1), "widths": (8, 8, 8), "stem_width": 8}),
+                        workdir, train=True)
+    with pytest.raises(ConfigError, match=r"mask_channels \(32\) must equal config.model.channels \(64\)"):
+        check_detection(detection_config(mask_op="cvolution"), workdir, train=True)
+    config = detection_config()
+    config.data.buckets = ((128, 0),)
+    with pytest.raises(ConfigError, match=r"config.data.buckets must be one or more padded \(H, W\) shapes .*got \(\(128, 0\),\)"):
+        check_detection(config, workdir, train=True)
+    config = detection_config()
+    config.data.scale = (1333, 0)
+    with pytest.raises(ConfigError, match=r"config.data.scale must be a size in pixels >= 1 .*got \(1333, 0\)"):
+        check_detection(config, workdir, train=True)
+    config = detection_config()
+    config.data.image_size = 0
+    with pytest.raises(ConfigError, match=r"config.data.image_size must be an int >= 1"):
+        check_detection(config, workdir, train=True)
+
+
+# ---------------------------------------------------------------------------------- entry points
+
+
+def test_unknown_config_field_is_one_line_with_a_suggestion(tmp_path):
+    line = entry_point("experiments.imagenet", "tests/tiny_config.py", tmp_path, "--config.model.overrides.widht=(16, 16)")
+    assert line.startswith("error: --config.model.overrides.widht: tests/tiny_config.py has no field "
+                           "config.model.overrides.widht (did you mean config.model.overrides.widths?); the fields of "
+                           "config.model.overrides are kernel_size, stage_sizes, stem, stem_width, widths.")
+
+
+def test_imagenet_with_nothing_to_train_fails_before_building_anything(tmp_path):
+    workdir = tmp_path / "run"
+    line = entry_point("experiments.imagenet", "tests/tiny_config.py", workdir, "--config.num_epochs=0", "--config.num_train_steps=-1")
+    assert line.startswith("error: config.num_epochs is 0.0 and config.num_train_steps -1: nothing to train.")
+    assert not workdir.exists()
+
+
+def test_imagenet_workdir_that_is_a_file(tmp_path):
+    (tmp_path / "run").write_text("")
+    line = entry_point("experiments.imagenet", "tests/tiny_config.py", tmp_path / "run")
+    assert line == f"error: --workdir {tmp_path / 'run'} is a file, not a directory; give a directory (it is created if missing)."
+
+
+def test_coco_unknown_config_field(tmp_path):
+    line = entry_point("experiments.coco", "experiments/configs/coco_default.py", tmp_path, "--config.model.overrides.widths=(16,)")
+    assert line.startswith("error: --config.model.overrides.widths: experiments/configs/coco_default.py has no field "
+                           "config.model.overrides (did you mean config.model.backbone_overrides?)")
+
+
+def test_coco_refuses_a_zero_checkpoint_interval_before_writing_its_data(tmp_path):
+    line = entry_point("experiments.coco", "experiments/configs/coco_default.py", tmp_path / "run", "--config.checkpoint_every_steps=0")
+    assert line.startswith("error: config.checkpoint_every_steps must be an int >= 1")
+    assert not (tmp_path / "run").exists()  # neither the shapes data set nor the workdir was written
+
+
+# ------------------------------------------------------------------------------------ count, convert
+
+
+@pytest.mark.parametrize("flag", ["--image-size", "--num-classes"])
+def test_count_refuses_a_zero_size(capsys, flag):
+    with pytest.raises(SystemExit) as exit_info:
+        count.main(["resnet50", flag, "0"])
+    assert exit_info.value.code == 2
+    assert f"error: {flag} must be >= 1" in capsys.readouterr().err
+
+
+@pytest.fixture
+def no_torch(monkeypatch):
+    """`import torch` fails, as where the optional extra is not installed."""
+    monkeypatch.setitem(sys.modules, "torch", None)
+
+
+def convert(tmp_path, source, *flags):
+    with pytest.raises(SystemExit) as exit_info:
+        torch_rednet.main([str(source), str(tmp_path / "out"), "--model", "rednet26", *flags])
+    assert not (tmp_path / "out").exists()
+    return exit_info.value.code
+
+
+def test_converter_names_an_empty_file_without_torch(tmp_path, no_torch):
+    empty = tmp_path / "rednet.pth"
+    empty.write_bytes(b"")
+    assert convert(tmp_path, empty) == f"error: {empty} is empty (0 bytes), e.g. an interrupted download or copy; fetch the checkpoint again."
+
+
+def test_converter_names_a_file_that_is_not_a_checkpoint_without_torch(tmp_path, no_torch):
+    page = tmp_path / "rednet.pth"
+    page.write_text("<html>404 Not Found</html>")
+    message = convert(tmp_path, page)
+    assert message.startswith(f"error: {page} is not a PyTorch checkpoint: torch.save writes a zip archive")
+    assert "starts with b'<htm'" in message
+
+
+def test_converter_names_a_truncated_zip_without_torch(tmp_path, no_torch):
+    whole = tmp_path / "whole.pth"
+    with zipfile.ZipFile(whole, "w") as archive:
+        archive.writestr("archive/data.pkl", b"\x80\x02}q\x00." * 100)
+    cut = tmp_path / "rednet.pth"
+    cut.write_bytes(whole.read_bytes()[:200])  # the start of a download: no central directory
+    assert convert(tmp_path, cut).startswith(f"error: {cut} is a damaged or truncated zip archive (200 bytes)")
+
+
+def test_converter_refuses_fewer_than_one_class(tmp_path, capsys, no_torch):
+    source = tmp_path / "rednet.pth"
+    source.write_bytes(b"")
+    assert convert(tmp_path, source, "--num-classes", "0") == 2
+    assert "error: --num-classes must be >= 1 (the rows of head.fc.weight); got 0." in capsys.readouterr().err
+
+
+def test_num_epochs_that_rounds_to_no_steps_is_an_error(tmp_path):
+    # 0.01 of the digits' 44 steps per epoch (1437 images at batch 32) is 0 steps: known only once
+    # the data is loaded, so the loop checks it before its first step.
+    line = entry_point("experiments.imagenet", "tests/tiny_config.py", tmp_path / "run", "--config.num_epochs=0.01",
+                       "--config.num_train_steps=-1")
+    assert line.startswith("error: The run has 0 training steps: config.num_epochs=0.01 of this dataset's steps per "
+                           "epoch rounds down to 0.")
