@@ -35,12 +35,12 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from cvolution_jax import ops
 from cvolution_jax.data import coco, digits, fashion_mnist, transforms
 from cvolution_jax.data.imagenet import EVAL_CROP_FRACTION
 from cvolution_jax.detection import loop as detection_loop
 from cvolution_jax.files import atomic_open
 from cvolution_jax.train import checkpoint, loop
+from kernels import reference
 
 # The picture: square panels of PANEL pixels (input image first, then one per group), at most
 # MAX_COLUMNS a row, under a TITLE-pixel band. DPI 64 makes every size a whole number of inches
@@ -153,7 +153,7 @@ def dynamic_kernels(module: nn.Module, variables, images, layer: str, **apply_kw
     def wanted(mdl: nn.Module, method_name: str) -> bool:
         if method_name != "__call__" or tuple(mdl.path) != target:
             return False
-        generator.update(groups=mdl.channels // ops.GROUP_CHANNELS, taps=mdl.kernel_size**2)
+        generator.update(kernel_size=mdl.kernel_size)
         return True
 
     def forward(variables, images):
@@ -167,7 +167,7 @@ def dynamic_kernels(module: nn.Module, variables, images, layer: str, **apply_kw
         if isinstance(generated, tuple):
             # A layer with fuse_generator returns (u, W2, b) and leaves Hd = u @ W2 + b to the kernel.
             features, span_kernel, span_bias = (a.astype(jnp.float32) for a in generated)
-            generated = (features @ span_kernel + span_bias).reshape(*features.shape[:3], generator["groups"], generator["taps"])
+            generated = reference.dynamic_kernel(features, span_kernel, span_bias, kernel_size=generator["kernel_size"])
         return generated.astype(jnp.float32)
 
     kernels = jax.jit(forward)(variables, jnp.asarray(images))

@@ -17,8 +17,9 @@ The generated channel `g*K*K + kh*K + kw` is tap `(kh, kw)` of group `g`, the re
 `view(b, G, K*K, h, w)`.
 
 `fuse_generator` on `Involution` and `CVolution` fuses the generator's last 1x1 conv into the
-aggregation (`kernels.fused`: `Hd` is recomputed in registers, never stored), with the same
-`span_conv` parameters, so checkpoints work either way. `None` (auto) will fuse where the fused
+aggregation (`ops.fused_aggregate`; with the Pallas kernels, `kernels.fused`, `Hd` is recomputed
+in registers, never stored), with the same `span_conv` parameters, so checkpoints work either
+way. `impl` chooses the implementation for both paths, as for `ops.aggregate`. `None` (auto) will fuse where the fused
 kernels are measured faster; none has been measured yet, so auto does not fuse anywhere for now.
 """
 
@@ -32,7 +33,6 @@ import jax
 import jax.numpy as jnp
 
 from cvolution_jax import ops
-from kernels import fused as fused_kernels
 
 CONTEXTS = ("none", "dilated3x3")
 REDUCTION = 4
@@ -136,8 +136,7 @@ def _aggregate(module, x, generated, static):
     if not isinstance(generated, tuple):
         return ops.aggregate(x, generated, static, **config, impl=module.impl)
     features, span_kernel, span_bias = generated
-    # Off GPU the Triton kernels run in Pallas's interpreter: correct, slow (tests only).
-    return fused_kernels.fused_aggregate(x, features, span_kernel, span_bias, static, **config, interpret=jax.default_backend() != "gpu")
+    return ops.fused_aggregate(x, features, span_kernel, span_bias, static, **config, impl=module.impl)
 
 
 class Involution(nn.Module):

@@ -1,8 +1,8 @@
 """Training throughput and peak device memory of ResNet-50, RedNet-50 and CedNet-50 on one GPU.
 
-CedNet-50 runs twice: as built by default and with `fuse_generator=True` (`kernels.fused`), the
-generator's span conv fused into the aggregation (on GPU only: off GPU it would run the kernels
-in Pallas's interpreter).
+CedNet-50 runs twice: as built by default and with `fuse_generator=True`, the generator's span
+conv fused into the aggregation (`ops.fused_aggregate`, which `impl="auto"` runs on the fused
+Pallas kernels, `kernels.fused`, on a GPU). The smoke run leaves the fused variant out.
 
     python -m experiments.bench_train                  # on a GPU: batch 128, bfloat16, 224x224
     python -m experiments.bench_train --smoke --out-dir /tmp   # anywhere: narrow nets, 32x32, batch 8
@@ -34,7 +34,7 @@ from cvolution_jax.train import steps
 from kernels.bench import versions
 
 MODELS = ("resnet50", "rednet50", "cednet50")
-# name -> (registry model, model overrides); the fused CedNet only where Triton compiles it.
+# name -> (registry model, model overrides); the fused CedNet is timed on GPU runs only.
 VARIANTS = {name: (name, {}) for name in MODELS}
 VARIANTS["cednet50_fused"] = ("cednet50", {"op_kwargs": (("fuse_generator", True),)})
 SMOKE_OVERRIDES = {"widths": (16, 16, 16, 16), "stem_width": 32, "stage_sizes": (1, 1, 1, 1), "kernel_size": 3}

@@ -25,6 +25,16 @@ convolutions are the same in both and left out. `--no-fused` skips these rows.
 
 Off GPU only `--smoke` runs: there the kernels run in Pallas's interpreter and the times say
 nothing about performance; the smoke run checks that the whole benchmark works end to end.
+
+`--xla-backward` (any backend, meant for CPU) times the XLA path alone, forward and forward +
+backward of all inputs, beside a depthwise KxK convolution of the same shape (`lax.conv`,
+forward + backward of input and kernel), the plain-autodiff oracle
+(`reference.aggregate_autodiff`) and, given `--involution-code PATH` to the involution authors'
+`involution_naive.py` (github.com/d-li14/involution, MIT; not part of this project, needs
+torch), their unfold-based PyTorch aggregation with its generator replaced by the same `Hd`.
+Ratios are taken within one run:
+
+    python -m kernels.bench --xla-backward --involution-code build/involution/involution_naive.py
 """
 
 from __future__ import annotations
@@ -33,13 +43,16 @@ import argparse
 import dataclasses
 import datetime
 import importlib.metadata
+import importlib.util
 import json
 import math
+import os
 import pathlib
 import re
 import statistics
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -175,7 +188,8 @@ def run_fused(name: str, op: Op, dtype, *, with_static: bool, interpret: bool, i
     config = dict(kernel_size=k, stride=op.stride, dilation=1, interpret=interpret)
 
     def unfused_layer(x, v, w2, bias, s):
-        hd = (v @ w2 + bias).reshape(b, ho, ho, groups, k * k)
+        # The unfused layer's span conv writes Hd in the layer's dtype.
+        hd = reference.dynamic_kernel(v, w2, bias, kernel_size=k).astype(dtype)
         return pallas.aggregate(x, hd, s, **config)
 
     def fused_layer(x, v, w2, bias, s):
@@ -206,12 +220,185 @@ def run_fused(name: str, op: Op, dtype, *, with_static: bool, interpret: bool, i
     return rows
 
 
+# The XLA path on CPU: small enough for a 2-core machine, one stride-2 op and the stem's K=3.
+XLA_BACKWARD_OPS = {
+    "c128_k7": Op(8, 28, 128, 7, 1),
+    "c128_k7_s2": Op(8, 28, 128, 7, 2),
+    "stem_c32_k3": Op(8, 56, 32, 3, 1),
+}
+XLA_BACKWARD_IMPLS = ("xla", "xla_autodiff", "depthwise_conv", "torch_involution_naive")
+TORCH_NOT_RUN = "not run (torch / involution code not available)"
+
+
+def _torch_involution(path: str | None):
+    """The `involution` class of the authors' `involution_naive.py`, or None without torch or file.
+
+    Their file imports `mmcv.cnn.ConvModule`; a minimal stand-in (conv, optional BN and ReLU) is
+    provided so mmcv need not be installed. Only the aggregation is timed, so it barely matters.
+    """
+    if not path or not pathlib.Path(path).is_file():
+        return None
+    try:
+        import torch
+    except ImportError:
+        return None
+
+    class ConvModule(torch.nn.Sequential):
+        def __init__(self, in_channels, out_channels, kernel_size, stride=1, conv_cfg=None, norm_cfg=None, act_cfg=None):
+            layers = [torch.nn.Conv2d(in_channels, out_channels, kernel_size, stride, (kernel_size - 1) // 2, bias=norm_cfg is None)]
+            layers += [torch.nn.BatchNorm2d(out_channels)] if norm_cfg else []
+            layers += [torch.nn.ReLU()] if act_cfg else []
+            super().__init__(*layers)
+
+    mmcv, mmcv_cnn = types.ModuleType("mmcv"), types.ModuleType("mmcv.cnn")
+    mmcv_cnn.ConvModule, mmcv.cnn = ConvModule, mmcv_cnn
+    saved = {name: sys.modules.get(name) for name in ("mmcv", "mmcv.cnn")}
+    sys.modules.update({"mmcv": mmcv, "mmcv.cnn": mmcv_cnn})
+    try:
+        spec = importlib.util.spec_from_file_location("involution_naive", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        for name, old in saved.items():
+            if old is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = old
+    return module.involution
+
+
+def _time_torch(op: Op, involution_cls, pass_: str, *, iters: int, warmup: int, repeats: int) -> float:
+    """Seconds per call of the authors' unfold aggregation, its generator replaced by a fixed `Hd`."""
+    import torch
+
+    class Given(torch.nn.Module):  # stands in for the generator: returns the same Hd for any input
+        def __init__(self, weight):
+            super().__init__()
+            self.weight = weight
+
+        def forward(self, _):
+            return self.weight
+
+    b, h, c, k, ho = op.batch, op.size, op.channels, op.kernel_size, op.out_size
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(b, c, h, h, generator=gen, requires_grad=True)
+    hd = torch.randn(b, c // pallas.GROUP_CHANNELS * k * k, ho, ho, generator=gen, requires_grad=True)
+    g = torch.randn(b, c, ho, ho, generator=gen)
+    module = involution_cls(c, k, op.stride)
+    module.conv1, module.conv2 = torch.nn.Identity(), Given(hd)
+
+    def call():
+        if pass_ == "forward":
+            with torch.no_grad():
+                return module(x)
+        x.grad = hd.grad = None
+        module(x).backward(g)
+
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(iters):
+            call()
+        times.append((time.perf_counter() - start) / iters)
+    return statistics.median(times)
+
+
+def _depthwise_conv(op: Op):
+    """A depthwise KxK convolution of the op's shape (PyTorch's symmetric padding), `(x, w) -> y`."""
+    pad = (op.kernel_size - 1) // 2
+    return lambda x, w: jax.lax.conv_general_dilated(
+        x, w, (op.stride, op.stride), ((pad, pad), (pad, pad)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=op.channels,
+    )
+
+
+def _jitted_pass(fn, pass_: str):
+    if pass_ == "forward":
+        return jax.jit(lambda *args: fn(*args[:-1]))
+
+    def forward_backward(*args):
+        out, vjp = jax.vjp(fn, *args[:-1])
+        return out, vjp(args[-1])
+
+    return jax.jit(forward_backward)
+
+
+def run_xla_backward(name: str, op: Op, dtype, *, with_static: bool, involution_cls, iters: int, warmup: int, repeats: int) -> list[dict]:
+    """Rows (per pass, per entry of `XLA_BACKWARD_IMPLS`) for the XLA path of one op.
+
+    Each row has the time and the ratios of the run: `vs_forward` (this impl's forward + backward
+    over its forward) and `xla_speedup` (this impl's time over the XLA path's, same pass).
+    """
+    keys = jax.random.split(jax.random.key(0), 5)
+    shapes = op.shapes(with_static)
+    x, hd, *static = (jax.random.normal(key, shape, dtype) for key, shape in zip(keys, shapes))
+    s = static[0] if static else None
+    g = jax.random.normal(keys[3], (op.batch, op.out_size, op.out_size, op.channels), dtype)
+    depthwise = jax.random.normal(keys[4], (op.kernel_size, op.kernel_size, 1, op.channels), dtype)
+    config = dict(kernel_size=op.kernel_size, stride=op.stride, dilation=1)
+    candidates = {
+        "xla": (lambda x, hd, s: reference.aggregate(x, hd, s, **config), (x, hd, s, g)),
+        "xla_autodiff": (lambda x, hd, s: reference.aggregate_autodiff(x, hd, s, **config), (x, hd, s, g)),
+        "depthwise_conv": (_depthwise_conv(op), (x, depthwise, g)),
+    }
+    times = {}
+    for pass_ in PASSES:
+        for impl, (fn, args) in candidates.items():
+            # The autodiff oracle's backward is the slow path this replaces: a few calls suffice.
+            n = min(iters, 2) if impl == "xla_autodiff" and pass_ != "forward" else iters
+            times[impl, pass_] = _time(_jitted_pass(fn, pass_), args, iters=n, warmup=warmup, repeats=repeats)
+        if involution_cls is not None:
+            times["torch_involution_naive", pass_] = _time_torch(op, involution_cls, pass_, iters=iters, warmup=warmup, repeats=repeats)
+    rows = []
+    for pass_ in PASSES:
+        for impl in XLA_BACKWARD_IMPLS:
+            t = times.get((impl, pass_))
+            rows.append(dict(
+                op=name, shape=dict(dataclasses.asdict(op), out_size=op.out_size), dtype=jnp.dtype(dtype).name,
+                **{"pass": pass_}, impl=impl, time_ms=None if t is None else t * 1e3,
+                vs_forward=None if t is None else t / times[impl, "forward"],
+                xla_speedup=None if t is None else t / times["xla", pass_],
+            ))
+    return rows
+
+
+def _xla_backward_markdown(result: dict) -> str:
+    fmt = lambda v, spec: "n/a" if v is None else format(v, spec)
+    lines = [
+        "# The XLA path's forward and backward against a depthwise convolution and involution's PyTorch fallback",
+        "",
+        f"- device: {result['device']} ({result['platform']}, {result['device_count']} device(s)); "
+        f"host CPUs: {result['cpu_count']}",
+        f"- date: {result['date']}",
+        f"- versions: {', '.join(f'{k} {v}' for k, v in result['versions'].items())}",
+        f"- command: `{result['command']}`",
+        f"- static kernel (C-volution) in the XLA rows: {result['with_static']}; the PyTorch rows are involution's "
+        f"aggregation (x and Hd only); iterations {result['iters']}, warm-up {result['warmup']}, median of {result['repeats']} repeats",
+        f"- torch_involution_naive: {result['torch']}",
+        "- `x fwd`: forward + backward over the same impl's forward; `vs xla`: the impl's time over the XLA path's, "
+        "same pass (above 1: the XLA path is faster)",
+        "",
+        "| op | x shape | K | s | dtype | pass | impl | time (ms) | x fwd | vs xla |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        sh = r["shape"]
+        time_ms = TORCH_NOT_RUN if r["time_ms"] is None else f"{r['time_ms']:.2f}"
+        lines.append(
+            f"| {r['op']} | {sh['batch']}x{sh['size']}x{sh['size']}x{sh['channels']} | {sh['kernel_size']} | {sh['stride']} "
+            f"| {r['dtype']} | {r['pass']} | {r['impl']} | {time_ms} | {fmt(r['vs_forward'], '.1f')} | {fmt(r['xla_speedup'], '.1f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def versions() -> dict:
     """jax, jaxlib, Python and CUDA plugin versions, for the header of every benchmark file."""
     versions = {"jax": jax.__version__, "jaxlib": importlib.metadata.version("jaxlib"), "python": sys.version.split()[0]}
     # jax runs the Triton that XLA bundles in jaxlib / the CUDA plugin; a `triton` wheel is unrelated
     # but recorded when present.
-    for dist in ("jax-cuda12-plugin", "jax-cuda12-pjrt", "jax-cuda13-plugin", "jax-cuda13-pjrt", "triton"):
+    for dist in ("jax-cuda12-plugin", "jax-cuda12-pjrt", "jax-cuda13-plugin", "jax-cuda13-pjrt", "triton", "torch"):
         try:
             versions[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -262,6 +449,54 @@ def _markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _write(result: dict, prefix: str, markdown: str, out_dir: str, smoke: bool) -> list[pathlib.Path]:
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", result["device"]).strip("-").lower()
+    stamp = datetime.datetime.fromisoformat(result["date"]).strftime("%Y%m%dT%H%M%SZ")
+    stem = f"{prefix}_{stamp}_{slug}{'_smoke' if smoke else ''}"
+    paths = [out / f"{stem}.json", out / f"{stem}.md"]
+    paths[0].write_text(json.dumps(result, indent=1) + "\n")
+    paths[1].write_text(markdown)
+    print(f"wrote {paths[0]} and {paths[1]}")
+    return paths
+
+
+def _main_xla_backward(args, argv: list[str], parser) -> list[pathlib.Path]:
+    ops = SMOKE_OPS if args.smoke else XLA_BACKWARD_OPS
+    if args.ops:
+        unknown = set(args.ops.split(",")) - set(ops)
+        if unknown:
+            parser.error(f"unknown ops {sorted(unknown)}; choose from {sorted(ops)}")
+        ops = {name: ops[name] for name in args.ops.split(",")}
+    iters = args.iters or (1 if args.smoke else 3)
+    warmup = args.warmup if args.warmup is not None else 1
+    repeats = args.repeats or (1 if args.smoke else 5)
+    involution_cls = _torch_involution(args.involution_code)
+    torch_note = f"the authors' code at {args.involution_code}" if involution_cls else TORCH_NOT_RUN
+    print(f"torch_involution_naive: {torch_note}", flush=True)
+    rows = []
+    dtypes = args.dtypes.split(",") if args.dtypes != parser.get_default("dtypes") else ["float32"]
+    for name, op in ops.items():
+        for dtype_name in dtypes:
+            op_rows = run_xla_backward(
+                name, op, jnp.dtype(dtype_name), with_static=not args.no_static, involution_cls=involution_cls,
+                iters=iters, warmup=warmup, repeats=repeats,
+            )
+            for r in op_rows:
+                time_ms = TORCH_NOT_RUN if r["time_ms"] is None else f"{r['time_ms']:9.2f} ms"
+                print(f"{name:12s} {dtype_name:9s} {r['pass']:17s} {r['impl']:22s} {time_ms}", flush=True)
+            rows.extend(op_rows)
+    device = jax.devices()[0]
+    result = dict(
+        smoke=args.smoke, device=device.device_kind, platform=device.platform, device_count=jax.device_count(),
+        cpu_count=os.cpu_count(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        versions=versions(), command=" ".join(["python -m kernels.bench", *argv]).strip(),
+        with_static=not args.no_static, iters=iters, warmup=warmup, repeats=repeats, torch=torch_note, rows=rows,
+    )
+    return _write(result, "xla_backward", _xla_backward_markdown(result), args.out_dir, args.smoke)
+
+
 def main(argv: list[str] | None = None) -> list[pathlib.Path]:
     """Runs the benchmark; returns the paths of the JSON and markdown files it wrote."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -272,11 +507,15 @@ def main(argv: list[str] | None = None) -> list[pathlib.Path]:
     parser.add_argument("--ops", default=None, help="comma-separated op names (default: all)")
     parser.add_argument("--no-static", action="store_true", help="involution (no static kernel) instead of C-volution")
     parser.add_argument("--no-fused", action="store_true", help="skip the fused span conv + aggregation rows")
+    parser.add_argument("--xla-backward", action="store_true", help="time the XLA path (any backend, meant for CPU); see the module docstring")
+    parser.add_argument("--involution-code", default=None, help="path to the involution authors' involution_naive.py (with --xla-backward; needs torch)")
     parser.add_argument("--iters", type=int, default=None, help="calls per timing (default 20; smoke 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 3; smoke 1)")
     parser.add_argument("--repeats", type=int, default=None, help="timings, the median is kept (default 5; smoke 1)")
     args = parser.parse_args(argv)
 
+    if args.xla_backward:
+        return _main_xla_backward(args, argv, parser)
     on_gpu = jax.default_backend() == "gpu"
     if not on_gpu and not args.smoke:
         parser.error(

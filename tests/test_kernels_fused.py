@@ -1,6 +1,6 @@
 """`kernels.fused` against the unfused XLA composition: interpret mode on CPU, CUDA lowering, layers.
 
-The truth is `jax.vjp` of `reference.aggregate(x, (v @ W2 + b).reshape(B, Ho, Wo, G, K*K), S)`
+The truth is `jax.vjp` of `reference.fused_aggregate` (`reference.aggregate(x, v @ W2 + b, S)`)
 in float32 at HIGHEST matmul precision, on the same (possibly bf16) input values; the reference
 itself is checked against numpy loops and finite differences in `tests/test_ops.py`.
 """
@@ -35,13 +35,6 @@ def make_inputs(seed, b, h, w, c, k, s, with_static, dtype, reduced=None):
     return (x, v, w2, bias, static), cotangent
 
 
-def unfused(x, v, w2, bias, static, *, kernel_size, stride, dilation):
-    """The composition the fused kernel replaces: span conv, then the reference aggregation."""
-    b, ho, wo, _ = v.shape
-    dynamic = (v @ w2 + bias).reshape(b, ho, wo, x.shape[-1] // 16, kernel_size**2)
-    return reference.aggregate(x, dynamic, static, kernel_size=kernel_size, stride=stride, dilation=dilation)
-
-
 def fused_interpret(*args, **config):
     return fused.fused_aggregate(*args, **config, interpret=True)
 
@@ -60,7 +53,7 @@ def check_against_reference(h, w, c, k, s, d, with_static, dtype, b=2, seed=0, r
     config = dict(kernel_size=k, stride=s, dilation=d)
     out, grads = value_and_vjp(fused_interpret, args, cotangent, **config)
     up = lambda a: None if a is None else a.astype(jnp.float32)
-    expected_out, expected_grads = value_and_vjp(unfused, tuple(map(up, args)), up(cotangent), **config)
+    expected_out, expected_grads = value_and_vjp(reference.fused_aggregate, tuple(map(up, args)), up(cotangent), **config)
     assert out.dtype == dtype and all(g is None or g.dtype == dtype for g in grads)
     for name, got, expected in zip(GRAD_NAMES, (out, *grads), (expected_out, *expected_grads)):
         if expected is None:
@@ -106,6 +99,14 @@ def test_interpret_matches_reference_wide_generator_and_many_tiles():
     check_against_reference(20, 20, 128, 3, 1, 1, True, jnp.float32, b=3)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+def test_interpret_matches_reference_over_several_contraction_chunks(dtype):
+    """R=40: the span dots run over chunks of 16 rows of R (`CONTRACTION`), the third ragged
+    (rows 32-39 real, 40-47 masked) and the fourth (48-63, up to Rp=64) all padding."""
+    assert fused.fused_tiles(6, 32, 40).contraction == 16 < fused._padded(40) == 64
+    check_against_reference(6, 5, 32, 3, 2, 1, True, dtype, b=1, reduced=40)
+
+
 def test_weight_partials_stay_bounded_on_rednet_shapes():
     """The dW2 partial sums of the largest layer fit the budget, and tiles meet the dot's minimum."""
     for rows, width, channels in [(64 * 56, 56, 64), (64 * 28, 28, 128), (64 * 14, 14, 256), (64 * 7, 7, 512)]:
@@ -130,10 +131,10 @@ def test_rejects_mismatched_span_kernel():
     Involution(16, 3, 1),
     CVolution(32, 3, 2),  # dilated context, static kernel, stride 2
 ], ids=["involution", "cvolution"])
-def test_layer_fused_equals_unfused(layer):
+def test_layer_fused_kernels_equal_unfused(layer):
     x = jax.random.normal(jax.random.key(3), (2, 6, 7, layer.channels))
     unfused_layer = layer.clone(fuse_generator=False, impl="xla")
-    fused_layer = layer.clone(fuse_generator=True)
+    fused_layer = layer.clone(fuse_generator=True, impl="pallas")  # the Triton kernels, interpreted on CPU
     variables = fused_layer.init(jax.random.key(0), x)
     # Same parameter tree and values either way: checkpoints are interchangeable.
     other = unfused_layer.init(jax.random.key(0), x)
@@ -196,3 +197,46 @@ def test_lowers_for_cuda(stage, dtype, verified_triton_modules):
     assert text.count(f"@{TRITON_CALL}(") == 4, text.count(f"@{TRITON_CALL}(")
     if verified_triton_modules is not None:
         assert verified_triton_modules == [True] * 4
+
+
+# --- the reference and the dispatch ----------------------------------------------------------
+
+
+def test_reference_equals_numpy_span_conv_then_aggregation():
+    """`reference.fused_aggregate` against Hd written out by a numpy loop over groups and taps."""
+    (x, v, w2, bias, static), _ = make_inputs(7, 2, 6, 5, 32, 3, 2, True, jnp.float32)
+    k, groups = 3, 2
+    v64, w64, b64 = (np.asarray(a, np.float64) for a in (v, w2, bias))
+    hd = np.zeros((*v.shape[:3], groups, k * k))
+    for g in range(groups):
+        for t in range(k * k):
+            hd[..., g, t] = v64 @ w64[:, g * k * k + t] + b64[g * k * k + t]
+    config = dict(kernel_size=k, stride=2, dilation=1)
+    expected = reference.aggregate(x, jnp.asarray(hd, jnp.float32), static, **config)
+    with jax.default_matmul_precision("highest"):
+        got = reference.fused_aggregate(x, v, w2.reshape(1, 1, *w2.shape), bias, static, **config)  # flax's 4-D kernel
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_keeps_hd_in_float32_for_bf16_features():
+    (x, v, w2, bias, _), _ = make_inputs(8, 1, 4, 4, 16, 3, 1, False, jnp.bfloat16)
+    hd = reference.dynamic_kernel(v, w2, bias, kernel_size=3)
+    assert hd.dtype == jnp.float32 and hd.shape == (1, 4, 4, 1, 9)
+    expected = np.asarray(v, np.float32) @ np.asarray(w2, np.float32) + np.asarray(bias, np.float32)
+    np.testing.assert_allclose(np.asarray(hd).reshape(expected.shape), expected, rtol=1e-5, atol=1e-5)
+
+
+def _runs_pallas(fn, *args) -> bool:
+    return "pallas_call" in str(jax.make_jaxpr(fn)(*args))
+
+
+@pytest.mark.parametrize("impl,expect_pallas", [("xla", False), ("auto", False), ("pallas", True)])
+def test_layer_impl_chooses_for_the_fused_path(impl, expect_pallas):
+    """On CPU `auto` and `xla` run the jnp reference for fuse_generator=True, `pallas` the kernels."""
+    layer = CVolution(16, 3, 1, fuse_generator=True, impl=impl)
+    x = jax.random.normal(jax.random.key(9), (1, 5, 5, 16))
+    variables = layer.init(jax.random.key(0), x)
+    assert _runs_pallas(lambda v, x: layer.apply(v, x), variables, x) == expect_pallas
+    unfused = layer.clone(fuse_generator=False, impl="xla")
+    with jax.default_matmul_precision("highest"):
+        np.testing.assert_allclose(layer.apply(variables, x), unfused.apply(variables, x), rtol=1e-5, atol=1e-5)

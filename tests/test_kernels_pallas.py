@@ -307,3 +307,17 @@ def test_bench_smoke_writes_results(tmp_path):
         if unfused["temp_bytes"]:
             assert fused_row["temp_vs_unfused"] == pytest.approx(fused_row["temp_bytes"] / unfused["temp_bytes"])
     assert "| smoke_c32_k7_s2 | 1x10x10x32 | 7 | 2 | bfloat16 | forward+backward | fused |" in paths[1].read_text()
+
+
+def test_bench_xla_backward_smoke_writes_ratios_and_says_when_torch_did_not_run(tmp_path):
+    paths = bench.main(["--xla-backward", "--smoke", "--out-dir", str(tmp_path), "--involution-code", str(tmp_path / "missing.py")])
+    result = json.loads(paths[0].read_text())
+    assert paths[0].name.startswith("xla_backward_") and result["torch"] == bench.TORCH_NOT_RUN
+    rows = {(r["pass"], r["impl"]): r for r in result["rows"]}
+    assert set(rows) == {(p, impl) for p in bench.PASSES for impl in bench.XLA_BACKWARD_IMPLS}
+    for impl in ("xla", "xla_autodiff", "depthwise_conv"):
+        forward, both = rows["forward", impl], rows["forward+backward", impl]
+        assert both["vs_forward"] == pytest.approx(both["time_ms"] / forward["time_ms"])
+        assert both["xla_speedup"] == pytest.approx(both["time_ms"] / rows["forward+backward", "xla"]["time_ms"])
+    assert rows["forward+backward", "torch_involution_naive"]["time_ms"] is None
+    assert f"| torch_involution_naive | {bench.TORCH_NOT_RUN} | n/a | n/a |" in paths[1].read_text()

@@ -1,5 +1,6 @@
 """`cvolution_jax.ops.aggregate` against a plain numpy loop, finite differences and its error messages."""
 
+import functools
 import itertools
 
 import jax
@@ -8,7 +9,8 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from cvolution_jax.ops import aggregate
+from cvolution_jax.ops import aggregate, fused_aggregate
+from kernels import reference
 
 
 def numpy_aggregate(x, dynamic, static, k, s, d):
@@ -112,6 +114,79 @@ def test_gradients_match_closed_form():
         np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-4)
 
 
+def vjp_all(fn, args, cotangent, **config):
+    out, vjp = jax.vjp(lambda *a: fn(*a, **config), *args)
+    return (out, *vjp(cotangent))
+
+
+ORACLE_CASES = [(*case, with_static) for case in CASES for with_static in (False, True)] + [
+    (11, 10, 32, 5, 3, 1, True),  # stride 3: three phases of dx per axis
+    (6, 7, 16, 1, 2, 1, True),  # K=1: no padding, a single tap
+]
+
+
+@pytest.mark.parametrize("h,w,c,k,s,d,with_static", ORACLE_CASES)
+def test_custom_vjp_equals_autodiff_oracle_fp32(h, w, c, k, s, d, with_static):
+    """The kernel-free backward against XLA's autodiff of the same forward (`aggregate_autodiff`)."""
+    x, dynamic, static = make_inputs(6, 2, h, w, c, k, s, with_static)
+    cotangent = jax.random.normal(jax.random.key(7), (2, -(-h // s), -(-w // s), c))
+    config = dict(kernel_size=k, stride=s, dilation=d)
+    got = jax.jit(functools.partial(vjp_all, reference.aggregate, **config))((x, dynamic, static), cotangent)
+    expected = jax.jit(functools.partial(vjp_all, reference.aggregate_autodiff, **config))((x, dynamic, static), cotangent)
+    for name, a, b in zip(("out", "dx", "dHd", "dS"), got, expected):
+        if b is None:
+            assert a is None, name
+            continue
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        scale = float(np.abs(np.asarray(b)).max())
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * scale, err_msg=name)
+
+
+@pytest.mark.parametrize("h,w,c,k,s,d", [CASES[1], CASES[4], CASES[6]])
+def test_custom_vjp_equals_autodiff_oracle_bf16(h, w, c, k, s, d):
+    """bf16 inputs: both accumulate in float32, so they differ by bf16 rounding of the results only."""
+    x, dynamic, static = make_inputs(8, 2, h, w, c, k, s, True, jnp.bfloat16)
+    cotangent = jax.random.normal(jax.random.key(9), (2, -(-h // s), -(-w // s), c), jnp.bfloat16)
+    config = dict(kernel_size=k, stride=s, dilation=d)
+    got = jax.jit(functools.partial(vjp_all, reference.aggregate, **config))((x, dynamic, static), cotangent)
+    expected = jax.jit(functools.partial(vjp_all, reference.aggregate_autodiff, **config))((x, dynamic, static), cotangent)
+    for name, a, b in zip(("out", "dx", "dHd", "dS"), got, expected):
+        assert a.dtype == jnp.bfloat16, name
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        assert np.abs(a - b).max() <= 1e-2 * np.abs(b).max(), name
+
+
+def test_custom_vjp_gives_the_spec_gradients_on_a_hand_made_case():
+    """One pixel of dout at an image corner, stride 2, dilation 2: which inputs receive it, by hand.
+
+    dout is 1 at output (0, 0) of channel 3 only; K=3, s=2, d=2, p=2. Tap (kh, kw) reads
+    x[2*kh - 2, 2*kw - 2]: only taps with kh, kw >= 1 fall inside the image (x rows/cols 0 and 2).
+    """
+    x = jnp.arange(1 * 5 * 5 * 16, dtype=jnp.float32).reshape(1, 5, 5, 16) / 100
+    dynamic = jnp.arange(1 * 3 * 3 * 1 * 9, dtype=jnp.float32).reshape(1, 3, 3, 1, 9)
+    static = jnp.ones((9, 16)) * 0.5
+    dout = jnp.zeros((1, 3, 3, 16)).at[0, 0, 0, 3].set(1.0)
+    _, vjp = jax.vjp(lambda *a: reference.aggregate(*a, kernel_size=3, stride=2, dilation=2), x, dynamic, static)
+    dx, ddyn, dstatic = vjp(dout)
+    expected_dx = np.zeros((1, 5, 5, 16), np.float32)
+    expected_ddyn = np.zeros((1, 3, 3, 1, 9), np.float32)
+    expected_ds = np.zeros((9, 16), np.float32)
+    for kh, kw in itertools.product(range(1, 3), range(1, 3)):
+        t, r, q = kh * 3 + kw, 2 * kh - 2, 2 * kw - 2
+        expected_dx[0, r, q, 3] = float(dynamic[0, 0, 0, 0, t]) + 0.5
+        expected_ddyn[0, 0, 0, 0, t] = float(x[0, r, q, 3])
+        expected_ds[t, 3] = float(x[0, r, q, 3])
+    np.testing.assert_allclose(dx, expected_dx, rtol=1e-6)
+    np.testing.assert_allclose(ddyn, expected_ddyn, rtol=1e-6)
+    np.testing.assert_allclose(dstatic, expected_ds, rtol=1e-6)
+
+
+def test_forward_mode_is_out_of_scope_and_says_so():
+    x, dynamic, _ = make_inputs(10, 1, 5, 5, 16, 3, 1, False)
+    with pytest.raises(TypeError, match="custom_vjp"):
+        jax.jvp(lambda x: aggregate(x, dynamic, kernel_size=3, impl="xla"), (x,), (x,))
+
+
 def test_jit_and_auto_equal_xla():
     x, dynamic, static = make_inputs(5, 1, 8, 8, 16, 3, 1, True)
     f = jax.jit(lambda *a: aggregate(*a, kernel_size=3))
@@ -142,3 +217,56 @@ dyn = jnp.zeros((1, 8, 8, 1, 9))
 def test_bad_input_raises_clear_error(args, kwargs, match):
     with pytest.raises(ValueError, match=match):
         aggregate(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (([[[[0.0] * 16] * 8] * 8], dyn), r"aggregate: x is a list; expected a jax or numpy array\. Convert it with jnp\.asarray"),
+        ((x16, dyn.tolist()), r"aggregate: dynamic_kernel is a list; expected a jax or numpy array"),
+        ((x16.astype(jnp.int32), dyn), r"aggregate: x has dtype int32; expected float32 or bfloat16 .*Cast it"),
+        ((x16, dyn.astype(bool)), r"aggregate: dynamic_kernel has dtype bool; expected float32 or bfloat16"),
+        ((x16.astype(jnp.complex64), dyn), r"aggregate: x has dtype complex64; expected float32 or bfloat16"),
+        ((x16.astype(jnp.float16), dyn), r"aggregate: x has dtype float16; expected float32 or bfloat16"),
+        ((x16, dyn, jnp.zeros((9, 16), jnp.float16)), r"aggregate: static_kernel has dtype float16; expected"),
+    ],
+    ids=["x_list", "dynamic_list", "int32", "bool", "complex64", "float16", "static_float16"],
+)
+def test_rejects_lists_and_dtypes_it_cannot_compute(args, match):
+    with pytest.raises(ValueError, match=match):
+        aggregate(*args, kernel_size=3)
+
+
+def test_float64_runs_on_xla_and_is_refused_by_pallas_with_a_way_out():
+    with jax.enable_x64(True):
+        x, dynamic, _ = make_inputs(11, 1, 5, 5, 16, 3, 1, False, jnp.float64)
+        assert aggregate(x, dynamic, kernel_size=3).dtype == jnp.float64
+        with pytest.raises(ValueError, match=r"impl='pallas' cannot take these inputs: x has dtype float64.*Use impl='xla'"):
+            aggregate(x, dynamic, kernel_size=3, impl="pallas")
+
+
+def test_fused_aggregate_xla_equals_aggregate_of_the_span_conv():
+    x, _, static = make_inputs(12, 2, 7, 6, 32, 3, 2, True)
+    keys = jax.random.split(jax.random.key(13), 3)
+    features = jax.random.normal(keys[0], (2, 4, 3, 8))
+    span_kernel = jax.random.normal(keys[1], (8, 2 * 9)) / 3
+    span_bias = jax.random.normal(keys[2], (18,))
+    with jax.default_matmul_precision("highest"):
+        got = fused_aggregate(x, features, span_kernel, span_bias, static, kernel_size=3, stride=2, impl="xla")
+    hd = np.einsum("bijr,rn->bijn", np.asarray(features, np.float64), np.asarray(span_kernel, np.float64)) + np.asarray(span_bias)
+    expected = numpy_aggregate(np.asarray(x, np.float64), hd.reshape(2, 4, 3, 2, 9), np.asarray(static, np.float64), 3, 2, 1)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "features,span_kernel,span_bias,match",
+    [
+        (jnp.zeros((1, 4, 4, 4)), jnp.zeros((4, 9)), jnp.zeros((9,)), r"features has shape \(1, 4, 4, 4\); expected \[B, Ho, Wo, R\] = \[1, 8, 8, R\]"),
+        (jnp.zeros((1, 8, 8, 4)), jnp.zeros((4, 8)), jnp.zeros((9,)), r"span_kernel \(4, 8\) and span_bias \(9,\) must be \[R, G\*K\*K\] = \[4, 9\]"),
+        (jnp.zeros((1, 8, 8, 4), jnp.int32), jnp.zeros((4, 9)), jnp.zeros((9,)), r"fused_aggregate: features has dtype int32"),
+    ],
+    ids=["features_shape", "span_kernel_shape", "features_int"],
+)
+def test_fused_aggregate_bad_input_raises_clear_error(features, span_kernel, span_bias, match):
+    with pytest.raises(ValueError, match=match):
+        fused_aggregate(x16, features, span_kernel, span_bias, kernel_size=3)
