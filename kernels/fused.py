@@ -11,8 +11,8 @@ K=7) and reading it back, every kernel here recomputes the part of `Hd` it needs
 
 Per tap `t`, a program multiplies its `[TW, R]` tile of `v` by the *channel-expanded* span
 weight `W2_t[r, c] = W2[r, (c // 16)*K*K + t]` (`[R, TC]`, gathered from the small `W2`, which
-stays in L1/L2): one `jnp.dot` gives the tap's weight for every lane of the `[TW, TC]` output
-tile, already broadcast over the 16 channels of each group. This does 16x the span conv's
+stays in L1/L2): `jnp.dot`s over chunks of R give the tap's weight for every lane of the
+`[TW, TC]` output tile, already broadcast over the 16 channels of each group. This does 16x the span conv's
 multiply-adds (each group's value is computed once per channel), but on tensor cores, with no
 register shuffles; a group-space product would need a per-tap column extraction that Triton
 cannot express cheaply. Triton's `tl.dot` needs every dimension >= 16, so `TW`, `TC` and the
@@ -60,23 +60,33 @@ DOT_MIN = 16  # Triton's tl.dot needs M, N, K >= 16
 # Bound on the float32 dW2 partial sums (one [R, G*K*K] matrix per row block): 64 MB.
 # For C=512, K=7 that is 83 blocks of 200K floats; small layers stay at WEIGHT_GRAD_PROGRAMS.
 WEIGHT_PARTIAL_FLOATS = 16 * 2**20
+CONTRACTION = 16  # rows of R per dot in the forward and dx kernels (see fused_tiles)
 
 
-def _warps(elements: int) -> int:
-    # As `kernels.pallas`: ~512 live accumulator elements per warp, 2 to 8 warps.
-    return min(8, max(2, elements // 512))
+def _warps(elements: int, per_thread: int = 16) -> int:
+    # As `kernels.pallas`: about `per_thread` live accumulator elements per thread, 2 to 8 warps.
+    return min(8, max(2, elements // (32 * per_thread)))
 
 
-def fused_tiles(width: int, channels: int) -> Tiles:
+def fused_tiles(width: int, channels: int, reduced: int = DOT_MIN) -> Tiles:
     """Tiles of the forward, `dx` and `dv` kernels: one `[TW, TC]` tile of one row.
 
     TW is the row rounded up to a power of two, at least 16 (the dot's M) and at most 32; TC
-    at most 64, so the expanded span weight `[Rp, TC]` (Rp up to 128 in RedNet-50) stays a
-    modest dot operand. Provisional: not yet tuned on a GPU.
+    at most 64. The forward and `dx` contract `v` with the expanded span weight in chunks of
+    `CONTRACTION` rows of R (Rp up to 128 in RedNet-50), so their dot operands stay
+    `[TW, RC]` and `[RC, TC]` whatever R is. Warps for 8 tile elements per thread (the tile's
+    `Hd_t` and dot operands share the thread's registers with the accumulator): at 16, fp32
+    needed 143-161 registers from C=256 on; at 8, 48-80 (sm_90). Not yet timed on a GPU.
+
+    Args:
+      width: columns of the array the kernel writes.
+      channels: C.
+      reduced: R, the channels of `v`.
     """
     tw = min(max(pl.next_power_of_2(width), DOT_MIN), 32)
     tc = min(pl.next_power_of_2(channels), 64)
-    return Tiles(tw, tc, 1, _warps(tw * tc), 1)
+    contraction = min(_padded(reduced), CONTRACTION)
+    return Tiles(tw, tc, 1, _warps(tw * tc, 8), 1, contraction)
 
 
 def weight_tiles(rows: int, width: int, channels: int, reduced: int, kernel_size: int) -> Tiles:
@@ -84,6 +94,9 @@ def weight_tiles(rows: int, width: int, channels: int, reduced: int, kernel_size
 
     About `pallas.WEIGHT_GRAD_PROGRAMS` programs, but few enough blocks that the `dW2` partial
     sums (`blocks * Wo/TW` matrices of `[R, G*K*K]` floats) stay under `WEIGHT_PARTIAL_FLOATS`.
+    Warps by the larger of its `[TW, TC]` tiles and the `[Rp, TC]` dW2 accumulator, 16 elements
+    per thread: with warps by `[TW, TC]` alone it took 211 to 246 registers per thread from
+    C=256 on (2 warps; sm_90).
 
     Args:
       rows: B * Ho.
@@ -92,13 +105,29 @@ def weight_tiles(rows: int, width: int, channels: int, reduced: int, kernel_size
       reduced: R, the channels of `v`.
       kernel_size: K.
     """
-    base = fused_tiles(width, channels)
+    base = fused_tiles(width, channels, reduced)
     col_tiles = pl.cdiv(width, base.width)
     tiles_per_row = col_tiles * pl.cdiv(channels, base.channels)
     per_partial = reduced * (channels // GROUP_CHANNELS) * kernel_size**2
     max_blocks = max(1, WEIGHT_PARTIAL_FLOATS // (per_partial * col_tiles))
     blocks = min(rows, max_blocks, max(1, pl.cdiv(pallas.WEIGHT_GRAD_PROGRAMS, tiles_per_row)))
-    return base._replace(rows=pl.cdiv(rows, blocks))
+    return base._replace(rows=pl.cdiv(rows, blocks), num_warps=_warps(max(base.width, _padded(reduced)) * base.channels))
+
+
+def dv_tiles(width: int, channels: int, reduced: int) -> Tiles:
+    """Tiles of the `dv` kernel: those of `fused_tiles`, warps by its largest tile.
+
+    A program holds the `[TW, TC]` product `P_t`, a `[TW, Rp]` accumulator and, per tap, the
+    `[TC, Rp]` transposed span weight as a dot operand; 16 elements per thread of the largest.
+    With 8 per thread of `[TW, TC]` alone it spilled at C=512 in float32 (sm_90).
+    """
+    base = fused_tiles(width, channels, reduced)
+    return base._replace(num_warps=_warps(max(base.width, _padded(reduced)) * max(base.width, base.channels)))
+
+
+def _padded(reduced: int) -> int:
+    """Rp: R padded to a power of two the dots take."""
+    return max(pl.next_power_of_2(reduced), DOT_MIN)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +139,7 @@ class _FusedGeometry(_Geometry):
 
     @property
     def reduced_padded(self) -> int:
-        return max(pl.next_power_of_2(self.reduced), DOT_MIN)
+        return _padded(self.reduced)
 
     @property
     def span_width(self) -> int:
@@ -130,14 +159,32 @@ def _dot(a, b, geo: _FusedGeometry):
     return jnp.dot(a, b, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
 
 
-def _span_tap_operands(geo: _FusedGeometry, chans):
-    """Offsets into `W2` of tap 0 of the expanded weight `[Rp, TC]`, its mask, and `b`'s `[1, TC]`.
+def _span_weight(v_ref, v_rows, v_ok, w_ref, b_ref, chans, t, geo: _FusedGeometry, tiles: Tiles):
+    """`Hd_t` for every lane of a `[TW, TC]` tile: `v[rows] @ W2_t + b_t`, fp32 `[TW, TC]`.
 
-    Adding `t` to either offset selects tap `t`: `W2[r, (c // 16)*K*K + t]`, `b[(c // 16)*K*K + t]`.
+    The contraction over R runs in chunks of `tiles.contraction` rows of `v` (`[TW, RC]`) and of
+    the expanded weight (`[RC, TC]`), reloaded per tap from L1/L2: a dot holds both operands in
+    registers, and whole-R operands (R = 64, 128 from stage 3 on) spilled kilobytes per thread.
+
+    Args:
+      v_rows: `[TW, 1]` offset of each column's row of `v` (`pixel * R`); v_ok: `[TW, 1]` or a
+        scalar, whether that pixel exists.
+      chans: `[1, TC]` channels of the tile; t: the tap `kh*K + kw`.
     """
-    red = jnp.arange(geo.reduced_padded)[:, None]  # [Rp, 1]
-    group_base = (chans // GROUP_CHANNELS) * geo.taps  # [1, TC]
-    return red * geo.span_width + group_base, (red < geo.reduced) & (chans < geo.channels), group_base
+    rc = tiles.contraction or geo.reduced_padded  # 0: hand-made tiles, one dot over all of R
+    lanes = jnp.arange(rc)
+    group_base = (chans // GROUP_CHANNELS) * geo.taps + t  # [1, TC]: column of W2 and b
+    chan_ok = chans < geo.channels
+    bias = _load(b_ref, group_base, chan_ok)
+
+    def chunk(step, hd):
+        red = step * rc + lanes
+        v = _load(v_ref, v_rows + red[None, :], v_ok & (red[None, :] < geo.reduced))  # [TW, RC]
+        span = _load(w_ref, red[:, None] * geo.span_width + group_base, chan_ok & (red[:, None] < geo.reduced))
+        return hd + _dot(v, span, geo)
+
+    hd = jnp.broadcast_to(bias, (tiles.width, tiles.channels))
+    return lax.fori_loop(0, geo.reduced_padded // rc, chunk, hd)
 
 
 def _forward_kernel(*refs, geo: _FusedGeometry, tiles: Tiles, with_static: bool):
@@ -150,26 +197,21 @@ def _forward_kernel(*refs, geo: _FusedGeometry, tiles: Tiles, with_static: bool)
     b, i = lax.div(n, ho), lax.rem(n, ho)
     j, ch = _tile_ids(tiles)
     out_ok = (j < wo) & (ch < c)
-    red = jnp.arange(geo.reduced_padded)[None, :]
-    v = _load(v_ref, (n * wo + j) * rr + red, (j < wo) & (red < rr))  # [TW, Rp], once for all taps
-    span_base, span_ok, bias_base = _span_tap_operands(geo, ch)
 
-    def tap_row(kh, acc):
+    # One tap per iteration, not unrolled: with the taps of a row unrolled, ptxas kept every
+    # tap's dot operands live at once and spilled.
+    def tap(t, acc):
+        kh, kw = lax.div(t, k), lax.rem(t, k)
         r = s * i + kh * d - p
-        row_ok = (r >= 0) & (r < h)
-        row_base = (b * h + r) * w
-        for kw in range(k):
-            t = kh * k + kw
-            q = s * j + kw * d - p
-            ok = out_ok & row_ok & (q >= 0) & (q < w)
-            # Hd_t for every lane of the tile; outside the image x loads as 0, so it adds nothing.
-            weight = _dot(v, _load(w_ref, span_base + t, span_ok), geo) + _load(b_ref, bias_base + t, ch < c)
-            if with_static:
-                weight = weight + _load(static_ref, t * c + ch, ch < c)
-            acc = acc + weight * _load(x_ref, (row_base + q) * c + ch, ok)
-        return acc
+        q = s * j + kw * d - p
+        ok = out_ok & (r >= 0) & (r < h) & (q >= 0) & (q < w)
+        # Hd_t for every lane of the tile; outside the image x loads as 0, so it adds nothing.
+        weight = _span_weight(v_ref, (n * wo + j) * rr, j < wo, w_ref, b_ref, ch, t, geo, tiles)
+        if with_static:
+            weight = weight + _load(static_ref, t * c + ch, ch < c)
+        return acc + weight * _load(x_ref, ((b * h + r) * w + q) * c + ch, ok)
 
-    acc = lax.fori_loop(0, k, tap_row, jnp.zeros((tiles.width, tiles.channels), jnp.float32))
+    acc = lax.fori_loop(0, geo.taps, tap, jnp.zeros((tiles.width, tiles.channels), jnp.float32))
     _store(out_ref, (n * wo + j) * c + ch, acc, out_ok, geo.interpret)
 
 
@@ -183,25 +225,20 @@ def _dx_kernel(*refs, geo: _FusedGeometry, tiles: Tiles, with_static: bool):
     b, r = lax.div(m, h), lax.rem(m, h)
     q, ch = _tile_ids(tiles)
     in_ok = (q < w) & (ch < c)
-    red = jnp.arange(geo.reduced_padded)[None, :]
-    span_base, span_ok, bias_base = _span_tap_operands(geo, ch)
 
-    def tap_row(kh, acc):
+    def tap(t, acc):  # not unrolled, as in the forward
+        kh, kw = lax.div(t, k), lax.rem(t, k)
         i, row_ok = _source_index(r, kh * d - p, s, ho)  # the output row reading row r via kh
+        j, col_ok = _source_index(q, kw * d - p, s, wo)  # [TW, 1]
         n = b * ho + i
-        for kw in range(k):
-            t = kh * k + kw
-            j, col_ok = _source_index(q, kw * d - p, s, wo)  # [TW, 1]
-            src_ok = row_ok & col_ok & (q < w)
-            # Hd_t at the output pixels (n, j) this tile's columns feed: their rows of v.
-            v = _load(v_ref, (n * wo + j) * rr + red, src_ok & (red < rr))
-            weight = _dot(v, _load(w_ref, span_base + t, span_ok), geo) + _load(b_ref, bias_base + t, ch < c)
-            if with_static:
-                weight = weight + _load(static_ref, t * c + ch, ch < c)
-            acc = acc + weight * _load(dout_ref, (n * wo + j) * c + ch, in_ok & src_ok)
-        return acc
+        src_ok = row_ok & col_ok & (q < w)
+        # Hd_t at the output pixels (n, j) this tile's columns feed: their rows of v.
+        weight = _span_weight(v_ref, (n * wo + j) * rr, src_ok, w_ref, b_ref, ch, t, geo, tiles)
+        if with_static:
+            weight = weight + _load(static_ref, t * c + ch, ch < c)
+        return acc + weight * _load(dout_ref, (n * wo + j) * c + ch, in_ok & src_ok)
 
-    acc = lax.fori_loop(0, k, tap_row, jnp.zeros((tiles.width, tiles.channels), jnp.float32))
+    acc = lax.fori_loop(0, geo.taps, tap, jnp.zeros((tiles.width, tiles.channels), jnp.float32))
     _store(dx_ref, (m * w + q) * c + ch, acc, in_ok, geo.interpret)
 
 
@@ -297,7 +334,7 @@ def _call(kernel, geo, tiles, grid, out_shape, name, *args):
 
 
 def _forward(geo: _FusedGeometry, x, v, w2, b, static):
-    tiles = fused_tiles(geo.out_width, geo.channels)
+    tiles = fused_tiles(geo.out_width, geo.channels, geo.reduced)
     with_static = static is not None
     grid = (geo.batch * geo.out_height, pl.cdiv(geo.out_width, tiles.width), pl.cdiv(geo.channels, tiles.channels))
     out = _call(
@@ -309,7 +346,7 @@ def _forward(geo: _FusedGeometry, x, v, w2, b, static):
 
 
 def _dx(geo: _FusedGeometry, dout, v, w2, b, static, dtype):
-    tiles = fused_tiles(geo.width, geo.channels)
+    tiles = fused_tiles(geo.width, geo.channels, geo.reduced)
     with_static = static is not None
     grid = (geo.batch * geo.height, pl.cdiv(geo.width, tiles.width), pl.cdiv(geo.channels, tiles.channels))
     dx = _call(
@@ -321,7 +358,7 @@ def _dx(geo: _FusedGeometry, dout, v, w2, b, static, dtype):
 
 
 def _dv(geo: _FusedGeometry, x, dout, w2, v):
-    tiles = fused_tiles(geo.out_width, geo.channels)
+    tiles = dv_tiles(geo.out_width, geo.channels, geo.reduced)
     grid = (geo.batch * geo.out_height, pl.cdiv(geo.out_width, tiles.width))
     dv = _call(
         functools.partial(_dv_kernel, geo=geo, tiles=tiles), geo, tiles, grid,

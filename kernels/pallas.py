@@ -57,15 +57,17 @@ class Tiles(NamedTuple):
     rows: int  # loop trip count, any integer
     num_warps: int
     num_stages: int
+    contraction: int = 0  # kernels.fused: rows of v and W2 per dot (a power of two >= 16)
 
 
-def _warps(elements: int) -> int:
-    # About 512 live elements per warp (16 per thread) keeps the fp32 accumulator, the loaded
-    # tile and its offsets in registers; at least 2 warps so tiny tiles still hide some latency.
-    return min(8, max(2, elements // 512))
+def _warps(elements: int, per_thread: int = 16) -> int:
+    # About `per_thread` live elements per thread (16: 512 per warp) keeps the fp32 accumulator,
+    # the loaded tiles and their offsets in registers; at least 2 warps so tiny tiles still hide
+    # some latency.
+    return min(8, max(2, elements // (32 * per_thread)))
 
 
-def elementwise_tiles(width: int, channels: int) -> Tiles:
+def elementwise_tiles(width: int, channels: int, *, gather: bool = False) -> Tiles:
     """Tiles of the forward and `dx` kernels, one program per `[TW, TC]` tile of one row.
 
     Channels are the contiguous axis of NHWC, so a program takes as many of them as it can
@@ -78,13 +80,20 @@ def elementwise_tiles(width: int, channels: int) -> Tiles:
     C=256 W=14 -> 8x256; C=512 W=7 -> 8x256 (two channel tiles). No `tl.dot` in these loops,
     so Triton's software pipeliner has nothing to stage: `num_stages=1` (tune on a GPU).
 
+    `gather=True` (the `dx` kernel) takes at most 128 channels and 8 elements per thread: per
+    tap it also works out which output pixel feeds each column (a division by the stride), and
+    ptxas keeps the K unrolled taps' loads in flight, so at 16 elements per thread the stride-2
+    layers needed 128-186 registers and bf16 C=128 spilled (sm_90, `python -m kernels.compile`);
+    at 8 they need at most 115 and none spills.
+
     Args:
       width: columns of the array the kernel writes (Wo for the forward, W for `dx`).
       channels: C.
+      gather: tiles for the `dx` gather kernel.
     """
-    tc = min(pl.next_power_of_2(channels), 256)
+    tc = min(pl.next_power_of_2(channels), 128 if gather else 256)
     tw = min(pl.next_power_of_2(width), max(1, 2048 // tc))
-    return Tiles(tw, tc, 1, _warps(tw * tc), 1)
+    return Tiles(tw, tc, 1, _warps(tw * tc, 8 if gather else 16), 1)
 
 
 def weight_grad_tiles(rows: int, width: int, channels: int, *, with_static: bool) -> Tiles:
@@ -95,7 +104,8 @@ def weight_grad_tiles(rows: int, width: int, channels: int, *, with_static: bool
     With one, each program writes a `[K*K, TC]` partial sum of `dS`, so blocks hold several rows:
     just enough blocks for about `WEIGHT_GRAD_PROGRAMS` programs, which bounds the partial-sum
     buffer at `WEIGHT_GRAD_PROGRAMS * K*K * TC` floats (6.4 MB for K=7, TC=64). TC is capped at
-    64 (not 256 as in the forward) because the buffer grows with it; TW covers the row up to 64.
+    64 (not 256 as in the forward) because the buffer grows with it; TW covers the row up to
+    2048 elements per tile as in the forward (a 64x64 tile at 8 warps spilled in bf16 on sm_90).
 
     Args:
       rows: B * Ho.
@@ -104,7 +114,7 @@ def weight_grad_tiles(rows: int, width: int, channels: int, *, with_static: bool
       with_static: whether `dS` is computed.
     """
     tc = min(pl.next_power_of_2(channels), 64)
-    tw = min(pl.next_power_of_2(width), 64)
+    tw = min(pl.next_power_of_2(width), 2048 // tc)
     rows_per_block = 1
     if with_static:
         tiles_per_row = pl.cdiv(width, tw) * pl.cdiv(channels, tc)
@@ -304,7 +314,7 @@ def _forward(geo: _Geometry, x, dynamic, static):
 
 
 def _dx(geo: _Geometry, dout, dynamic, static, dtype):
-    tiles = elementwise_tiles(geo.width, geo.channels)
+    tiles = elementwise_tiles(geo.width, geo.channels, gather=True)
     with_static = static is not None
     grid = (geo.batch * geo.height, pl.cdiv(geo.width, tiles.width), pl.cdiv(geo.channels, tiles.channels))
     dx = pl.pallas_call(

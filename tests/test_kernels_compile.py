@@ -1,0 +1,202 @@
+"""`kernels.compile`: its readers of ptxas and XLA output, the occupancy rules, and one real compile.
+
+The parsers and the occupancy arithmetic run everywhere, against text captured from ptxas 12.9
+and XLA (jax 0.10.2) and against occupancies worked out by hand from the CUDA occupancy
+calculator's rules. The compile itself needs `pip install -e ".[compile]"` and skips without it.
+"""
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from kernels import bench, fused, pallas
+from kernels import compile as kcompile
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# `ptxas -v --gpu-name sm_90a` on two kernels: one clean, one with a stack frame and spills.
+PTXAS_OUTPUT = """\
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'cvolution_forward' for 'sm_90a'
+ptxas info    : Function properties for cvolution_forward
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 88 registers, used 1 barriers
+ptxas info    : Compile time = 146.316 ms
+ptxas info    : Compiling entry function 'cvolution_weight_grads' for 'sm_90a'
+ptxas info    : Function properties for cvolution_weight_grads
+    8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads
+ptxas info    : Used 48 registers, used 1 barriers, 8 bytes cumulative stack size
+ptxas info    : Compile time = 76.859 ms
+"""
+
+# XLA's thunk sequence of a fused forward + backward program: Pallas kernels and XLA's own.
+THUNK_SEQUENCE = """\
+001: kCustomKernel [source       | sink        ] cvolution_fused_dv grid: [3584, 2, 1] threads: [128, 1, 1]  shared_memory: 12288 bytes
+002: kCustomKernel [source       | next=003 (1)] cvolution_fused_weight_grads grid: [256, 2, 1] threads: [128, 1, 1]  shared_memory: 10240 bytes
+003: kCustomKernel [prev=002 (1) | next=007 (4)] input_reduce_fusion_2 grid: [49, 1, 1] threads: [1024, 1, 1]  shared_memory: 0 bytes
+006: kCustomKernel [source | sink] cvolution_forward grid: [28, 1, 1] threads: [64, 1, 1]  shared_memory: 256 bytes
+"""
+
+
+def test_parse_ptxas_reads_registers_spills_and_stack_per_kernel():
+    infos = kcompile.parse_ptxas(PTXAS_OUTPUT)
+    assert infos == {
+        "cvolution_forward": kcompile.PtxasInfo(registers=88, spill_stores=0, spill_loads=0, stack=0),
+        "cvolution_weight_grads": kcompile.PtxasInfo(registers=48, spill_stores=4, spill_loads=12, stack=8),
+    }
+
+
+def test_parse_ptxas_without_a_properties_line_means_no_spills():
+    text = "ptxas info    : Compiling entry function 'k' for 'sm_90a'\nptxas info    : Used 30 registers\n"
+    assert kcompile.parse_ptxas(text) == {"k": kcompile.PtxasInfo(30, 0, 0, 0)}
+    assert kcompile.parse_ptxas("ptxas info    : 0 bytes gmem\n") == {}
+
+
+def test_parse_thunks_reads_every_launch():
+    launches = kcompile.parse_thunks(THUNK_SEQUENCE)
+    assert launches["cvolution_fused_dv"] == kcompile.Launch((3584, 2, 1), 128, 12288)
+    assert launches["cvolution_fused_weight_grads"] == kcompile.Launch((256, 2, 1), 128, 10240)
+    assert launches["input_reduce_fusion_2"] == kcompile.Launch((49, 1, 1), 1024, 0)
+    assert launches["cvolution_forward"] == kcompile.Launch((28, 1, 1), 64, 256)
+    assert len(launches) == 4
+
+
+def test_target_reads_the_shipped_h100_spec():
+    """Compute capability 9.0, not the cuDNN version's `minor: 9` further down the file."""
+    target = kcompile.Target.from_text(kcompile.DEFAULT_TARGET.read_text())
+    assert (target.major, target.minor, target.sm) == (9, 0, "90")
+    assert (target.cores, target.registers_per_sm, target.threads_per_sm) == (132, 65536, 2048)
+    assert (target.shared_memory_per_sm, target.shared_memory_per_block) == (233472, 232448)
+    assert target.name == "NVIDIA H100 80GB HBM3"
+
+
+def test_target_without_compute_capability_says_what_it_needs():
+    with pytest.raises(ValueError, match="cuda_compute_capability"):
+        kcompile.Target.from_text("gpu_device_info { core_count: 1 }")
+
+
+H100 = kcompile.Target.from_text(kcompile.DEFAULT_TARGET.read_text())
+
+
+@pytest.mark.parametrize(
+    "registers,threads,smem,blocks,limiter",
+    [
+        # 88 regs: 2816 per warp (11 units), 5 warps per 16384-register partition, 20 per SM,
+        # 10 blocks of 2 warps; shared memory alone would allow 233472 // 1280 = 182.
+        (88, 64, 256, 10, "registers"),
+        # 128 regs at 4 warps: 4096 per warp, 4 per partition, 16 per SM: 4 blocks (25%).
+        (128, 128, 0, 4, "registers"),
+        # 255 regs: 8192 per warp (rounded up), 2 per partition: one 8-warp block (12.5%).
+        (255, 256, 0, 1, "registers"),
+        # 32 regs at 2 warps: registers allow 64 warps, warps 32 blocks, the block limit 32.
+        (32, 64, 0, 32, "blocks"),
+        # 100 KB of shared memory: (102400 + 1024 reserved) twice in 228 KB.
+        (32, 128, 102400, 2, "shared memory"),
+        # 255 regs at 1024 threads: 262144 registers, over the 65536 a block may have.
+        (255, 1024, 0, 0, "registers"),
+    ],
+)
+def test_occupancy_follows_the_calculators_rules(registers, threads, smem, blocks, limiter):
+    assert H100.blocks_per_sm_for(registers, threads, smem) == (blocks, limiter)
+    assert H100.occupancy(registers, threads, smem) == pytest.approx(blocks * threads / 32 / 64)
+
+
+def _report(kernel, family, registers, stores=0, loads=0, stack=0):
+    return kcompile.KernelReport(
+        kernel, "stage4_c512", family, "cvolution", "float32", kcompile.Launch((1, 1, 1), 128, 0),
+        kcompile.PtxasInfo(registers, stores, loads, stack), 4, "registers", 0.25,
+    )
+
+
+def test_problems_are_spills_anywhere_and_registers_over_budget_unfused():
+    reports = [
+        _report("cvolution_forward", "unfused", 128),  # at the budget: fine
+        _report("cvolution_dx", "unfused", 129),
+        _report("cvolution_fused_forward", "fused", 200),  # fused kernels: only spills count
+        _report("cvolution_fused_dx", "fused", 32, stores=24256, loads=33432, stack=9960),
+    ]
+    found = kcompile.problems(reports)
+    assert len(found) == 2
+    assert "cvolution_dx" in found[0] and "129 registers > 128" in found[0]
+    assert "cvolution_fused_dx" in found[1] and "24256 B spill stores" in found[1]
+
+
+def test_without_the_plugin_the_command_says_what_to_install(monkeypatch, capsys):
+    monkeypatch.setattr(kcompile, "PLUGINS", ("no_such_cuda_plugin",))
+    monkeypatch.setattr(kcompile, "find_ptxas", lambda: None)
+    reason = kcompile.missing_tools()
+    assert "jax-cuda12-plugin" in reason and "ptxas" in reason and 'pip install -e ".[compile]"' in reason
+    assert kcompile.main(["--ci"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and 'pip install -e ".[compile]"' in err
+
+
+def test_spec_ships_with_the_package():
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert 'kernels = ["specs/*.txtpb"]' in pyproject
+    assert kcompile.DEFAULT_TARGET.is_file()
+
+
+@pytest.mark.skipif(kcompile.missing_tools() is not None, reason=str(kcompile.missing_tools()))
+def test_compiles_one_op_for_h100_with_no_spills(tmp_path):
+    """The real thing, in a fresh process (the CUDA plugin must register before jax starts)."""
+    out = tmp_path / "table.md"
+    proc = subprocess.run(
+        [sys.executable, "-m", "kernels.compile", "--ops", "stage3_c256", "--families", "unfused", "--variants", "cvolution",
+         "--dtypes", "bfloat16", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| cvolution_")]
+    rows = [row for row in rows if len(row) == 14]  # "Every kernel", not the per-kernel summary
+    assert sorted(row[0][2:] for row in rows) == ["cvolution_dx", "cvolution_forward", "cvolution_weight_grads"]
+    for row in rows:
+        assert row[1:4] == ["stage3_c256", "cvolution", "bfloat16"]
+        registers, stores, loads = int(row[6]), int(row[7]), int(row[8])
+        assert 0 < registers <= kcompile.REGISTER_BUDGET and stores == loads == 0
+
+
+def _tiles_now(kernel, op, variant):
+    """(warps, grid) the current tile heuristics give `kernel` at `op`: what a fresh compile reports."""
+    b, h, c, k, ho = op.batch, op.size, op.channels, op.kernel_size, op.out_size
+    reduced, rows, static = c // 4, op.batch * op.out_size, variant == "cvolution"
+    cdiv = lambda a, d: -(-a // d)
+    if kernel == "cvolution_forward":
+        t = pallas.elementwise_tiles(ho, c)
+        return t.num_warps, (rows, cdiv(ho, t.width), cdiv(c, t.channels))
+    if kernel == "cvolution_dx":
+        t = pallas.elementwise_tiles(h, c, gather=True)
+        return t.num_warps, (b * h, cdiv(h, t.width), cdiv(c, t.channels))
+    if kernel == "cvolution_weight_grads":
+        t = pallas.weight_grad_tiles(rows, ho, c, with_static=static)
+        return t.num_warps, (cdiv(rows, t.rows), cdiv(ho, t.width), cdiv(c, t.channels))
+    if kernel == "cvolution_fused_forward":
+        t = fused.fused_tiles(ho, c, reduced)
+        return t.num_warps, (rows, cdiv(ho, t.width), cdiv(c, t.channels))
+    if kernel == "cvolution_fused_dx":
+        t = fused.fused_tiles(h, c, reduced)
+        return t.num_warps, (b * h, cdiv(h, t.width), cdiv(c, t.channels))
+    if kernel == "cvolution_fused_dv":
+        t = fused.dv_tiles(ho, c, reduced)
+        return t.num_warps, (rows, cdiv(ho, t.width), 1)
+    t = fused.weight_tiles(rows, ho, c, reduced, k)
+    return t.num_warps, (cdiv(rows, t.rows), cdiv(ho, t.width), cdiv(c, t.channels))
+
+
+def test_checked_in_table_matches_the_current_tiles():
+    """benchmarks/compile_sm90.md was regenerated after the last tile change: its warps and grids
+    are what the heuristics give now, for every kernel, op, variant and dtype."""
+    table = ROOT / "benchmarks" / "compile_sm90.md"
+    rows = [line.split(" | ") for line in table.read_text().splitlines() if line.startswith("| cvolution_")]
+    rows = [row for row in rows if len(row) == 14]  # "Every kernel", not the per-kernel summary
+    assert len(rows) == 8 * 2 * 2 * 7, len(rows)  # ops x variants x dtypes x kernels
+    stale = []
+    for row in rows:
+        kernel, op_name, variant, warps, grid = row[0][2:], row[1], row[2], int(row[4]), tuple(int(g) for g in row[5].split("x"))
+        expected = _tiles_now(kernel, bench.REDNET50_OPS[op_name], variant)
+        if (warps, grid) != expected:
+            stale.append(f"{kernel} {op_name} {variant}: table {warps} warps, grid {grid}; tiles now {expected}")
+        assert int(row[7]) == int(row[8]) == 0, f"{kernel} {op_name} {variant} spills in the checked-in table"
+    assert not stale, "benchmarks/compile_sm90.md is stale; rerun python -m kernels.compile:\n" + "\n".join(stale)
