@@ -158,6 +158,16 @@ def test_a_read_only_workdir_is_refused(tmp_path):
         read_only.chmod(0o755)
 
 
+@pytest.mark.skipif(not os.path.isdir("/sys/kernel"), reason="needs Linux sysfs")
+def test_a_workdir_even_root_cannot_write_is_refused():
+    # sysfs takes no new files or folders, from root either: the read-only directory that CI (as
+    # root, where permission bits are ignored) has too.
+    with pytest.raises(ConfigError, match=r"--workdir /sys/kernel cannot be written \(.+\); give a directory this user can write"):
+        check_workdir("/sys/kernel")
+    with pytest.raises(ConfigError, match=r"--workdir /sys/kernel/cvolution_run cannot be written"):
+        check_workdir("/sys/kernel/cvolution_run")
+
+
 def test_a_workdir_creates_its_parents_and_leaves_no_probe(tmp_path):
     check_workdir(str(tmp_path / "a" / "b"))
     assert os.listdir(tmp_path / "a" / "b") == []
