@@ -14,6 +14,11 @@ generator's last 1x1 conv (`Hd = v @ W2 + b`) folded in, for layers built with
   for tests), and the first such call says so in the log.
 - `"auto"`: the Pallas kernels when `jax.default_backend() == "gpu"` and the inputs suit them
   (float32/bfloat16, fewer than 2**31 elements per array), the XLA reference otherwise.
+
+`tiles` sets the Pallas kernels' work split by hand (`kernels.pallas.AggregateTiles`,
+`kernels.fused.FusedTiles`, as jax's attention kernels take `BlockSizes`); None keeps the
+heuristics. The XLA reference has no tiles: `impl="xla"` refuses them and `"auto"` ignores them
+where it picks the reference.
 """
 
 from __future__ import annotations
@@ -101,8 +106,14 @@ def _check_common(fn: str, arrays: dict, *, kernel_size, stride, dilation, impl)
     return reference.output_size(x.shape[1], stride), reference.output_size(x.shape[2], stride)
 
 
-def _resolve_impl(fn: str, impl: str, reason: str | None) -> tuple[str, bool]:
+def _resolve_impl(fn: str, impl: str, reason: str | None, tiles, tiles_type) -> tuple[str, bool]:
     """`("xla" | "pallas", interpret)` for `impl`, given why the Pallas kernels cannot run (or None)."""
+    if tiles is not None and not isinstance(tiles, tiles_type):
+        raise ValueError(
+            f"{fn}: tiles is a {type(tiles).__name__}; expected {tiles_type.__module__}.{tiles_type.__name__} or None (the heuristics)."
+        )
+    if tiles is not None and impl == "xla":
+        raise ValueError(f"{fn}: tiles set the Pallas kernels' tiles, and impl='xla' runs none. Drop tiles, or use impl='pallas' or 'auto'.")
     backend = jax.default_backend()
     if impl == "auto":
         impl = "pallas" if backend == "gpu" and reason is None else "xla"
@@ -115,7 +126,10 @@ def _resolve_impl(fn: str, impl: str, reason: str | None) -> tuple[str, bool]:
     return impl, backend != "gpu"
 
 
-def aggregate(x, dynamic_kernel, static_kernel=None, *, kernel_size: int, stride: int = 1, dilation: int = 1, impl: str = "auto"):
+def aggregate(
+    x, dynamic_kernel, static_kernel=None, *, kernel_size: int, stride: int = 1, dilation: int = 1, impl: str = "auto",
+    tiles: pallas.AggregateTiles | None = None,
+):
     """Aggregates `x` with a dynamic per-pixel kernel and an optional static per-channel kernel.
 
         out[b, i, j, c] = sum_{kh, kw} (Hd[b, i, j, c // 16, kh*K + kw] + S[kh*K + kw, c])
@@ -132,6 +146,8 @@ def aggregate(x, dynamic_kernel, static_kernel=None, *, kernel_size: int, stride
       dilation: d >= 1.
       impl: `"auto"` (Pallas on GPU, XLA elsewhere), `"xla"` (the jnp reference, any backend) or
         `"pallas"` (the Triton kernels; interpret mode, logged once, off GPU).
+      tiles: `kernels.pallas.AggregateTiles` for the Pallas kernels (a None field keeps its
+        heuristic); None keeps them all.
 
     Returns:
       `[B, Ho, Wo, C]` in the dtype of `x`, accumulated in float32 (float64 for float64 inputs).
@@ -142,7 +158,8 @@ def aggregate(x, dynamic_kernel, static_kernel=None, *, kernel_size: int, stride
       ValueError: naming the argument, what it was and what was expected: a list or other
         non-array, a dtype other than float32/bfloat16/float64 (integers, bool, complex,
         float16), a shape that does not fit; for `impl="pallas"` also when the kernels do not
-        take the inputs (float64, an array of 2**31 elements or more).
+        take the inputs (float64, an array of 2**31 elements or more); for tiles that are not
+        `AggregateTiles`, that the kernels cannot run, or given with `impl="xla"`.
     """
     ho, wo = _check_common(
         "aggregate", dict(x=x, dynamic_kernel=dynamic_kernel, static_kernel=static_kernel),
@@ -159,13 +176,17 @@ def aggregate(x, dynamic_kernel, static_kernel=None, *, kernel_size: int, stride
         f"[B, ceil(H/{stride}), ceil(W/{stride}), C/{GROUP_CHANNELS}, K*K] for x {tuple(x.shape)}, K={kernel_size}",
     )
     config = dict(kernel_size=kernel_size, stride=stride, dilation=dilation)
-    impl, interpret = _resolve_impl("aggregate", impl, pallas.unsupported_reason(x, dynamic_kernel, static_kernel))
+    reason = pallas.unsupported_reason(x, dynamic_kernel, static_kernel)
+    impl, interpret = _resolve_impl("aggregate", impl, reason, tiles, pallas.AggregateTiles)
     if impl == "xla":
         return reference.aggregate(x, dynamic_kernel, static_kernel, **config)
-    return pallas.aggregate(x, dynamic_kernel, static_kernel, **config, interpret=interpret)
+    return pallas.aggregate(x, dynamic_kernel, static_kernel, **config, tiles=tiles, interpret=interpret)
 
 
-def fused_aggregate(x, features, span_kernel, span_bias, static_kernel=None, *, kernel_size: int, stride: int = 1, dilation: int = 1, impl: str = "auto"):
+def fused_aggregate(
+    x, features, span_kernel, span_bias, static_kernel=None, *, kernel_size: int, stride: int = 1, dilation: int = 1,
+    impl: str = "auto", tiles: fused.FusedTiles | None = None,
+):
     """`aggregate(x, Hd, static_kernel)` with `Hd = features @ span_kernel + span_bias` folded in.
 
     The generator's last 1x1 conv (its "span conv") and the aggregation as one operator, for
@@ -180,6 +201,7 @@ def fused_aggregate(x, features, span_kernel, span_bias, static_kernel=None, *, 
       span_bias: `b`, `[G*K*K]`.
       static_kernel: `[K*K, C]` or None.
       kernel_size, stride, dilation, impl: as for `aggregate`.
+      tiles: `kernels.fused.FusedTiles` for the fused kernels, as `tiles` of `aggregate`.
 
     Returns:
       `[B, Ho, Wo, C]` in the dtype of `x`; `Hd` is accumulated in float32 and never rounded to a
@@ -207,7 +229,7 @@ def fused_aggregate(x, features, span_kernel, span_bias, static_kernel=None, *, 
         )
     config = dict(kernel_size=kernel_size, stride=stride, dilation=dilation)
     reason = fused.unsupported_reason(x, features, span_kernel, span_bias, static_kernel)
-    impl, interpret = _resolve_impl("fused_aggregate", impl, reason)
+    impl, interpret = _resolve_impl("fused_aggregate", impl, reason, tiles, fused.FusedTiles)
     if impl == "xla":
         return reference.fused_aggregate(x, features, span_kernel, span_bias, static_kernel, **config)
-    return fused.fused_aggregate(x, features, span_kernel, span_bias, static_kernel, **config, interpret=interpret)
+    return fused.fused_aggregate(x, features, span_kernel, span_bias, static_kernel, **config, tiles=tiles, interpret=interpret)

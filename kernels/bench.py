@@ -16,7 +16,7 @@ Traffic model (the spec's cost model, unfused, each array moved once):
 Achieved GB/s is that many bytes over the measured time; "% of copy" compares it with the copy,
 a jitted `a + 1` over an array of half those bytes (read + write = the same bytes).
 
-Fused rows (`kernels.fused`, issue "the dynamic kernel never touches memory"): the tail of a
+Fused rows (`kernels.fused`, where the dynamic kernel never touches memory): the tail of a
 C-volution layer, the generator's span conv `Hd = v @ W2 + b` plus the aggregation, unfused
 (Hd written by XLA, then the Pallas aggregation) against fused (Hd recomputed per tile), forward
 and forward + backward, with the time and the compiled program's temporary memory (XLA's
@@ -80,7 +80,7 @@ class Op:
     def shapes(self, with_static: bool = True) -> list[tuple[int, ...]]:
         """Shapes of x `[B, H, W, C]`, Hd `[B, Ho, Wo, G, K*K]` and (with_static) S `[K*K, C]`."""
         b, h, c, k, ho = self.batch, self.size, self.channels, self.kernel_size, self.out_size
-        shapes = [(b, h, h, c), (b, ho, ho, c // pallas.GROUP_CHANNELS, k * k)]
+        shapes = [(b, h, h, c), (b, ho, ho, c // reference.GROUP_CHANNELS, k * k)]
         return shapes + [(k * k, c)] if with_static else shapes
 
 
@@ -282,7 +282,7 @@ def _time_torch(op: Op, involution_cls, pass_: str, *, iters: int, warmup: int, 
     b, h, c, k, ho = op.batch, op.size, op.channels, op.kernel_size, op.out_size
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(b, c, h, h, generator=gen, requires_grad=True)
-    hd = torch.randn(b, c // pallas.GROUP_CHANNELS * k * k, ho, ho, generator=gen, requires_grad=True)
+    hd = torch.randn(b, c // reference.GROUP_CHANNELS * k * k, ho, ho, generator=gen, requires_grad=True)
     g = torch.randn(b, c, ho, ho, generator=gen)
     module = involution_cls(c, k, op.stride)
     module.conv1, module.conv2 = torch.nn.Identity(), Given(hd)
@@ -462,13 +462,19 @@ def _write(result: dict, prefix: str, markdown: str, out_dir: str, smoke: bool) 
     return paths
 
 
+def _select_ops(args, parser, full: dict[str, Op]) -> dict[str, Op]:
+    """The ops `--ops` names among `full` (or the smoke op), all of them without `--ops`."""
+    ops = SMOKE_OPS if args.smoke else full
+    if not args.ops:
+        return ops
+    unknown = set(args.ops.split(",")) - set(ops)
+    if unknown:
+        parser.error(f"unknown ops {sorted(unknown)}; choose from {sorted(ops)}")
+    return {name: ops[name] for name in args.ops.split(",")}
+
+
 def _main_xla_backward(args, argv: list[str], parser) -> list[pathlib.Path]:
-    ops = SMOKE_OPS if args.smoke else XLA_BACKWARD_OPS
-    if args.ops:
-        unknown = set(args.ops.split(",")) - set(ops)
-        if unknown:
-            parser.error(f"unknown ops {sorted(unknown)}; choose from {sorted(ops)}")
-        ops = {name: ops[name] for name in args.ops.split(",")}
+    ops = _select_ops(args, parser, XLA_BACKWARD_OPS)
     iters = args.iters or (1 if args.smoke else 3)
     warmup = args.warmup if args.warmup is not None else 1
     repeats = args.repeats or (1 if args.smoke else 5)
@@ -522,12 +528,7 @@ def main(argv: list[str] | None = None) -> list[pathlib.Path]:
             f"no GPU (backend {jax.default_backend()!r}): the kernels would run in the interpreter and the "
             f"times would mean nothing. Run on a GPU machine, or pass --smoke to check the benchmark runs."
         )
-    ops = SMOKE_OPS if args.smoke else REDNET50_OPS
-    if args.ops:
-        unknown = set(args.ops.split(",")) - set(ops)
-        if unknown:
-            parser.error(f"unknown ops {sorted(unknown)}; choose from {sorted(ops)}")
-        ops = {name: ops[name] for name in args.ops.split(",")}
+    ops = _select_ops(args, parser, REDNET50_OPS)
     iters = args.iters or (2 if args.smoke else 20)
     warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 3)
     repeats = args.repeats or (1 if args.smoke else 5)
@@ -549,24 +550,15 @@ def main(argv: list[str] | None = None) -> list[pathlib.Path]:
                           f"{r['speedup_vs_unfused']:.2f}x", flush=True)
 
     device = jax.devices()[0]
-    now = datetime.datetime.now(datetime.timezone.utc)
     result = dict(
         smoke=args.smoke, device=device.device_kind, platform=device.platform, device_count=jax.device_count(),
-        date=now.isoformat(timespec="seconds"), versions=versions(),
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), versions=versions(),
         command=" ".join(["python -m kernels.bench", *argv]).strip(),
         with_static=with_static, iters=iters, warmup=warmup, repeats=repeats,
         traffic_model="forward |x|+|Hd|+|S|+|out|; forward+backward adds 2|x|+2|Hd|+2|S|+|out|",
         rows=rows, fused_rows=fused_rows,
     )
-    out_dir = pathlib.Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", device.device_kind).strip("-").lower()
-    stem = f"aggregate_{now.strftime('%Y%m%dT%H%M%SZ')}_{slug}{'_smoke' if args.smoke else ''}"
-    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
-    paths[0].write_text(json.dumps(result, indent=1) + "\n")
-    paths[1].write_text(_markdown(result))
-    print(f"wrote {paths[0]} and {paths[1]}")
-    return paths
+    return _write(result, "aggregate", _markdown(result), args.out_dir, args.smoke)
 
 
 if __name__ == "__main__":

@@ -6,11 +6,12 @@
 
 XLA compiles the whole jitted forward + backward program, Triton kernels included, for a
 compile-only CUDA device described by a `GpuTargetConfigProto` (`kernels/specs/h100_sxm.txtpb`,
-copied from openxla/xla; `--target-config` takes any other). With `xla_dump_to` XLA leaves each
-kernel's PTX and a thunk sequence (grid, threads, shared memory per launch); `ptxas -v` on that
-PTX prints registers, spill stores/loads and stack per kernel. From these and the target's limits
-the theoretical occupancy follows (the CUDA occupancy calculator's rules). The default run
-writes `benchmarks/compile_sm<cc>.md`.
+copied from openxla/xla; `--target-config` takes any other). With `xla_dump_to` XLA leaves a
+thunk sequence (grid, threads, shared memory per launch), and ptxas, which XLA runs on each
+kernel's PTX, keeps a copy of that PTX (`ptxas_spy`); `ptxas -v` on it prints registers, spill
+stores/loads and stack per kernel. From these and the target's limits the theoretical occupancy
+follows (the CUDA occupancy calculator's rules). The default run writes
+`benchmarks/compile_sm<cc>.md`.
 
 A kernel that spills keeps part of its accumulator in local memory (L1, then L2/HBM): every
 tap's `acc +=` becomes a load and a store, and the kernel runs many times slower than the
@@ -30,6 +31,7 @@ import os
 import pathlib
 import platform
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -249,6 +251,33 @@ def compile_device(target_text: str):
     return topology.devices[0]
 
 
+def ptxas_spy(ptxas: str, root: pathlib.Path) -> pathlib.Path:
+    """A CUDA directory for XLA's `xla_gpu_cuda_data_dir` whose `bin/ptxas` copies each PTX it is given.
+
+    The copies land in `root/ptx/`. jax 0.10 also leaves the PTX in its `xla_dump_to` dump, but
+    jax 0.12's deviceless compile dumps none; every version runs the ptxas binary on it, so this
+    reads the PTX the same way on both. Everything but `bin/` (libdevice under `nvvm/`) links to
+    the real CUDA directory `ptxas` lives in.
+    """
+    real_ptxas = pathlib.Path(ptxas).resolve()
+    cuda, spy, captured = real_ptxas.parent.parent, root / "cuda", root / "ptx"
+    (spy / "bin").mkdir(parents=True)
+    captured.mkdir()
+    for entry in cuda.iterdir():
+        if entry.name != "bin":
+            (spy / entry.name).symlink_to(entry)
+    # Any file argument that holds an entry function is PTX (the -o output does not exist yet).
+    script = f"""#!/bin/sh
+for arg in "$@"; do
+  case "$arg" in -*) ;; *) if [ -f "$arg" ] && grep -q '\\.entry' "$arg"; then cp "$arg" {shlex.quote(str(captured))}/$$.ptx; fi ;; esac
+done
+exec {shlex.quote(str(real_ptxas))} "$@"
+"""
+    (spy / "bin" / "ptxas").write_text(script)
+    (spy / "bin" / "ptxas").chmod(0o755)
+    return spy
+
+
 def run_ptxas(ptxas: str, ptx_files: list[pathlib.Path]) -> dict[str, PtxasInfo]:
     """Registers and spills of every entry function in `ptx_files`, for the target each file names."""
     infos = {}
@@ -332,24 +361,26 @@ def compile_kernels(family: str, variant: str, op_name: str, op: bench.Op, dtype
     """
     fn, args = _program(family, variant, op, dtype, device)
     what = f"{family} {variant} {op_name} {jnp.dtype(dtype).name}"
-    with tempfile.TemporaryDirectory(prefix="kernels-compile-") as dump:
+    with tempfile.TemporaryDirectory(prefix="kernels-compile-") as work:
+        dump_dir, spy_root = pathlib.Path(work) / "dump", pathlib.Path(work) / "spy"
+        options = {"xla_dump_to": str(dump_dir), "xla_gpu_cuda_data_dir": str(ptxas_spy(ptxas, spy_root))}
         try:
             # The compile-only device as the default too: newer Pallas (jax 0.12) asks the
             # default device which GPU it lowers for, and would otherwise find the CPU.
             with jax.default_device(device):
-                jax.jit(fn).lower(*args).compile(compiler_options={"xla_dump_to": dump})
+                jax.jit(fn).lower(*args).compile(compiler_options=options)
         except Exception as e:  # noqa: BLE001 -- XLA's errors come as several types; report and go on
             raise RuntimeError(f"{what}: compile failed: {str(e).splitlines()[0][:500]}") from e
-        dump_dir = pathlib.Path(dump)
         launches = {}
         for path in dump_dir.glob("*thunk_sequence.txt"):
             launches.update(parse_thunks(path.read_text()))
-        infos = run_ptxas(ptxas, sorted(dump_dir.glob("*.ptx")))
+        # The dump's PTX where ptxas was not run as a program (an XLA built with libnvptxcompiler).
+        ptx = sorted((spy_root / "ptx").glob("*.ptx")) or sorted(dump_dir.glob("*.ptx"))
+        infos = run_ptxas(ptxas, ptx)
     if not infos:
-        # Seen with jax 0.12.0: the program compiles, but xla_dump_to leaves no PTX.
         raise RuntimeError(
-            f"{what}: compiled, but XLA (jax {jax.__version__}) left no PTX in its dump to read registers from; "
-            f"kernels.compile reads the dumps of jax 0.10.2 (pip install 'jax==0.10.2' 'jaxlib==0.10.2')"
+            f"{what}: compiled, but XLA (jax {jax.__version__}) neither ran {ptxas} nor dumped PTX, so there are no "
+            f"registers to read; kernels.compile reads them with jax 0.10.2 and 0.12.0.1"
         )
     reports = []
     for kernel in FAMILIES[family]:

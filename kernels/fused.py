@@ -45,17 +45,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels import pallas, reference
-from kernels.pallas import Tiles, _Geometry, _load, _source_index, _store, _tile_ids
+from kernels import common, reference
+from kernels.common import GROUP_CHANNELS, Geometry, Tiles, load, store
 
-GROUP_CHANNELS = reference.GROUP_CHANNELS
 DOT_MIN = 16  # Triton's tl.dot needs M, N, K >= 16
 # Bound on the float32 dW2 partial sums (one [R, G*K*K] matrix per row block): 64 MB.
 # For C=512, K=7 that is 83 blocks of 200K floats; small layers stay at WEIGHT_GRAD_PROGRAMS.
@@ -63,9 +62,18 @@ WEIGHT_PARTIAL_FLOATS = 16 * 2**20
 CONTRACTION = 16  # rows of R per dot in the forward and dx kernels (see fused_tiles)
 
 
-def _warps(elements: int, per_thread: int = 16) -> int:
-    # As `kernels.pallas`: about `per_thread` live accumulator elements per thread, 2 to 8 warps.
-    return min(8, max(2, elements // (32 * per_thread)))
+class FusedTiles(NamedTuple):
+    """Tiles of the four fused kernels, as jax's attention kernels take `BlockSizes`.
+
+    A field left None takes the heuristic (`default_tiles`). Every TW and TC is at least 16
+    (`DOT_MIN`); `contraction` of the forward and `dx` tiles is 0 (one dot over all of R) or a
+    power of two from 16 to Rp.
+    """
+
+    forward: Tiles | None = None
+    dx: Tiles | None = None
+    dv: Tiles | None = None
+    weight_grads: Tiles | None = None
 
 
 def fused_tiles(width: int, channels: int, reduced: int = DOT_MIN) -> Tiles:
@@ -85,14 +93,14 @@ def fused_tiles(width: int, channels: int, reduced: int = DOT_MIN) -> Tiles:
     """
     tw = min(max(pl.next_power_of_2(width), DOT_MIN), 32)
     tc = min(pl.next_power_of_2(channels), 64)
-    contraction = min(_padded(reduced), CONTRACTION)
-    return Tiles(tw, tc, 1, _warps(tw * tc, 8), 1, contraction)
+    contraction = min(padded(reduced), CONTRACTION)
+    return Tiles(tw, tc, 1, common.warps(tw * tc, 8), 1, contraction)
 
 
 def weight_tiles(rows: int, width: int, channels: int, reduced: int, kernel_size: int) -> Tiles:
     """Tiles of the `dW2`/`db`/`dS` kernel: `[TW, TC]` tiles over a block of output rows.
 
-    About `pallas.WEIGHT_GRAD_PROGRAMS` programs, but few enough blocks that the `dW2` partial
+    About `common.WEIGHT_GRAD_PROGRAMS` programs, but few enough blocks that the `dW2` partial
     sums (`blocks * Wo/TW` matrices of `[R, G*K*K]` floats) stay under `WEIGHT_PARTIAL_FLOATS`.
     Warps by the larger of its `[TW, TC]` tiles and the `[Rp, TC]` dW2 accumulator, 16 elements
     per thread: with warps by `[TW, TC]` alone it took 211 to 246 registers per thread from
@@ -110,8 +118,8 @@ def weight_tiles(rows: int, width: int, channels: int, reduced: int, kernel_size
     tiles_per_row = col_tiles * pl.cdiv(channels, base.channels)
     per_partial = reduced * (channels // GROUP_CHANNELS) * kernel_size**2
     max_blocks = max(1, WEIGHT_PARTIAL_FLOATS // (per_partial * col_tiles))
-    blocks = min(rows, max_blocks, max(1, pl.cdiv(pallas.WEIGHT_GRAD_PROGRAMS, tiles_per_row)))
-    return base._replace(rows=pl.cdiv(rows, blocks), num_warps=_warps(max(base.width, _padded(reduced)) * base.channels))
+    blocks = min(rows, max_blocks, max(1, pl.cdiv(common.WEIGHT_GRAD_PROGRAMS, tiles_per_row)))
+    return base._replace(rows=pl.cdiv(rows, blocks), num_warps=common.warps(max(base.width, padded(reduced)) * base.channels))
 
 
 def dv_tiles(width: int, channels: int, reduced: int) -> Tiles:
@@ -122,31 +130,31 @@ def dv_tiles(width: int, channels: int, reduced: int) -> Tiles:
     With 8 per thread of `[TW, TC]` alone it spilled at C=512 in float32 (sm_90).
     """
     base = fused_tiles(width, channels, reduced)
-    return base._replace(num_warps=_warps(max(base.width, _padded(reduced)) * max(base.width, base.channels)))
+    return base._replace(num_warps=common.warps(max(base.width, padded(reduced)) * max(base.width, base.channels)))
 
 
-def _padded(reduced: int) -> int:
+def padded(reduced: int) -> int:
     """Rp: R padded to a power of two the dots take."""
     return max(pl.next_power_of_2(reduced), DOT_MIN)
 
 
 @dataclasses.dataclass(frozen=True)
-class _FusedGeometry(_Geometry):
-    """`_Geometry` plus the generator's width R and whether the dots run in bfloat16."""
+class FusedGeometry(Geometry):
+    """`kernels.common.Geometry` plus the generator's width R and whether the dots run in bfloat16."""
 
     reduced: int = 0
     bf16_dots: bool = False
 
     @property
     def reduced_padded(self) -> int:
-        return _padded(self.reduced)
+        return padded(self.reduced)
 
     @property
     def span_width(self) -> int:
         return self.groups * self.taps  # G*K*K, the columns of W2
 
 
-def _dot(a, b, geo: _FusedGeometry):
+def _dot(a, b, geo: FusedGeometry):
     """`a @ b` accumulated in float32.
 
     float32 operands ask for IEEE precision: Triton's default for them is TF32 (10-bit
@@ -159,7 +167,7 @@ def _dot(a, b, geo: _FusedGeometry):
     return jnp.dot(a, b, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
 
 
-def _span_weight(v_ref, v_rows, v_ok, w_ref, b_ref, chans, t, geo: _FusedGeometry, tiles: Tiles):
+def _span_weight(v_ref, v_rows, v_ok, w_ref, b_ref, chans, t, geo: FusedGeometry, tiles: Tiles):
     """`Hd_t` for every lane of a `[TW, TC]` tile: `v[rows] @ W2_t + b_t`, fp32 `[TW, TC]`.
 
     The contraction over R runs in chunks of `tiles.contraction` rows of `v` (`[TW, RC]`) and of
@@ -175,78 +183,64 @@ def _span_weight(v_ref, v_rows, v_ok, w_ref, b_ref, chans, t, geo: _FusedGeometr
     lanes = jnp.arange(rc)
     group_base = (chans // GROUP_CHANNELS) * geo.taps + t  # [1, TC]: column of W2 and b
     chan_ok = chans < geo.channels
-    bias = _load(b_ref, group_base, chan_ok)
+    bias = load(b_ref, group_base, chan_ok)
 
     def chunk(step, hd):
         red = step * rc + lanes
-        v = _load(v_ref, v_rows + red[None, :], v_ok & (red[None, :] < geo.reduced))  # [TW, RC]
-        span = _load(w_ref, red[:, None] * geo.span_width + group_base, chan_ok & (red[:, None] < geo.reduced))
+        v = load(v_ref, v_rows + red[None, :], v_ok & (red[None, :] < geo.reduced))  # [TW, RC]
+        span = load(w_ref, red[:, None] * geo.span_width + group_base, chan_ok & (red[:, None] < geo.reduced))
         return hd + _dot(v, span, geo)
 
     hd = jnp.broadcast_to(bias, (tiles.width, tiles.channels))
     return lax.fori_loop(0, geo.reduced_padded // rc, chunk, hd)
 
 
-def _forward_kernel(*refs, geo: _FusedGeometry, tiles: Tiles, with_static: bool):
-    x_ref, v_ref, w_ref, b_ref, *rest = refs
-    static_ref = rest.pop(0) if with_static else None
-    (out_ref,) = rest
-    k, s, d, p = geo.kernel_size, geo.stride, geo.dilation, geo.pad
-    h, w, c, ho, wo, rr = geo.height, geo.width, geo.channels, geo.out_height, geo.out_width, geo.reduced
-    n = pl.program_id(0)  # output row b*Ho + i
-    b, i = lax.div(n, ho), lax.rem(n, ho)
-    j, ch = _tile_ids(tiles)
-    out_ok = (j < wo) & (ch < c)
+def _forward_kernel(*refs, geo: FusedGeometry, tiles: Tiles, with_static: bool):
+    x_ref, v_ref, w_ref, b_ref, static_ref, out_ref = common.split_refs(refs, 4, with_static)
+    k, (h, w, c, ho, wo), rr = geo.kernel_size, geo.sizes, geo.reduced
+    n, b, i = common.program_row(ho)  # output row n = b*Ho + i
+    j, ch, out_ok = common.tile_ids(tiles, wo, c)
 
     # One tap per iteration, not unrolled: with the taps of a row unrolled, ptxas kept every
     # tap's dot operands live at once and spilled.
     def tap(t, acc):
-        kh, kw = lax.div(t, k), lax.rem(t, k)
-        r = s * i + kh * d - p
-        q = s * j + kw * d - p
-        ok = out_ok & (r >= 0) & (r < h) & (q >= 0) & (q < w)
+        r, q, inside = common.tap_position(geo, i, j, lax.div(t, k), lax.rem(t, k))
+        ok = out_ok & inside
         # Hd_t for every lane of the tile; outside the image x loads as 0, so it adds nothing.
         weight = _span_weight(v_ref, (n * wo + j) * rr, j < wo, w_ref, b_ref, ch, t, geo, tiles)
         if with_static:
-            weight = weight + _load(static_ref, t * c + ch, ch < c)
-        return acc + weight * _load(x_ref, ((b * h + r) * w + q) * c + ch, ok)
+            weight = weight + load(static_ref, t * c + ch, ch < c)
+        return acc + weight * load(x_ref, ((b * h + r) * w + q) * c + ch, ok)
 
     acc = lax.fori_loop(0, geo.taps, tap, jnp.zeros((tiles.width, tiles.channels), jnp.float32))
-    _store(out_ref, (n * wo + j) * c + ch, acc, out_ok, geo.interpret)
+    store(out_ref, (n * wo + j) * c + ch, acc, out_ok, geo.interpret)
 
 
-def _dx_kernel(*refs, geo: _FusedGeometry, tiles: Tiles, with_static: bool):
-    dout_ref, v_ref, w_ref, b_ref, *rest = refs
-    static_ref = rest.pop(0) if with_static else None
-    (dx_ref,) = rest
-    k, s, d, p = geo.kernel_size, geo.stride, geo.dilation, geo.pad
-    h, w, c, ho, wo, rr = geo.height, geo.width, geo.channels, geo.out_height, geo.out_width, geo.reduced
-    m = pl.program_id(0)  # input row b*H + r
-    b, r = lax.div(m, h), lax.rem(m, h)
-    q, ch = _tile_ids(tiles)
-    in_ok = (q < w) & (ch < c)
+def _dx_kernel(*refs, geo: FusedGeometry, tiles: Tiles, with_static: bool):
+    dout_ref, v_ref, w_ref, b_ref, static_ref, dx_ref = common.split_refs(refs, 4, with_static)
+    (k, s, d, p), (h, w, c, ho, wo), rr = geo.window, geo.sizes, geo.reduced
+    m, b, r = common.program_row(h)  # input row m = b*H + r
+    q, ch, in_ok = common.tile_ids(tiles, w, c)
 
     def tap(t, acc):  # not unrolled, as in the forward
         kh, kw = lax.div(t, k), lax.rem(t, k)
-        i, row_ok = _source_index(r, kh * d - p, s, ho)  # the output row reading row r via kh
-        j, col_ok = _source_index(q, kw * d - p, s, wo)  # [TW, 1]
+        i, row_ok = common.source_index(r, kh * d - p, s, ho)  # the output row reading row r via kh
+        j, col_ok = common.source_index(q, kw * d - p, s, wo)  # [TW, 1]
         n = b * ho + i
         src_ok = row_ok & col_ok & (q < w)
         # Hd_t at the output pixels (n, j) this tile's columns feed: their rows of v.
         weight = _span_weight(v_ref, (n * wo + j) * rr, src_ok, w_ref, b_ref, ch, t, geo, tiles)
         if with_static:
-            weight = weight + _load(static_ref, t * c + ch, ch < c)
-        return acc + weight * _load(dout_ref, (n * wo + j) * c + ch, in_ok & src_ok)
+            weight = weight + load(static_ref, t * c + ch, ch < c)
+        return acc + weight * load(dout_ref, (n * wo + j) * c + ch, in_ok & src_ok)
 
     acc = lax.fori_loop(0, geo.taps, tap, jnp.zeros((tiles.width, tiles.channels), jnp.float32))
-    _store(dx_ref, (m * w + q) * c + ch, acc, in_ok, geo.interpret)
+    store(dx_ref, (m * w + q) * c + ch, acc, in_ok, geo.interpret)
 
 
-def _dv_kernel(x_ref, dout_ref, w_ref, dv_ref, *, geo: _FusedGeometry, tiles: Tiles):
-    k, s, d, p = geo.kernel_size, geo.stride, geo.dilation, geo.pad
-    h, w, c, ho, wo, rr = geo.height, geo.width, geo.channels, geo.out_height, geo.out_width, geo.reduced
-    n = pl.program_id(0)  # output row b*Ho + i
-    b, i = lax.div(n, ho), lax.rem(n, ho)
+def _dv_kernel(x_ref, dout_ref, w_ref, dv_ref, *, geo: FusedGeometry, tiles: Tiles):
+    k, (h, w, c, ho, wo), rr = geo.kernel_size, geo.sizes, geo.reduced
+    n, b, i = common.program_row(ho)  # output row n = b*Ho + i
     j = pl.program_id(1) * tiles.width + jnp.arange(tiles.width)[:, None]  # [TW, 1]
     lanes = jnp.arange(tiles.channels)
     red = jnp.arange(geo.reduced_padded)[None, :]  # [1, Rp]
@@ -255,35 +249,31 @@ def _dv_kernel(x_ref, dout_ref, w_ref, dv_ref, *, geo: _FusedGeometry, tiles: Ti
         ch = cb * tiles.channels + lanes[None, :]  # [1, TC]
         ch_col = cb * tiles.channels + lanes[:, None]  # [TC, 1]
         ok_c = (j < wo) & (ch < c)
-        dout = _load(dout_ref, (n * wo + j) * c + ch, ok_c)
+        dout = load(dout_ref, (n * wo + j) * c + ch, ok_c)
         # W2_t^T as [TC, Rp], gathered transposed so the dot needs no transpose.
         span_t_base = red * geo.span_width + (ch_col // GROUP_CHANNELS) * geo.taps
         span_t_ok = (red < rr) & (ch_col < c)
 
         def tap(t, acc):
-            kh, kw = lax.div(t, k), lax.rem(t, k)
-            r = s * i + kh * d - p
-            q = s * j + kw * d - p
-            ok = ok_c & (r >= 0) & (r < h) & (q >= 0) & (q < w)
-            prod = dout * _load(x_ref, ((b * h + r) * w + q) * c + ch, ok)  # P_t, dHd before its group sum
-            return acc + _dot(prod, _load(w_ref, span_t_base + t, span_t_ok), geo)
+            r, q, inside = common.tap_position(geo, i, j, lax.div(t, k), lax.rem(t, k))
+            ok = ok_c & inside
+            prod = dout * load(x_ref, ((b * h + r) * w + q) * c + ch, ok)  # P_t, dHd before its group sum
+            return acc + _dot(prod, load(w_ref, span_t_base + t, span_t_ok), geo)
 
         return lax.fori_loop(0, geo.taps, tap, acc)
 
     acc = lax.fori_loop(0, pl.cdiv(c, tiles.channels), chunk, jnp.zeros((tiles.width, geo.reduced_padded), jnp.float32))
-    _store(dv_ref, (n * wo + j) * rr + red, acc, (j < wo) & (red < rr), geo.interpret)
+    store(dv_ref, (n * wo + j) * rr + red, acc, (j < wo) & (red < rr), geo.interpret)
 
 
-def _weight_kernel(*refs, geo: _FusedGeometry, tiles: Tiles, with_static: bool):
+def _weight_kernel(*refs, geo: FusedGeometry, tiles: Tiles, with_static: bool):
     x_ref, dout_ref, v_ref, dw_ref, db_ref, *rest = refs
     ds_ref = rest[0] if with_static else None
-    k, s, d, p = geo.kernel_size, geo.stride, geo.dilation, geo.pad
-    h, w, c, ho, wo, rr = geo.height, geo.width, geo.channels, geo.out_height, geo.out_width, geo.reduced
+    k, c, ho, wo, rr = geo.kernel_size, geo.channels, geo.out_height, geo.out_width, geo.reduced
     rows, rp = geo.batch * ho, geo.reduced_padded
     tile_groups = tiles.channels // GROUP_CHANNELS
     block = pl.program_id(0)
-    j, ch = _tile_ids(tiles)
-    col_ok = (j < wo) & (ch < c)
+    j, ch, col_ok = common.tile_ids(tiles, wo, c)
     # Program ids are read out here: the interpreter does not substitute them inside loops.
     part = block * pl.cdiv(wo, tiles.width) + pl.program_id(1)
     j_row = pl.program_id(1) * tiles.width + jnp.arange(tiles.width)[None, :]  # [1, TW], for v^T
@@ -293,17 +283,13 @@ def _weight_kernel(*refs, geo: _FusedGeometry, tiles: Tiles, with_static: bool):
 
     def tap(t, carry):
         kh, kw = lax.div(t, k), lax.rem(t, k)
-        q = s * j + kw * d - p
 
         def row(step, accs):
             acc_w, acc_p = accs
             n = block * tiles.rows + step  # output row b*Ho + i
             n_ok = n < rows
-            b, i = lax.div(n, ho), lax.rem(n, ho)
-            r = s * i + kh * d - p
-            ok = col_ok & n_ok & (r >= 0) & (r < h) & (q >= 0) & (q < w)
-            prod = _load(dout_ref, (n * wo + j) * c + ch, ok) * _load(x_ref, ((b * h + r) * w + q) * c + ch, ok)
-            v_t = _load(v_ref, (n * wo + j_row) * rr + red, n_ok & (j_row < wo) & (red < rr))  # [Rp, TW]
+            prod = common.tap_products(x_ref, dout_ref, geo, n, j, ch, kh, kw, col_ok & n_ok)
+            v_t = load(v_ref, (n * wo + j_row) * rr + red, n_ok & (j_row < wo) & (red < rr))  # [Rp, TW]
             return acc_w + _dot(v_t, prod, geo), acc_p + prod
 
         zeros = jnp.zeros((tiles.width, tiles.channels), jnp.float32)
@@ -311,66 +297,73 @@ def _weight_kernel(*refs, geo: _FusedGeometry, tiles: Tiles, with_static: bool):
         # dW2[r, g*KK + t] and db[g*KK + t]: group sums of the per-channel sums (16 adjacent lanes).
         dw = acc_w.reshape(rp, tile_groups, GROUP_CHANNELS).sum(axis=-1)  # [Rp, TG]
         dw_offsets = ((part * rr + red) * geo.groups + g[None, :]) * geo.taps + t
-        _store(dw_ref, dw_offsets, dw, (red < rr) & (g[None, :] < geo.groups), geo.interpret)
+        store(dw_ref, dw_offsets, dw, (red < rr) & (g[None, :] < geo.groups), geo.interpret)
         col_sums = acc_p.sum(axis=0)  # [TC]
         db = col_sums.reshape(tile_groups, GROUP_CHANNELS).sum(axis=-1)
-        _store(db_ref, (part * geo.groups + g) * geo.taps + t, db, g < geo.groups, geo.interpret)
+        store(db_ref, (part * geo.groups + g) * geo.taps + t, db, g < geo.groups, geo.interpret)
         if with_static:
-            _store(ds_ref, (part * geo.taps + t) * c + chans, col_sums, chans < c, geo.interpret)
+            store(ds_ref, (part * geo.taps + t) * c + chans, col_sums, chans < c, geo.interpret)
         return carry
 
     lax.fori_loop(0, geo.taps, tap, 0)
 
 
-def _flat(a):
-    return a.reshape(-1)
-
-
-def _call(kernel, geo, tiles, grid, out_shape, name, *args):
-    return pl.pallas_call(
-        kernel, out_shape=out_shape, grid=grid, compiler_params=geo.compiler_params(tiles),
-        interpret=geo.interpret, name=name,
-    )(*map(_flat, args))
-
-
-def _forward(geo: _FusedGeometry, x, v, w2, b, static):
-    tiles = fused_tiles(geo.out_width, geo.channels, geo.reduced)
-    with_static = static is not None
-    grid = (geo.batch * geo.out_height, pl.cdiv(geo.out_width, tiles.width), pl.cdiv(geo.channels, tiles.channels))
-    out = _call(
-        functools.partial(_forward_kernel, geo=geo, tiles=tiles, with_static=with_static), geo, tiles, grid,
-        jax.ShapeDtypeStruct((geo.batch * geo.out_height * geo.out_width * geo.channels,), x.dtype),
-        "cvolution_fused_forward", x, v, w2, b, *([static] if with_static else []),
+def default_tiles(geo: FusedGeometry) -> FusedTiles:
+    """The heuristic tiles of every fused kernel for this aggregation."""
+    rows, wo, c, r = geo.batch * geo.out_height, geo.out_width, geo.channels, geo.reduced
+    return FusedTiles(
+        forward=fused_tiles(wo, c, r),
+        dx=fused_tiles(geo.width, c, r),
+        dv=dv_tiles(wo, c, r),
+        weight_grads=weight_tiles(rows, wo, c, r, geo.kernel_size),
     )
+
+
+def resolve_tiles(fn: str, geo: FusedGeometry, tiles: FusedTiles | None) -> FusedTiles:
+    """`tiles` with every None field taken from `default_tiles`; raises on tiles that cannot run."""
+    if tiles is None:
+        return default_tiles(geo)
+    if not isinstance(tiles, FusedTiles):
+        raise ValueError(f"{fn}: tiles is a {type(tiles).__name__}; expected kernels.fused.FusedTiles(forward=, dx=, dv=, weight_grads=) or None.")
+    for kernel, chosen in tiles._asdict().items():
+        if chosen is None:
+            continue
+        common.check_tiles(fn, kernel, chosen, min_size=DOT_MIN)
+        rc, rp = chosen.contraction, geo.reduced_padded
+        if kernel in ("forward", "dx") and rc and not (rc & (rc - 1) == 0 and DOT_MIN <= rc <= rp):
+            raise ValueError(
+                f"{fn}: tiles.{kernel} has contraction={rc}; expected 0 (all of R) or a power of two from {DOT_MIN} to "
+                f"Rp={rp} (R={geo.reduced} padded). Fix it or pass None for the heuristic."
+            )
+    return FusedTiles(*(default if chosen is None else chosen for chosen, default in zip(tiles, default_tiles(geo))))
+
+
+def _forward(geo: FusedGeometry, tiles: Tiles, x, v, w2, b, static):
+    kernel = functools.partial(_forward_kernel, geo=geo, tiles=tiles, with_static=static is not None)
+    grid = (geo.batch * geo.out_height, pl.cdiv(geo.out_width, tiles.width), pl.cdiv(geo.channels, tiles.channels))
+    out_shape = jax.ShapeDtypeStruct((geo.batch * geo.out_height * geo.out_width * geo.channels,), x.dtype)
+    out = geo.call(kernel, tiles, grid, out_shape, "cvolution_fused_forward", x, v, w2, b, static)
     return out.reshape(geo.batch, geo.out_height, geo.out_width, geo.channels)
 
 
-def _dx(geo: _FusedGeometry, dout, v, w2, b, static, dtype):
-    tiles = fused_tiles(geo.width, geo.channels, geo.reduced)
-    with_static = static is not None
+def _dx(geo: FusedGeometry, tiles: Tiles, dout, v, w2, b, static, dtype):
+    kernel = functools.partial(_dx_kernel, geo=geo, tiles=tiles, with_static=static is not None)
     grid = (geo.batch * geo.height, pl.cdiv(geo.width, tiles.width), pl.cdiv(geo.channels, tiles.channels))
-    dx = _call(
-        functools.partial(_dx_kernel, geo=geo, tiles=tiles, with_static=with_static), geo, tiles, grid,
-        jax.ShapeDtypeStruct((geo.batch * geo.height * geo.width * geo.channels,), dtype),
-        "cvolution_fused_dx", dout, v, w2, b, *([static] if with_static else []),
-    )
+    out_shape = jax.ShapeDtypeStruct((geo.batch * geo.height * geo.width * geo.channels,), dtype)
+    dx = geo.call(kernel, tiles, grid, out_shape, "cvolution_fused_dx", dout, v, w2, b, static)
     return dx.reshape(geo.batch, geo.height, geo.width, geo.channels)
 
 
-def _dv(geo: _FusedGeometry, x, dout, w2, v):
-    tiles = dv_tiles(geo.out_width, geo.channels, geo.reduced)
+def _dv(geo: FusedGeometry, tiles: Tiles, x, dout, w2, v):
     grid = (geo.batch * geo.out_height, pl.cdiv(geo.out_width, tiles.width))
-    dv = _call(
-        functools.partial(_dv_kernel, geo=geo, tiles=tiles), geo, tiles, grid,
-        jax.ShapeDtypeStruct((v.size,), v.dtype), "cvolution_fused_dv", x, dout, w2,
-    )
+    kernel = functools.partial(_dv_kernel, geo=geo, tiles=tiles)
+    dv = geo.call(kernel, tiles, grid, jax.ShapeDtypeStruct((v.size,), v.dtype), "cvolution_fused_dv", x, dout, w2)
     return dv.reshape(v.shape)
 
 
-def _weight_grads(geo: _FusedGeometry, x, dout, v, w2, b, static):
+def _weight_grads(geo: FusedGeometry, tiles: Tiles, x, dout, v, w2, b, static):
     with_static = static is not None
     rows = geo.batch * geo.out_height
-    tiles = weight_tiles(rows, geo.out_width, geo.channels, geo.reduced, geo.kernel_size)
     grid = (pl.cdiv(rows, tiles.rows), pl.cdiv(geo.out_width, tiles.width), pl.cdiv(geo.channels, tiles.channels))
     parts = grid[0] * grid[1]  # one partial sum per (row block, column tile); channel tiles are disjoint
     out_shape = [
@@ -379,10 +372,8 @@ def _weight_grads(geo: _FusedGeometry, x, dout, v, w2, b, static):
     ]
     if with_static:
         out_shape.append(jax.ShapeDtypeStruct((parts * geo.taps * geo.channels,), jnp.float32))
-    grads = _call(
-        functools.partial(_weight_kernel, geo=geo, tiles=tiles, with_static=with_static), geo, tiles, grid,
-        out_shape, "cvolution_fused_weight_grads", x, dout, v,
-    )
+    kernel = functools.partial(_weight_kernel, geo=geo, tiles=tiles, with_static=with_static)
+    grads = geo.call(kernel, tiles, grid, out_shape, "cvolution_fused_weight_grads", x, dout, v)
     # Fixed-order sums over the blocks: deterministic.
     dw2 = grads[0].reshape(parts, *w2.shape).sum(axis=0).astype(w2.dtype)
     db = grads[1].reshape(parts, *b.shape).sum(axis=0).astype(b.dtype)
@@ -390,28 +381,31 @@ def _weight_grads(geo: _FusedGeometry, x, dout, v, w2, b, static):
     return dw2, db, ds
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fused(geo: _FusedGeometry, x, v, w2, b, static):
-    return _forward(geo, x, v, w2, b, static)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fused(geo: FusedGeometry, tiles: FusedTiles, x, v, w2, b, static):
+    return _forward(geo, tiles.forward, x, v, w2, b, static)
 
 
-def _fused_fwd(geo: _FusedGeometry, x, v, w2, b, static):
+def _fused_fwd(geo: FusedGeometry, tiles: FusedTiles, x, v, w2, b, static):
     # Residuals are the inputs only: Hd is recomputed by the backward kernels, never saved.
-    return _forward(geo, x, v, w2, b, static), (x, v, w2, b, static)
+    return _forward(geo, tiles.forward, x, v, w2, b, static), (x, v, w2, b, static)
 
 
-def _fused_bwd(geo: _FusedGeometry, residuals, dout):
+def _fused_bwd(geo: FusedGeometry, tiles: FusedTiles, residuals, dout):
     x, v, w2, b, static = residuals
-    dx = _dx(geo, dout, v, w2, b, static, x.dtype)
-    dv = _dv(geo, x, dout, w2, v)
-    dw2, db, ds = _weight_grads(geo, x, dout, v, w2, b, static)
+    dx = _dx(geo, tiles.dx, dout, v, w2, b, static, x.dtype)
+    dv = _dv(geo, tiles.dv, x, dout, w2, v)
+    dw2, db, ds = _weight_grads(geo, tiles.weight_grads, x, dout, v, w2, b, static)
     return dx, dv, dw2, db, ds
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def fused_aggregate(x, v, span_kernel, span_bias, static_kernel, *, kernel_size: int, stride: int, dilation: int, interpret: bool = False):
+def fused_aggregate(
+    x, v, span_kernel, span_bias, static_kernel, *, kernel_size: int, stride: int, dilation: int,
+    tiles: FusedTiles | None = None, interpret: bool = False,
+):
     """`reference.aggregate(x, (v @ W2 + b).reshape(B, Ho, Wo, G, K*K), S)` without materialising Hd.
 
     Args:
@@ -421,6 +415,7 @@ def fused_aggregate(x, v, span_kernel, span_bias, static_kernel, *, kernel_size:
       span_bias: `b`, `[G*K*K]`.
       static_kernel: `[K*K, C]` or None.
       kernel_size, stride, dilation: K (odd), s, d.
+      tiles: the kernels' tiles; None, or a None field, takes the heuristic (`default_tiles`).
       interpret: run the kernels in Pallas's interpreter (any backend; slow, for tests).
 
     Returns:
@@ -428,7 +423,8 @@ def fused_aggregate(x, v, span_kernel, span_bias, static_kernel, *, kernel_size:
       input dtype, unlike the unfused bfloat16 path, which stores it).
 
     Raises:
-      ValueError: for shapes that do not fit together or dtypes/sizes the kernels do not take.
+      ValueError: for shapes that do not fit together, dtypes/sizes the kernels do not take, or
+        tiles they cannot run.
     """
     bsz, h, w, c = x.shape
     if kernel_size % 2 == 0 or c % GROUP_CHANNELS:
@@ -452,20 +448,15 @@ def fused_aggregate(x, v, span_kernel, span_bias, static_kernel, *, kernel_size:
     reason = unsupported_reason(x, v, w2, span_bias, static_kernel)
     if reason:
         raise ValueError(f"fused_aggregate: {reason}. Use the unfused path (KernelGenerator + ops.aggregate).")
-    geo = _FusedGeometry(
+    geo = FusedGeometry(
         bsz, h, w, c, kernel_size, stride, dilation, bool(interpret),
         reduced=reduced, bf16_dots=jnp.dtype(v.dtype) == jnp.bfloat16,
     )
-    return _fused(geo, x, v, w2, span_bias, static_kernel)
+    return _fused(geo, resolve_tiles("fused_aggregate", geo, tiles), x, v, w2, span_bias, static_kernel)
 
 
-def unsupported_reason(*arrays) -> str | None:
+def unsupported_reason(x, features, span_kernel, span_bias, static_kernel) -> str | None:
     """Why these arrays cannot run on the fused kernels (dtype, int32 offsets), or None if they can."""
-    for a in arrays:
-        if a is None:
-            continue
-        if jnp.dtype(a.dtype) not in pallas.SUPPORTED_DTYPES:
-            return f"an input has dtype {jnp.dtype(a.dtype)}; the fused kernels take float32 or bfloat16"
-        if np.prod(a.shape) > pallas.MAX_ELEMENTS:
-            return f"an input has {np.prod(a.shape)} elements; the fused kernels index with int32 (< 2**31)"
-    return None
+    return common.unsupported_reason(
+        "the fused kernels", x=x, features=features, span_kernel=span_kernel, span_bias=span_bias, static_kernel=static_kernel,
+    )

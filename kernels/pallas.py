@@ -3,7 +3,7 @@
     out[b, i, j, c] = sum_{kh, kw} (Hd[b, i, j, c // 16, kh*K + kw] + S[kh*K + kw, c])
                                    * x_pad[b, s*i + kh*d, s*j + kw*d, c]
 
-`aggregate` here has the signature of `kernels.reference.aggregate` (plus `interpret`) and is
+`aggregate` here has the signature of `kernels.reference.aggregate` (plus `tiles` and `interpret`) and is
 wired with `jax.custom_vjp`, so `jax.grad` runs three more kernels instead of autodiff:
 
 - forward: one program writes a `[TW, TC]` tile (TW output columns, TC channels) of one output
@@ -17,9 +17,8 @@ wired with `jax.custom_vjp`, so `jax.grad` runs three more kernels instead of au
   Each block writes its own `[K*K, C]` partial sum; `jnp.sum` over blocks finishes `dS`
   (deterministic, no atomics).
 
-All arrays travel as flat refs indexed with integer offset tensors (Triton pointer arithmetic);
-offsets are int32, so every array must hold fewer than 2**31 elements. Every tensor inside a
-kernel has power-of-two dimensions (Triton requires it); ragged borders are masked. Inputs may
+All arrays travel as flat refs indexed with int32 offset tensors, every tensor inside a kernel
+has power-of-two dimensions and ragged borders are masked (`kernels.common`). Inputs may
 be float32 or bfloat16; products accumulate in float32 and each result takes the dtype of the
 input it belongs to (`out` and `dx` of `x`, `dHd` of `Hd`, `dS` of `S`).
 
@@ -28,43 +27,27 @@ input it belongs to (`out` and `dx` of `x`, `dHd` of `Hd`, `dS` of `S`).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
-from kernels import reference
+from kernels import common
+from kernels.common import GROUP_CHANNELS, Geometry, Tiles, load, store
 
-GROUP_CHANNELS = reference.GROUP_CHANNELS
-SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
-MAX_ELEMENTS = 2**31 - 1  # offsets are int32
-# Programs the dHd/dS kernel aims for: about 4 resident per SM on an H100 (132 SMs) or an A100
-# (108). More programs means more [K*K, C] partial sums of dS to write and reduce.
-WEIGHT_GRAD_PROGRAMS = 512
+class AggregateTiles(NamedTuple):
+    """Tiles of the three kernels, as jax's attention kernels take `BlockSizes`.
 
+    A field left None takes the heuristic (`default_tiles`); tests pass small tiles to make
+    every program meet a border, and tuning passes others without editing the heuristics.
+    """
 
-class Tiles(NamedTuple):
-    """Work of one Triton program: a `[width, channels]` tile of `rows` consecutive rows."""
-
-    width: int  # TW, power of two
-    channels: int  # TC, power of two and a multiple of 16
-    rows: int  # loop trip count, any integer
-    num_warps: int
-    num_stages: int
-    contraction: int = 0  # kernels.fused: rows of v and W2 per dot (a power of two >= 16)
-
-
-def _warps(elements: int, per_thread: int = 16) -> int:
-    # About `per_thread` live elements per thread (16: 512 per warp) keeps the fp32 accumulator,
-    # the loaded tiles and their offsets in registers; at least 2 warps so tiny tiles still hide
-    # some latency.
-    return min(8, max(2, elements // (32 * per_thread)))
+    forward: Tiles | None = None
+    dx: Tiles | None = None
+    weight_grads: Tiles | None = None
 
 
 def elementwise_tiles(width: int, channels: int, *, gather: bool = False) -> Tiles:
@@ -93,7 +76,7 @@ def elementwise_tiles(width: int, channels: int, *, gather: bool = False) -> Til
     """
     tc = min(pl.next_power_of_2(channels), 128 if gather else 256)
     tw = min(pl.next_power_of_2(width), max(1, 2048 // tc))
-    return Tiles(tw, tc, 1, _warps(tw * tc, 8 if gather else 16), 1)
+    return Tiles(tw, tc, 1, common.warps(tw * tc, 8 if gather else 16), 1)
 
 
 def weight_grad_tiles(rows: int, width: int, channels: int, *, with_static: bool) -> Tiles:
@@ -102,7 +85,7 @@ def weight_grad_tiles(rows: int, width: int, channels: int, *, with_static: bool
     Output rows are flattened over batch and height (`b*Ho + i`), so a block may span images.
     Without a static kernel every program takes one row (most parallelism, nothing to reduce).
     With one, each program writes a `[K*K, TC]` partial sum of `dS`, so blocks hold several rows:
-    just enough blocks for about `WEIGHT_GRAD_PROGRAMS` programs, which bounds the partial-sum
+    just enough blocks for about `common.WEIGHT_GRAD_PROGRAMS` programs, which bounds the partial-sum
     buffer at `WEIGHT_GRAD_PROGRAMS * K*K * TC` floats (6.4 MB for K=7, TC=64). TC is capped at
     64 (not 256 as in the forward) because the buffer grows with it; TW covers the row up to
     2048 elements per tile as in the forward (a 64x64 tile at 8 warps spilled in bf16 on sm_90).
@@ -118,80 +101,25 @@ def weight_grad_tiles(rows: int, width: int, channels: int, *, with_static: bool
     rows_per_block = 1
     if with_static:
         tiles_per_row = pl.cdiv(width, tw) * pl.cdiv(channels, tc)
-        blocks = min(rows, max(1, pl.cdiv(WEIGHT_GRAD_PROGRAMS, tiles_per_row)))
+        blocks = min(rows, max(1, pl.cdiv(common.WEIGHT_GRAD_PROGRAMS, tiles_per_row)))
         rows_per_block = pl.cdiv(rows, blocks)
-    return Tiles(tw, tc, rows_per_block, _warps(tw * tc), 1)
+    return Tiles(tw, tc, rows_per_block, common.warps(tw * tc), 1)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Geometry:
-    """Static sizes of one aggregation; hashable so it can be a `custom_vjp` static argument."""
-
-    batch: int
-    height: int
-    width: int
-    channels: int
-    kernel_size: int
-    stride: int
-    dilation: int
-    interpret: bool
-
-    @property
-    def out_height(self) -> int:
-        return reference.output_size(self.height, self.stride)
-
-    @property
-    def out_width(self) -> int:
-        return reference.output_size(self.width, self.stride)
-
-    @property
-    def groups(self) -> int:
-        return self.channels // GROUP_CHANNELS
-
-    @property
-    def taps(self) -> int:
-        return self.kernel_size**2
-
-    @property
-    def pad(self) -> int:
-        return self.dilation * (self.kernel_size - 1) // 2
-
-    def compiler_params(self, tiles: Tiles):
-        return plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+def default_tiles(geo: Geometry, with_static: bool) -> AggregateTiles:
+    """The heuristic tiles of every kernel for this aggregation."""
+    return AggregateTiles(
+        forward=elementwise_tiles(geo.out_width, geo.channels),
+        dx=elementwise_tiles(geo.width, geo.channels, gather=True),
+        weight_grads=weight_grad_tiles(geo.batch * geo.out_height, geo.out_width, geo.channels, with_static=with_static),
+    )
 
 
-def _store(ref, offsets, value, mask, interpret: bool):
-    if interpret:
-        # The interpreter writes masked-off lanes back with their old value, in one scatter with
-        # the real writes: a masked lane aliasing a written address (a ragged channel tile's
-        # lanes are the next pixel's channels) would race it. Pointing them one past the end
-        # makes the scatter drop them. Not on GPU: Triton never touches masked lanes, and the
-        # select would hide the offsets' contiguity from its vectoriser.
-        offsets = jnp.where(mask, offsets, ref.shape[0])
-    plgpu.store(ref.at[offsets], value.astype(ref.dtype), mask=mask)
-
-
-def _load(ref, offsets, mask):
-    return plgpu.load(ref.at[offsets], mask=mask, other=0).astype(jnp.float32)
-
-
-def _tile_ids(tiles: Tiles):
-    """Columns `[TW, 1]` and channels `[1, TC]` of this program's tile (grid axes 1 and 2)."""
-    cols = pl.program_id(1) * tiles.width + jnp.arange(tiles.width)[:, None]
-    chans = pl.program_id(2) * tiles.channels + jnp.arange(tiles.channels)[None, :]
-    return cols, chans
-
-
-def _forward_kernel(*refs, geo: _Geometry, tiles: Tiles, with_static: bool):
-    x_ref, dyn_ref, *rest = refs
-    static_ref = rest.pop(0) if with_static else None
-    (out_ref,) = rest
-    k, s, d, p = geo.kernel_size, geo.stride, geo.dilation, geo.pad
-    h, w, c, ho, wo = geo.height, geo.width, geo.channels, geo.out_height, geo.out_width
-    n = pl.program_id(0)  # output row b*Ho + i
-    b, i = lax.div(n, ho), lax.rem(n, ho)
-    j, ch = _tile_ids(tiles)
-    out_ok = (j < wo) & (ch < c)
+def _forward_kernel(*refs, geo: Geometry, tiles: Tiles, with_static: bool):
+    x_ref, dyn_ref, static_ref, out_ref = common.split_refs(refs, 2, with_static)
+    (k, s, d, p), (h, w, c, ho, wo) = geo.window, geo.sizes
+    n, b, i = common.program_row(ho)  # output row n = b*Ho + i
+    j, ch, out_ok = common.tile_ids(tiles, wo, c)
     dyn_base = ((n * wo + j) * geo.groups + ch // GROUP_CHANNELS) * geo.taps  # [TW, TC]
 
     def tap_row(kh, acc):
@@ -202,149 +130,100 @@ def _forward_kernel(*refs, geo: _Geometry, tiles: Tiles, with_static: bool):
             q = s * j + kw * d - p
             # Taps outside the image read nothing (x_pad is zero there), Hd included.
             ok = out_ok & row_ok & (q >= 0) & (q < w)
-            weight = _load(dyn_ref, dyn_base + (kh * k + kw), ok)
+            weight = load(dyn_ref, dyn_base + (kh * k + kw), ok)
             if with_static:
-                weight = weight + _load(static_ref, (kh * k + kw) * c + ch, ch < c)
-            acc = acc + weight * _load(x_ref, (row_base + q) * c + ch, ok)
+                weight = weight + load(static_ref, (kh * k + kw) * c + ch, ch < c)
+            acc = acc + weight * load(x_ref, (row_base + q) * c + ch, ok)
         return acc
 
     acc = lax.fori_loop(0, k, tap_row, jnp.zeros((tiles.width, tiles.channels), jnp.float32))
-    _store(out_ref, (n * wo + j) * c + ch, acc, out_ok, geo.interpret)
+    store(out_ref, (n * wo + j) * c + ch, acc, out_ok, geo.interpret)
 
 
-def _source_index(pos, tap_offset: int, stride: int, size: int):
-    """Output index `o` with `stride*o + tap_offset = pos` and whether it exists in `[0, size)`."""
-    num = pos - tap_offset
-    if stride == 1:
-        return num, (num >= 0) & (num < size)
-    # lax.div/rem truncate towards zero: shift by a multiple of the stride larger than
-    # |tap_offset| (num >= -tap_offset since pos >= 0) to divide a positive number, then shift back.
-    shift = stride * (abs(tap_offset) + 1)
-    shifted = num + shift
-    out = lax.div(shifted, stride) - shift // stride
-    return out, (num >= 0) & (lax.rem(shifted, stride) == 0) & (out < size)
-
-
-def _dx_kernel(*refs, geo: _Geometry, tiles: Tiles, with_static: bool):
-    dout_ref, dyn_ref, *rest = refs
-    static_ref = rest.pop(0) if with_static else None
-    (dx_ref,) = rest
-    k, s, d, p = geo.kernel_size, geo.stride, geo.dilation, geo.pad
-    h, w, c, ho, wo = geo.height, geo.width, geo.channels, geo.out_height, geo.out_width
-    m = pl.program_id(0)  # input row b*H + r
-    b, r = lax.div(m, h), lax.rem(m, h)
-    q, ch = _tile_ids(tiles)
-    in_ok = (q < w) & (ch < c)
+def _dx_kernel(*refs, geo: Geometry, tiles: Tiles, with_static: bool):
+    dout_ref, dyn_ref, static_ref, dx_ref = common.split_refs(refs, 2, with_static)
+    (k, s, d, p), (h, w, c, ho, wo) = geo.window, geo.sizes
+    m, b, r = common.program_row(h)  # input row m = b*H + r
+    q, ch, in_ok = common.tile_ids(tiles, w, c)
     group = ch // GROUP_CHANNELS
 
     def tap_row(kh, acc):
         # r = s*i + kh*d - p: the output row that reads input row r through tap row kh.
-        i, row_ok = _source_index(r, kh * d - p, s, ho)
+        i, row_ok = common.source_index(r, kh * d - p, s, ho)
         n = b * ho + i
         for kw in range(k):
-            j, col_ok = _source_index(q, kw * d - p, s, wo)
+            j, col_ok = common.source_index(q, kw * d - p, s, wo)
             ok = in_ok & row_ok & col_ok
-            weight = _load(dyn_ref, ((n * wo + j) * geo.groups + group) * geo.taps + (kh * k + kw), ok)
+            weight = load(dyn_ref, ((n * wo + j) * geo.groups + group) * geo.taps + (kh * k + kw), ok)
             if with_static:
-                weight = weight + _load(static_ref, (kh * k + kw) * c + ch, ch < c)
-            acc = acc + weight * _load(dout_ref, (n * wo + j) * c + ch, ok)
+                weight = weight + load(static_ref, (kh * k + kw) * c + ch, ch < c)
+            acc = acc + weight * load(dout_ref, (n * wo + j) * c + ch, ok)
         return acc
 
     acc = lax.fori_loop(0, k, tap_row, jnp.zeros((tiles.width, tiles.channels), jnp.float32))
-    _store(dx_ref, (m * w + q) * c + ch, acc, in_ok, geo.interpret)
+    store(dx_ref, (m * w + q) * c + ch, acc, in_ok, geo.interpret)
 
 
-def _weight_grad_kernel(*refs, geo: _Geometry, tiles: Tiles, with_static: bool):
+def _weight_grad_kernel(*refs, geo: Geometry, tiles: Tiles, with_static: bool):
     x_ref, dout_ref, ddyn_ref, *rest = refs
     dstatic_ref = rest[0] if with_static else None
-    k, s, d, p = geo.kernel_size, geo.stride, geo.dilation, geo.pad
-    h, w, c, ho, wo = geo.height, geo.width, geo.channels, geo.out_height, geo.out_width
+    k, c, ho, wo = geo.kernel_size, geo.channels, geo.out_height, geo.out_width
     rows = geo.batch * ho
     block = pl.program_id(0)
-    j, ch = _tile_ids(tiles)
+    j, ch, col_ok = common.tile_ids(tiles, wo, c)
     tile_groups = tiles.channels // GROUP_CHANNELS
     g = pl.program_id(2) * tile_groups + jnp.arange(tile_groups)[None, :]  # [1, TG]
-    col_ok = (j < wo) & (ch < c)
     # Program ids are read out here: the interpreter does not substitute them inside loops.
     part = block * pl.cdiv(wo, tiles.width) + pl.program_id(1)  # this program's dS partial sum
     chans = pl.program_id(2) * tiles.channels + jnp.arange(tiles.channels)  # [TC]
 
     def tap(t, carry):
         kh, kw = lax.div(t, k), lax.rem(t, k)
-        q = s * j + kw * d - p
 
         def row(step, acc):
             n = block * tiles.rows + step  # output row b*Ho + i
             n_ok = n < rows
-            b, i = lax.div(n, ho), lax.rem(n, ho)
-            r = s * i + kh * d - p
-            ok = col_ok & n_ok & (r >= 0) & (r < h) & (q >= 0) & (q < w)
-            prod = _load(dout_ref, (n * wo + j) * c + ch, ok) * _load(x_ref, ((b * h + r) * w + q) * c + ch, ok)
+            prod = common.tap_products(x_ref, dout_ref, geo, n, j, ch, kh, kw, col_ok & n_ok)
             # dHd: the 16 channels of a group are 16 adjacent lanes of the tile.
             group_sum = prod.reshape(tiles.width, tile_groups, GROUP_CHANNELS).sum(axis=-1)
             ddyn_ok = n_ok & (j < wo) & (g < geo.groups)
-            _store(ddyn_ref, ((n * wo + j) * geo.groups + g) * geo.taps + t, group_sum, ddyn_ok, geo.interpret)
+            store(ddyn_ref, ((n * wo + j) * geo.groups + g) * geo.taps + t, group_sum, ddyn_ok, geo.interpret)
             return acc + prod
 
         acc = lax.fori_loop(0, tiles.rows, row, jnp.zeros((tiles.width, tiles.channels), jnp.float32))
         if with_static:
-            _store(dstatic_ref, (part * geo.taps + t) * c + chans, acc.sum(axis=0), chans < c, geo.interpret)
+            store(dstatic_ref, (part * geo.taps + t) * c + chans, acc.sum(axis=0), chans < c, geo.interpret)
         return carry
 
     lax.fori_loop(0, geo.taps, tap, 0)
 
 
-def _flat(a):
-    return a.reshape(-1)
-
-
-def _forward(geo: _Geometry, x, dynamic, static):
-    tiles = elementwise_tiles(geo.out_width, geo.channels)
-    with_static = static is not None
+def _forward(geo: Geometry, tiles: Tiles, x, dynamic, static):
+    kernel = functools.partial(_forward_kernel, geo=geo, tiles=tiles, with_static=static is not None)
     grid = (geo.batch * geo.out_height, pl.cdiv(geo.out_width, tiles.width), pl.cdiv(geo.channels, tiles.channels))
-    out = pl.pallas_call(
-        functools.partial(_forward_kernel, geo=geo, tiles=tiles, with_static=with_static),
-        out_shape=jax.ShapeDtypeStruct((geo.batch * geo.out_height * geo.out_width * geo.channels,), x.dtype),
-        grid=grid,
-        compiler_params=geo.compiler_params(tiles),
-        interpret=geo.interpret,
-        name="cvolution_forward",
-    )(_flat(x), _flat(dynamic), *([_flat(static)] if with_static else []))
+    out_shape = jax.ShapeDtypeStruct((geo.batch * geo.out_height * geo.out_width * geo.channels,), x.dtype)
+    out = geo.call(kernel, tiles, grid, out_shape, "cvolution_forward", x, dynamic, static)
     return out.reshape(geo.batch, geo.out_height, geo.out_width, geo.channels)
 
 
-def _dx(geo: _Geometry, dout, dynamic, static, dtype):
-    tiles = elementwise_tiles(geo.width, geo.channels, gather=True)
-    with_static = static is not None
+def _dx(geo: Geometry, tiles: Tiles, dout, dynamic, static, dtype):
+    kernel = functools.partial(_dx_kernel, geo=geo, tiles=tiles, with_static=static is not None)
     grid = (geo.batch * geo.height, pl.cdiv(geo.width, tiles.width), pl.cdiv(geo.channels, tiles.channels))
-    dx = pl.pallas_call(
-        functools.partial(_dx_kernel, geo=geo, tiles=tiles, with_static=with_static),
-        out_shape=jax.ShapeDtypeStruct((geo.batch * geo.height * geo.width * geo.channels,), dtype),
-        grid=grid,
-        compiler_params=geo.compiler_params(tiles),
-        interpret=geo.interpret,
-        name="cvolution_dx",
-    )(_flat(dout), _flat(dynamic), *([_flat(static)] if with_static else []))
+    out_shape = jax.ShapeDtypeStruct((geo.batch * geo.height * geo.width * geo.channels,), dtype)
+    dx = geo.call(kernel, tiles, grid, out_shape, "cvolution_dx", dout, dynamic, static)
     return dx.reshape(geo.batch, geo.height, geo.width, geo.channels)
 
 
-def _weight_grads(geo: _Geometry, x, dout, dynamic, static):
+def _weight_grads(geo: Geometry, tiles: Tiles, x, dout, dynamic, static):
     with_static = static is not None
     rows = geo.batch * geo.out_height
-    tiles = weight_grad_tiles(rows, geo.out_width, geo.channels, with_static=with_static)
     grid = (pl.cdiv(rows, tiles.rows), pl.cdiv(geo.out_width, tiles.width), pl.cdiv(geo.channels, tiles.channels))
     out_shape = [jax.ShapeDtypeStruct((dynamic.size,), dynamic.dtype)]
     if with_static:
         partials = grid[0] * grid[1]  # one [K*K, C] partial sum per (row block, column tile)
         out_shape.append(jax.ShapeDtypeStruct((partials * geo.taps * geo.channels,), jnp.float32))
-    grads = pl.pallas_call(
-        functools.partial(_weight_grad_kernel, geo=geo, tiles=tiles, with_static=with_static),
-        out_shape=out_shape,
-        grid=grid,
-        compiler_params=geo.compiler_params(tiles),
-        interpret=geo.interpret,
-        name="cvolution_weight_grads",
-    )(_flat(x), _flat(dout))
+    kernel = functools.partial(_weight_grad_kernel, geo=geo, tiles=tiles, with_static=with_static)
+    grads = geo.call(kernel, tiles, grid, out_shape, "cvolution_weight_grads", x, dout)
     ddyn = grads[0].reshape(dynamic.shape)
     if not with_static:
         return ddyn, None
@@ -352,19 +231,19 @@ def _weight_grads(geo: _Geometry, x, dout, dynamic, static):
     return ddyn, dstatic.astype(static.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _aggregate(geo: _Geometry, x, dynamic, static):
-    return _forward(geo, x, dynamic, static)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _aggregate(geo: Geometry, tiles: AggregateTiles, x, dynamic, static):
+    return _forward(geo, tiles.forward, x, dynamic, static)
 
 
-def _aggregate_fwd(geo: _Geometry, x, dynamic, static):
-    return _forward(geo, x, dynamic, static), (x, dynamic, static)
+def _aggregate_fwd(geo: Geometry, tiles: AggregateTiles, x, dynamic, static):
+    return _forward(geo, tiles.forward, x, dynamic, static), (x, dynamic, static)
 
 
-def _aggregate_bwd(geo: _Geometry, residuals, dout):
+def _aggregate_bwd(geo: Geometry, tiles: AggregateTiles, residuals, dout):
     x, dynamic, static = residuals
-    dx = _dx(geo, dout, dynamic, static, x.dtype)
-    ddyn, dstatic = _weight_grads(geo, x, dout, dynamic, static)
+    dx = _dx(geo, tiles.dx, dout, dynamic, static, x.dtype)
+    ddyn, dstatic = _weight_grads(geo, tiles.weight_grads, x, dout, dynamic, static)
     return dx, ddyn, dstatic
 
 
@@ -373,17 +252,26 @@ _aggregate.defvjp(_aggregate_fwd, _aggregate_bwd)
 
 def unsupported_reason(x, dynamic_kernel, static_kernel) -> str | None:
     """Why these (already shape-checked) arrays cannot run on the kernels, or None if they can."""
-    for name, a in (("x", x), ("dynamic_kernel", dynamic_kernel), ("static_kernel", static_kernel)):
-        if a is None:
-            continue
-        if jnp.dtype(a.dtype) not in SUPPORTED_DTYPES:
-            return f"{name} has dtype {jnp.dtype(a.dtype)}; the Pallas kernels take float32 or bfloat16"
-        if np.prod(a.shape) > MAX_ELEMENTS:
-            return f"{name} has {np.prod(a.shape)} elements; the Pallas kernels index with int32 (< 2**31)"
-    return None
+    return common.unsupported_reason("the Pallas kernels", x=x, dynamic_kernel=dynamic_kernel, static_kernel=static_kernel)
 
 
-def aggregate(x, dynamic_kernel, static_kernel, *, kernel_size: int, stride: int, dilation: int, interpret: bool = False):
+def resolve_tiles(fn: str, geo: Geometry, with_static: bool, tiles: AggregateTiles | None) -> AggregateTiles:
+    """`tiles` with every None field taken from `default_tiles`; raises on tiles that cannot run."""
+    if tiles is None:
+        return default_tiles(geo, with_static)
+    if not isinstance(tiles, AggregateTiles):
+        raise ValueError(f"{fn}: tiles is a {type(tiles).__name__}; expected kernels.pallas.AggregateTiles(forward=, dx=, weight_grads=) or None.")
+    for kernel, chosen in tiles._asdict().items():
+        if chosen is not None:
+            common.check_tiles(fn, kernel, chosen)
+    defaults = default_tiles(geo, with_static)
+    return AggregateTiles(*(default if chosen is None else chosen for chosen, default in zip(tiles, defaults)))
+
+
+def aggregate(
+    x, dynamic_kernel, static_kernel, *, kernel_size: int, stride: int, dilation: int,
+    tiles: AggregateTiles | None = None, interpret: bool = False,
+):
     """`kernels.reference.aggregate` as Pallas kernels, with a custom VJP of three more kernels.
 
     Args:
@@ -391,13 +279,15 @@ def aggregate(x, dynamic_kernel, static_kernel, *, kernel_size: int, stride: int
       dynamic_kernel: `[B, Ho, Wo, G, K*K]` with `G = C // 16`, tap index `kh*K + kw`.
       static_kernel: `[K*K, C]` or None.
       kernel_size, stride, dilation: K (odd), s, d.
+      tiles: the kernels' tiles; None, or a None field, takes the heuristic (`default_tiles`).
       interpret: run the kernels in Pallas's interpreter (any backend; slow, for tests).
 
     Returns:
       `[B, Ho, Wo, C]` in the dtype of `x`, accumulated in float32.
 
     Raises:
-      ValueError: for a dtype or size the kernels do not take; use the XLA reference instead.
+      ValueError: for a dtype or size the kernels do not take (use the XLA reference instead),
+        or tiles they cannot run.
     """
     b, h, w, c = x.shape
     if kernel_size % 2 == 0 or c % GROUP_CHANNELS:
@@ -408,5 +298,6 @@ def aggregate(x, dynamic_kernel, static_kernel, *, kernel_size: int, stride: int
     reason = unsupported_reason(x, dynamic_kernel, static_kernel)
     if reason:
         raise ValueError(f"pallas.aggregate: {reason}. Use the XLA reference (impl='xla') for these inputs.")
-    geo = _Geometry(b, h, w, c, kernel_size, stride, dilation, bool(interpret))
-    return _aggregate(geo, x, dynamic_kernel, static_kernel)
+    geo = Geometry(b, h, w, c, kernel_size, stride, dilation, bool(interpret))
+    tiles = resolve_tiles("pallas.aggregate", geo, static_kernel is not None, tiles)
+    return _aggregate(geo, tiles, x, dynamic_kernel, static_kernel)

@@ -90,7 +90,7 @@ def kernel_traffic(op_name: str, op: bench.Op, itemsize: int, dtype: str) -> lis
     ]
 
     ft = fused.fused_tiles(ho, c, reduced)
-    rp, cp = fused._padded(reduced), pl.cdiv(c, ft.channels) * ft.channels
+    rp, cp = fused.padded(reduced), pl.cdiv(c, ft.channels) * ft.channels
     channel_tiles = pl.cdiv(c, ft.channels)
     # v is read per tap by every channel tile (forward, weights: at every output pixel; dx: at
     # the valid source pixels only).

@@ -5,13 +5,14 @@ and XLA (jax 0.10.2) and against occupancies worked out by hand from the CUDA oc
 calculator's rules. The compile itself needs `pip install -e ".[compile]"` and skips without it.
 """
 
+import dataclasses
 import pathlib
 import subprocess
 import sys
 
 import pytest
 
-from kernels import bench, fused, pallas
+from kernels import bench, common, fused, pallas
 from kernels import compile as kcompile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -133,6 +134,32 @@ def test_without_the_plugin_the_command_says_what_to_install(monkeypatch, capsys
     assert err.count("\n") == 1 and 'pip install -e ".[compile]"' in err
 
 
+def test_ptxas_spy_copies_the_ptx_it_is_given_and_runs_the_real_ptxas(tmp_path):
+    """XLA runs `<xla_gpu_cuda_data_dir>/bin/ptxas IN.ptx -o OUT -arch=sm_90a ...`; the spy keeps IN."""
+    cuda = tmp_path / "cuda_nvcc"
+    (cuda / "bin").mkdir(parents=True)
+    (cuda / "nvvm" / "libdevice").mkdir(parents=True)
+    real = cuda / "bin" / "ptxas"
+    # Stands in for ptxas: records its arguments, writes the output file, exits 3.
+    real.write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/args\ntouch "$3"\nexit 3\n')
+    real.chmod(0o755)
+    ptx = tmp_path / "in.ptx"
+    ptx.write_text(".version 8.4\n.target sm_90a\n.visible .entry cvolution_dx(\n)\n{\n\tret;\n}\n")
+    options = tmp_path / "options.txt"  # a file argument that is not PTX
+    options.write_text("-O3\n")
+
+    spy = kcompile.ptxas_spy(str(real), tmp_path / "spy")
+    assert (spy / "nvvm").resolve() == (cuda / "nvvm").resolve()  # libdevice still found
+    out = tmp_path / "out.cubin"
+    proc = subprocess.run([str(spy / "bin" / "ptxas"), str(ptx), "-o", str(out), "-arch=sm_90a", str(options)], check=False)
+
+    assert proc.returncode == 3 and out.exists()
+    assert (tmp_path / "args").read_text().split() == [str(ptx), "-o", str(out), "-arch=sm_90a", str(options)]
+    copies = list((tmp_path / "spy" / "ptx").iterdir())
+    assert [c.read_text() for c in copies] == [ptx.read_text()]
+    assert copies[0].suffix == ".ptx"
+
+
 def test_spec_ships_with_the_package():
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert 'kernels = ["specs/*.txtpb"]' in pyproject
@@ -159,30 +186,25 @@ def test_compiles_one_op_for_h100_with_no_spills(tmp_path):
 
 
 def _tiles_now(kernel, op, variant):
-    """(warps, grid) the current tile heuristics give `kernel` at `op`: what a fresh compile reports."""
+    """(warps, grid) the kernels' own default tiles give `kernel` at `op`: what a fresh compile reports."""
     b, h, c, k, ho = op.batch, op.size, op.channels, op.kernel_size, op.out_size
-    reduced, rows, static = c // 4, op.batch * op.out_size, variant == "cvolution"
+    rows = op.batch * op.out_size
     cdiv = lambda a, d: -(-a // d)
-    if kernel == "cvolution_forward":
-        t = pallas.elementwise_tiles(ho, c)
-        return t.num_warps, (rows, cdiv(ho, t.width), cdiv(c, t.channels))
-    if kernel == "cvolution_dx":
-        t = pallas.elementwise_tiles(h, c, gather=True)
-        return t.num_warps, (b * h, cdiv(h, t.width), cdiv(c, t.channels))
-    if kernel == "cvolution_weight_grads":
-        t = pallas.weight_grad_tiles(rows, ho, c, with_static=static)
-        return t.num_warps, (cdiv(rows, t.rows), cdiv(ho, t.width), cdiv(c, t.channels))
-    if kernel == "cvolution_fused_forward":
-        t = fused.fused_tiles(ho, c, reduced)
-        return t.num_warps, (rows, cdiv(ho, t.width), cdiv(c, t.channels))
-    if kernel == "cvolution_fused_dx":
-        t = fused.fused_tiles(h, c, reduced)
-        return t.num_warps, (b * h, cdiv(h, t.width), cdiv(c, t.channels))
-    if kernel == "cvolution_fused_dv":
-        t = fused.dv_tiles(ho, c, reduced)
-        return t.num_warps, (rows, cdiv(ho, t.width), 1)
-    t = fused.weight_tiles(rows, ho, c, reduced, k)
-    return t.num_warps, (cdiv(rows, t.rows), cdiv(ho, t.width), cdiv(c, t.channels))
+    geo = common.Geometry(b, h, h, c, k, op.stride, 1, False)
+    unfused = pallas.default_tiles(geo, with_static=variant == "cvolution")
+    fused_tiles = fused.default_tiles(fused.FusedGeometry(*dataclasses.astuple(geo), reduced=c // 4))
+    grids = {
+        "cvolution_forward": (unfused.forward, (rows, ho, c)),
+        "cvolution_dx": (unfused.dx, (b * h, h, c)),
+        "cvolution_weight_grads": (unfused.weight_grads, (rows, ho, c)),
+        "cvolution_fused_forward": (fused_tiles.forward, (rows, ho, c)),
+        "cvolution_fused_dx": (fused_tiles.dx, (b * h, h, c)),
+        "cvolution_fused_dv": (fused_tiles.dv, (rows, ho, None)),  # all channels per program
+        "cvolution_fused_weight_grads": (fused_tiles.weight_grads, (rows, ho, c)),
+    }
+    t, (n, width, channels) = grids[kernel]
+    row_blocks = cdiv(n, t.rows) if kernel.endswith("weight_grads") else n
+    return t.num_warps, (row_blocks, cdiv(width, t.width), 1 if channels is None else cdiv(channels, t.channels))
 
 
 def test_checked_in_table_matches_the_current_tiles():

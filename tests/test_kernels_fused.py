@@ -6,16 +6,19 @@ itself is checked against numpy loops and finite differences in `tests/test_ops.
 """
 
 import functools
+import math
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cvolution_jax import ops
 from cvolution_jax.layers import CVolution, Involution
-from kernels import fused, reference
+from kernels import common, fused, pallas, reference
 
-from tests.test_kernels_pallas import TRITON_CALL, assert_close, verified_triton_modules  # noqa: F401 (fixture)
+from tests.conftest import TRITON_CALL, assert_results_close, export_for_cuda, interpret_tests, pallas_grids
 
 GRAD_NAMES = ("out", "dx", "dv", "dW2", "db", "dS")
 
@@ -48,18 +51,13 @@ def value_and_vjp(fn, args, cotangent, **config):
         return jax.jit(run)(args, cotangent)
 
 
-def check_against_reference(h, w, c, k, s, d, with_static, dtype, b=2, seed=0, reduced=None):
+def check_against_reference(h, w, c, k, s, d, with_static, dtype, b=2, seed=0, reduced=None, kernels=fused_interpret):
     args, cotangent = make_inputs(seed, b, h, w, c, k, s, with_static, dtype, reduced)
     config = dict(kernel_size=k, stride=s, dilation=d)
-    out, grads = value_and_vjp(fused_interpret, args, cotangent, **config)
+    out, grads = value_and_vjp(kernels, args, cotangent, **config)
     up = lambda a: None if a is None else a.astype(jnp.float32)
     expected_out, expected_grads = value_and_vjp(reference.fused_aggregate, tuple(map(up, args)), up(cotangent), **config)
-    assert out.dtype == dtype and all(g is None or g.dtype == dtype for g in grads)
-    for name, got, expected in zip(GRAD_NAMES, (out, *grads), (expected_out, *expected_grads)):
-        if expected is None:
-            assert got is None, name
-            continue
-        assert_close(got, expected, dtype, name)
+    assert_results_close(GRAD_NAMES, (out, *grads), (expected_out, *expected_grads), dtype)
 
 
 # (H, W, C, K, stride, dilation, static kernel): every K, stride, dilation; ragged everything.
@@ -75,22 +73,9 @@ CASES_BF16 = [
 ]
 
 
-@pytest.mark.parametrize("h,w,c,k,s,d,with_static", CASES_FP32)
-def test_interpret_matches_reference_fp32(h, w, c, k, s, d, with_static):
-    check_against_reference(h, w, c, k, s, d, with_static, jnp.float32)
-
-
-@pytest.mark.parametrize("h,w,c,k,s,d,with_static", CASES_BF16)
-def test_interpret_matches_reference_bf16(h, w, c, k, s, d, with_static):
-    check_against_reference(h, w, c, k, s, d, with_static, jnp.bfloat16)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("with_static", [False, True], ids=["involution", "cvolution"])
-@pytest.mark.parametrize("k,s,d", [(k, s, d) for k in (3, 5, 7) for s in (1, 2) for d in (1, 2)])
-def test_interpret_matches_reference_all_configs(k, s, d, with_static, dtype):
-    check_against_reference(9, 10, 32, k, s, d, with_static, dtype, seed=k + s + d)
+test_interpret_matches_reference, test_interpret_matches_reference_all_configs = interpret_tests(
+    check_against_reference, CASES_FP32, CASES_BF16
+)
 
 
 @pytest.mark.slow
@@ -103,8 +88,45 @@ def test_interpret_matches_reference_wide_generator_and_many_tiles():
 def test_interpret_matches_reference_over_several_contraction_chunks(dtype):
     """R=40: the span dots run over chunks of 16 rows of R (`CONTRACTION`), the third ragged
     (rows 32-39 real, 40-47 masked) and the fourth (48-63, up to Rp=64) all padding."""
-    assert fused.fused_tiles(6, 32, 40).contraction == 16 < fused._padded(40) == 64
+    assert fused.fused_tiles(6, 32, 40).contraction == 16 < fused.padded(40) == 64
     check_against_reference(6, 5, 32, 3, 2, 1, True, dtype, b=1, reduced=40)
+
+
+# Smaller than the heuristics at test sizes, every dimension ragged: C=48 in channel tiles of 32
+# (forward, weight grads) and chunks of 16 (dv); W=18 in 16-wide column tiles; dW2 blocks of 3
+# rows over B*Ho = 8 (a last block of 2); the dx dot over all of R (contraction 0).
+SMALL_TILES = fused.FusedTiles(
+    forward=common.Tiles(width=16, channels=32, rows=1, num_warps=2, num_stages=1, contraction=16),
+    dx=common.Tiles(width=16, channels=16, rows=1, num_warps=2, num_stages=1, contraction=0),
+    dv=common.Tiles(width=16, channels=16, rows=1, num_warps=2, num_stages=1),
+    weight_grads=common.Tiles(width=16, channels=32, rows=3, num_warps=2, num_stages=1),
+)
+
+
+def test_interpret_matches_reference_with_explicit_ragged_tiles():
+    """Tiles passed through `ops.fused_aggregate(tiles=)`; x [2, 4, 18, 48], K=3, d=2, R=12."""
+    kernels = lambda *a, **config: ops.fused_aggregate(*a, **config, impl="pallas", tiles=SMALL_TILES)
+    check_against_reference(4, 18, 48, 3, 1, 2, True, jnp.float32, kernels=kernels)
+    args, cotangent = make_inputs(0, 2, 4, 18, 48, 3, 1, True, jnp.float32)
+    call = lambda *a: fused.fused_aggregate(*a, kernel_size=3, stride=1, dilation=2, tiles=SMALL_TILES, interpret=True)
+    # Rows B*Ho = 8 (forward, dv), B*H = 8 (dx), ceil(8 / 3) = 3 blocks; columns ceil(18 / 16) = 2;
+    # channels ceil(48 / 32) = 2 and ceil(48 / 16) = 3; dv owns all channels of its pixels.
+    assert pallas_grids(lambda *a: jax.vjp(call, *a)[1](cotangent), *args) == {
+        "cvolution_fused_forward": (8, 2, 2), "cvolution_fused_dx": (8, 2, 3),
+        "cvolution_fused_dv": (8, 2), "cvolution_fused_weight_grads": (3, 2, 2),
+    }
+
+
+@pytest.mark.parametrize("tiles,match", [
+    (fused.FusedTiles(forward=common.Tiles(8, 16, 1, 2, 1, 16)), r"tiles\.forward = .* width=8 \(a power of two >= 16\)"),
+    (fused.FusedTiles(dx=common.Tiles(16, 16, 1, 2, 1, 32)), r"tiles\.dx has contraction=32; expected 0 \(all of R\) or a power of two from 16 to Rp=16"),
+    (pallas.AggregateTiles(), r"tiles is a AggregateTiles; expected kernels\.fused\.FusedTiles or None"),
+], ids=["below_dot_minimum", "contraction_past_rp", "unfused_tile_set"])
+def test_tiles_the_fused_kernels_cannot_run_are_refused_in_one_line(tiles, match):
+    (x, v, w2, bias, static), _ = make_inputs(1, 1, 5, 5, 16, 3, 1, True, jnp.float32, reduced=12)
+    with pytest.raises(ValueError, match=match) as error:
+        ops.fused_aggregate(x, v, w2, bias, static, kernel_size=3, impl="pallas", tiles=tiles)
+    assert "\n" not in str(error.value)
 
 
 def test_weight_partials_stay_bounded_on_rednet_shapes():
@@ -168,35 +190,53 @@ REDNET50_STAGES = {
 }
 
 
-def export_for_cuda(size, c, s, dtype, k=7, batch=64):
+def export_fused_for_cuda(size, c, s, dtype, k=7, batch=64, materialise_hd=False):
+    """StableHLO of value-and-gradient of the fused layer tail for CUDA; `materialise_hd` writes
+    Hd first and aggregates it with the unfused kernels instead (the program fusing avoids)."""
     ho = reference.output_size(size, s)
     shapes = [(batch, size, size, c), (batch, ho, ho, c // 4), (c // 4, c // 16 * k * k), (c // 16 * k * k,), (k * k, c)]
     structs = [jax.ShapeDtypeStruct(shape, dtype) for shape in shapes]
 
-    def loss(*args):
-        out = fused.fused_aggregate(*args, kernel_size=k, stride=s, dilation=1)
+    def loss(x, v, w2, bias, static):
+        config = dict(kernel_size=k, stride=s, dilation=1)
+        if materialise_hd:
+            out = pallas.aggregate(x, reference.dynamic_kernel(v, w2, bias, kernel_size=k).astype(dtype), static, **config)
+        else:
+            out = fused.fused_aggregate(x, v, w2, bias, static, **config)
         return jnp.sum(out.astype(jnp.float32) ** 2)
 
-    fn = jax.value_and_grad(loss, argnums=tuple(range(len(structs))))
-    exported = jax.export.export(
-        jax.jit(fn), platforms=["cuda"],
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)],
-    )(*structs)
-    return exported.mlir_module()
+    return export_for_cuda(jax.value_and_grad(loss, argnums=tuple(range(len(structs)))), structs)
+
+
+def tensors_of_size(text: str, elements: int) -> list[str]:
+    """Every tensor type in the module text that holds `elements` elements, whatever its rank."""
+    types = re.findall(r"tensor<((?:\d+x)*)[a-z]\w*>", text)
+    return sorted({t for t in types if t and math.prod(int(n) for n in t.rstrip("x").split("x")) == elements})
+
+
+def hd_elements(size, c, s, k=7, batch=64):
+    ho = reference.output_size(size, s)
+    return batch * ho * ho * (c // 16) * k * k
+
+
+def test_the_hd_check_finds_hd_where_it_is_written():
+    """`tensors_of_size` sees Hd in the unfused program, in each of the shapes it travels in."""
+    size, c, s = REDNET50_STAGES["stage4_c512"]
+    found = tensors_of_size(export_fused_for_cuda(size, c, s, jnp.float32, materialise_hd=True), hd_elements(size, c, s))
+    # [B, Ho, Wo, G*K*K] from the span conv, [B, Ho, Wo, G, K*K] into the kernels, flat inside them.
+    assert {"64x7x7x1568x", "64x7x7x32x49x", "4917248x"} <= set(found), found
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("stage", REDNET50_STAGES.values(), ids=REDNET50_STAGES.keys())
 def test_lowers_for_cuda(stage, dtype, verified_triton_modules):
     size, c, s = stage
-    text = export_for_cuda(size, c, s, dtype)
+    text = export_fused_for_cuda(size, c, s, dtype)
     # Forward, dx, dv and the dW2/db/dS kernel: four Triton calls, nothing left to autodiff,
-    # and no [B, Ho, Wo, G*K*K] Hd anywhere in the module.
-    ho = reference.output_size(size, s)
-    assert f"tensor<64x{ho}x{ho}x{c // 16 * 49}x" not in text
+    # and no tensor of Hd's size in the module, in any shape.
+    assert tensors_of_size(text, hd_elements(size, c, s)) == []
     assert text.count(f"@{TRITON_CALL}(") == 4, text.count(f"@{TRITON_CALL}(")
-    if verified_triton_modules is not None:
-        assert verified_triton_modules == [True] * 4
+    assert verified_triton_modules == [True] * 4
 
 
 # --- the reference and the dispatch ----------------------------------------------------------

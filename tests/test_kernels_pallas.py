@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 
 from cvolution_jax import ops
-from kernels import bench, pallas, reference
+from kernels import bench, common, pallas, reference
 
-TRITON_CALL = "__gpu$xla.gpu.triton"
+from tests.conftest import TRITON_CALL, assert_results_close, export_for_cuda, interpret_tests, pallas_grids
+
+NAMES = ("out", "dx", "dHd", "dS")
 
 
 def make_inputs(seed, b, h, w, c, k, s, with_static, dtype):
@@ -43,32 +45,15 @@ def pallas_interpret(*args, **config):
     return pallas.aggregate(*args, **config, interpret=True)
 
 
-def assert_close(got, expected, dtype, name):
-    got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
-    assert got.shape == expected.shape, (name, got.shape, expected.shape)
-    scale = np.abs(expected).max()
-    if dtype == jnp.float32:
-        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * scale, err_msg=name)
-    else:
-        # 1e-2 relative to the result's scale: single values near zero have no relative precision in bf16.
-        err = np.abs(got - expected).max()
-        assert err <= 1e-2 * scale, f"{name}: max error {err} > 1e-2 * {scale}"
-
-
-def check_against_reference(h, w, c, k, s, d, with_static, dtype, b=2, seed=0):
+def check_against_reference(h, w, c, k, s, d, with_static, dtype, b=2, seed=0, kernels=pallas_interpret):
     x, dynamic, static, cotangent = make_inputs(seed, b, h, w, c, k, s, with_static, dtype)
     config = dict(kernel_size=k, stride=s, dilation=d)
-    out, grads = value_and_vjp(pallas_interpret, x, dynamic, static, cotangent, **config)
+    out, grads = value_and_vjp(kernels, x, dynamic, static, cotangent, **config)
     # The reference runs in float32 on the same (possibly bf16) values: the truth the kernels'
     # float32 accumulation aims at. (XLA's own bf16 backward rounds dx after every tap.)
     up = lambda a: None if a is None else a.astype(jnp.float32)
     expected_out, expected_grads = value_and_vjp(reference.aggregate, *map(up, (x, dynamic, static, cotangent)), **config)
-    assert out.dtype == dtype and all(g is None or g.dtype == dtype for g in grads)
-    for name, got, expected in zip(("out", "dx", "dHd", "dS"), (out, *grads), (expected_out, *expected_grads)):
-        if expected is None:
-            assert got is None, name
-            continue
-        assert_close(got, expected, dtype, name)
+    assert_results_close(NAMES, (out, *grads), (expected_out, *expected_grads), dtype)
 
 
 # (H, W, C, K, stride, dilation, static kernel): odd and even sizes, every K, stride and dilation.
@@ -89,43 +74,60 @@ CASES_BF16 = [
 ]
 
 
-@pytest.mark.parametrize("h,w,c,k,s,d,with_static", CASES_FP32)
-def test_interpret_matches_reference_fp32(h, w, c, k, s, d, with_static):
-    check_against_reference(h, w, c, k, s, d, with_static, jnp.float32)
+test_interpret_matches_reference, test_interpret_matches_reference_all_configs = interpret_tests(
+    check_against_reference, CASES_FP32, CASES_BF16
+)
 
 
-@pytest.mark.parametrize("h,w,c,k,s,d,with_static", CASES_BF16)
-def test_interpret_matches_reference_bf16(h, w, c, k, s, d, with_static):
-    check_against_reference(h, w, c, k, s, d, with_static, jnp.bfloat16)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("with_static", [False, True], ids=["involution", "cvolution"])
-@pytest.mark.parametrize("k,s,d", [(k, s, d) for k in (3, 5, 7) for s in (1, 2) for d in (1, 2)])
-def test_interpret_matches_reference_all_configs(k, s, d, with_static, dtype):
-    check_against_reference(9, 10, 32, k, s, d, with_static, dtype, seed=k + s + d)
-
-
-def small_tiles(*args, **kwargs):
-    return pallas.Tiles(width=4, channels=16, rows=1, num_warps=2, num_stages=1)
-
-
-def small_weight_tiles(rows, width, channels, *, with_static):
-    return pallas.Tiles(width=4, channels=32, rows=3 if with_static else 1, num_warps=2, num_stages=1)
+# Much smaller than the heuristics choose at test sizes (one tile per row there).
+SMALL_TILES = pallas.AggregateTiles(
+    forward=common.Tiles(width=4, channels=16, rows=1, num_warps=2, num_stages=1),
+    dx=common.Tiles(width=4, channels=16, rows=1, num_warps=2, num_stages=1),
+    weight_grads=common.Tiles(width=4, channels=32, rows=3, num_warps=2, num_stages=1),
+)
 
 
 @pytest.mark.parametrize("h,w,c,k,s,d", [(7, 11, 48, 3, 1, 1), (9, 10, 48, 7, 2, 2)])
-def test_interpret_matches_reference_with_many_ragged_tiles(monkeypatch, h, w, c, k, s, d):
-    """Tiles much smaller than the arrays: several column, channel and row blocks, all ragged.
+def test_interpret_matches_reference_with_many_ragged_tiles(h, w, c, k, s, d):
+    """Tiles passed through `ops.aggregate(tiles=)`: several column, channel and row blocks, all ragged.
 
-    The real heuristics give one tile per row at these sizes; here every program meets a
-    border: 4-wide column tiles over 11 or 10 columns (6 or 5 outputs), channel tiles of 16 and
-    32 over 48 channels, and dS blocks of 3 rows over 2*Ho rows (a last, partial block).
+    Every program meets a border: 4-wide column tiles over 11 or 10 columns (6 or 5 outputs),
+    channel tiles of 16 and 32 over 48 channels, and dS blocks of 3 rows over 2*Ho rows (a last,
+    partial block).
     """
-    monkeypatch.setattr(pallas, "elementwise_tiles", small_tiles)
-    monkeypatch.setattr(pallas, "weight_grad_tiles", small_weight_tiles)
-    check_against_reference(h, w, c, k, s, d, True, jnp.float32)
+    kernels = lambda *a, **config: ops.aggregate(*a, **config, impl="pallas", tiles=SMALL_TILES)
+    check_against_reference(h, w, c, k, s, d, True, jnp.float32, kernels=kernels)
+
+
+def test_explicit_tiles_set_every_kernels_grid():
+    """The grids follow the tiles given, a None field the heuristic: by hand for x [2, 9, 10, 48],
+    K=7, s=2 (Ho=5, Wo=5)."""
+    x, dynamic, static, cotangent = make_inputs(0, 2, 9, 10, 48, 7, 2, True, jnp.float32)
+
+    def grids(tiles):
+        kernels = lambda *a: pallas.aggregate(*a, kernel_size=7, stride=2, dilation=1, tiles=tiles, interpret=True)
+        return pallas_grids(lambda *a: jax.vjp(kernels, *a)[1](cotangent), x, dynamic, static)
+
+    # Rows: forward B*Ho = 10, dx B*H = 18, dS blocks ceil(10 / 3) = 4. Columns: ceil(5 / 4) = 2,
+    # dx ceil(10 / 4) = 3. Channels: ceil(48 / 16) = 3, weight grads ceil(48 / 32) = 2.
+    assert grids(SMALL_TILES) == {"cvolution_forward": (10, 2, 3), "cvolution_dx": (18, 3, 3), "cvolution_weight_grads": (4, 2, 2)}
+    # Only dx given: the heuristics' one tile per row elsewhere (Wo=5 -> TW=8, C=48 -> TC=64).
+    only_dx = grids(pallas.AggregateTiles(dx=SMALL_TILES.dx))
+    assert only_dx["cvolution_dx"] == (18, 3, 3) and only_dx["cvolution_forward"] == (10, 1, 1)
+
+
+@pytest.mark.parametrize("tiles,match", [
+    (pallas.AggregateTiles(forward=common.Tiles(6, 16, 1, 2, 1)), r"tiles\.forward = .* cannot run: width=6 \(a power of two >= 1\)"),
+    (pallas.AggregateTiles(dx=common.Tiles(4, 8, 1, 2, 1)), r"tiles\.dx = .* channels=8 \(a power of two >= 16"),
+    (pallas.AggregateTiles(weight_grads=common.Tiles(4, 16, 0, 3, 1)), r"rows=0 \(>= 1\); num_warps=3"),
+    (pallas.AggregateTiles(forward=(4, 16, 1, 2, 1)), r"tiles\.forward is a tuple; expected kernels\.common\.Tiles or None"),
+    (common.Tiles(4, 16, 1, 2, 1), r"tiles is a Tiles; expected kernels\.pallas\.AggregateTiles or None"),
+], ids=["width", "channels", "rows_and_warps", "plain_tuple", "not_a_tile_set"])
+def test_tiles_the_kernels_cannot_run_are_refused_in_one_line(tiles, match):
+    x, dynamic, static, _ = make_inputs(0, 1, 5, 5, 16, 3, 1, True, jnp.float32)
+    with pytest.raises(ValueError, match=match) as error:
+        ops.aggregate(x, dynamic, static, kernel_size=3, impl="pallas", tiles=tiles)
+    assert "\n" not in str(error.value)
 
 
 def test_tile_heuristics_on_rednet_shapes():
@@ -143,7 +145,7 @@ def test_tile_heuristics_on_rednet_shapes():
             wt = pallas.weight_grad_tiles(rows, width, channels, with_static=with_static)
             programs = -(-rows // wt.rows) * -(-width // wt.width) * -(-channels // wt.channels)
             if with_static:  # enough programs to fill a GPU, few enough partial sums of dS
-                assert programs <= 2 * pallas.WEIGHT_GRAD_PROGRAMS and (programs >= pallas.WEIGHT_GRAD_PROGRAMS or wt.rows == 1)
+                assert programs <= 2 * common.WEIGHT_GRAD_PROGRAMS and (programs >= common.WEIGHT_GRAD_PROGRAMS or wt.rows == 1)
             else:
                 assert wt.rows == 1
 
@@ -171,8 +173,8 @@ def test_ops_pallas_off_gpu_runs_interpret_and_logs_once(monkeypatch, caplog):
 def test_ops_auto_dispatch(monkeypatch, backend, dtype, expected_impl):
     calls = []
 
-    def spy(*args, interpret, **config):
-        calls.append(interpret)
+    def spy(*args, interpret, tiles, **config):
+        calls.append((interpret, tiles))
         return reference.aggregate(*args, **config)
 
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
@@ -180,7 +182,7 @@ def test_ops_auto_dispatch(monkeypatch, backend, dtype, expected_impl):
     with jax.enable_x64(dtype == jnp.float64):
         x, dynamic, static, _ = make_inputs(7, 1, 5, 5, 16, 3, 1, True, dtype)
         ops.aggregate(x, dynamic, static, kernel_size=3)
-    assert calls == ([False] if expected_impl == "pallas" else [])
+    assert calls == ([(False, None)] if expected_impl == "pallas" else [])
 
 
 def test_ops_pallas_rejects_unsupported_dtype():
@@ -192,7 +194,8 @@ def test_ops_pallas_rejects_unsupported_dtype():
 
 # --- lowering for CUDA on a CPU-only machine --------------------------------------------------
 
-def export_for_cuda(op: bench.Op, with_static, dtype):
+
+def export_aggregate_for_cuda(op: bench.Op, with_static, dtype):
     """The StableHLO text of value-and-gradient of the aggregation at `op`'s shape, for CUDA."""
     k, s = op.kernel_size, op.stride
     structs = [jax.ShapeDtypeStruct(shape, dtype) for shape in op.shapes(with_static)]
@@ -202,38 +205,7 @@ def export_for_cuda(op: bench.Op, with_static, dtype):
         out = pallas.aggregate(args[0], args[1], static, kernel_size=k, stride=s, dilation=1)
         return jnp.sum(out.astype(jnp.float32) ** 2)
 
-    fn = jax.value_and_grad(loss, argnums=tuple(range(len(structs))))
-    exported = jax.export.export(
-        jax.jit(fn), platforms=["cuda"],
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)],
-    )(*structs)
-    return exported.mlir_module()
-
-
-@pytest.fixture
-def verified_triton_modules(monkeypatch):
-    """Runs MLIR's verifier (Triton's op rules included) on every Triton module lowered.
-
-    Export only serialises the modules; XLA compiles them on a GPU. Verifying them here catches
-    what Triton's verifiers reject (shapes, types) without one. Hooks a private jax function:
-    where it has moved, yields None and the test relies on the export alone.
-    """
-    try:
-        from jax._src.pallas.triton import lowering
-    except ImportError:
-        yield None
-        return
-    verified = []
-    original = lowering.lower_jaxpr_to_triton_module
-
-    def lower_and_verify(*args, **kwargs):
-        result = original(*args, **kwargs)
-        with result.module.context:
-            verified.append(result.module.operation.verify())
-        return result
-
-    monkeypatch.setattr(lowering, "lower_jaxpr_to_triton_module", lower_and_verify)
-    yield verified
+    return export_for_cuda(jax.value_and_grad(loss, argnums=tuple(range(len(structs)))), structs)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
@@ -241,11 +213,10 @@ def verified_triton_modules(monkeypatch):
 @pytest.mark.parametrize("op", bench.REDNET50_OPS.values(), ids=bench.REDNET50_OPS.keys())
 def test_lowers_for_cuda(op, with_static, dtype, verified_triton_modules):
     """Every aggregation of RedNet/CedNet-50 at 224x224, batch 64 (`bench.REDNET50_OPS`)."""
-    text = export_for_cuda(op, with_static, dtype)
+    text = export_aggregate_for_cuda(op, with_static, dtype)
     # Forward, dx and the dHd/dS kernel: three Triton calls, nothing left to autodiff.
     assert text.count(f"@{TRITON_CALL}(") == 3, text.count(f"@{TRITON_CALL}(")
-    if verified_triton_modules is not None:
-        assert verified_triton_modules == [True] * 3
+    assert verified_triton_modules == [True] * 3
 
 
 # --- on a GPU -------------------------------------------------------------------------------
@@ -269,55 +240,77 @@ def test_compiled_kernels_match_reference_on_gpu(h, w, c, k, s, d, with_static, 
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
     up = lambda a: None if a is None else a.astype(jnp.float32)
     expected = value_and_vjp(reference.aggregate, *map(up, (x, dynamic, static, cotangent)), **config)
-    for name, got, want in zip(("out", "dx", "dHd", "dS"), (first[0], *first[1]), (expected[0], *expected[1])):
-        if want is not None:
-            assert_close(got, want, dtype, name)
+    assert_results_close(NAMES, (first[0], *first[1]), (expected[0], *expected[1]), dtype)
 
 
 # --- bench ---------------------------------------------------------------------------------
+
+
+def markdown_rows(text: str, header: str) -> list[list[str]]:
+    """The cells of the table that follows the line starting `header`, up to the next blank line."""
+    lines = text.splitlines()
+    start = next(n for n, line in enumerate(lines) if line.startswith(header)) + 2  # skip the |---| line
+    table = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        table.append([cell.strip() for cell in line.strip("|").split("|")])
+    return table
 
 
 def test_bench_smoke_writes_results(tmp_path):
     paths = bench.main(["--smoke", "--dtypes", "bfloat16", "--out-dir", str(tmp_path)])  # one dtype: compiling dominates
     assert sorted(p.suffix for p in paths) == [".json", ".md"] and all(p.parent == tmp_path for p in paths)
     result = json.loads(next(p for p in paths if p.suffix == ".json").read_text())
+    markdown = next(p for p in paths if p.suffix == ".md").read_text()
     assert result["smoke"] is True and result["command"].startswith("python -m kernels.bench")
     assert {"device", "date", "versions"} <= set(result) and result["versions"]["jax"] == jax.__version__
-    rows = result["rows"]
-    assert {(r["op"], r["dtype"], r["pass"], r["impl"]) for r in rows} >= {
-        (op, dtype, p, impl) for op in bench.SMOKE_OPS for dtype in ("bfloat16",)
-        for p in ("forward", "forward+backward") for impl in ("pallas", "xla", "copy")
-    }
     # The smoke op: x [1, 10, 10, 32] (3200), K=7 s=2 so Hd [1, 5, 5, 2, 49] (2450), S [49, 32]
     # (1568), out [1, 5, 5, 32] (800). Forward x+Hd+S+out = 8018; backward adds
     # out + 2x + 2Hd + 2S = 15236. bf16: 2 bytes each.
-    assert list(bench.SMOKE_OPS.values()) == [bench.Op(1, 10, 32, 7, 2)]
+    assert list(bench.SMOKE_OPS.items()) == [("smoke_c32_k7_s2", bench.Op(1, 10, 32, 7, 2))]
+    shape = dict(batch=1, size=10, channels=32, kernel_size=7, stride=2, out_size=5)
     expected_bytes = {"forward": 2 * 8018, "forward+backward": 2 * (8018 + 15236)}
+    rows = result["rows"]
+    assert sorted((r["pass"], r["impl"]) for r in rows) == sorted(
+        (p, impl) for p in ("forward", "forward+backward") for impl in ("pallas", "xla", "copy"))
     for r in rows:
-        assert r["bytes"] == expected_bytes[r["pass"]], r
-        assert r["time_ms"] > 0 and r["gb_per_s"] == pytest.approx(r["bytes"] / (r["time_ms"] * 1e-3) / 1e9)
-    assert "| smoke_c32_k7_s2 | 1x10x10x32 | 7 | 2 | bfloat16 | forward | pallas |" in paths[1].read_text()
-    # The fused rows: both passes, unfused and fused, ratios taken against the unfused row.
-    fused_rows = {(r["pass"], r["impl"]): r for r in result["fused_rows"]}
-    assert set(fused_rows) == {(p, impl) for p in ("forward", "forward+backward") for impl in ("unfused", "fused")}
-    for p in ("forward", "forward+backward"):
-        unfused, fused_row = fused_rows[(p, "unfused")], fused_rows[(p, "fused")]
-        assert unfused["speedup_vs_unfused"] == 1.0
-        assert fused_row["speedup_vs_unfused"] == pytest.approx(unfused["time_ms"] / fused_row["time_ms"])
-        if unfused["temp_bytes"]:
-            assert fused_row["temp_vs_unfused"] == pytest.approx(fused_row["temp_bytes"] / unfused["temp_bytes"])
-    assert "| smoke_c32_k7_s2 | 1x10x10x32 | 7 | 2 | bfloat16 | forward+backward | fused |" in paths[1].read_text()
+        assert (r["op"], r["dtype"], r["shape"]) == ("smoke_c32_k7_s2", "bfloat16", shape), r
+        assert r["bytes"] == expected_bytes[r["pass"]] and r["time_ms"] > 0, r
+    # The markdown is the JSON: one line per row, in order, with its time.
+    table = markdown_rows(markdown, "| op | x shape |")
+    assert [cells[:8] for cells in table] == [
+        ["smoke_c32_k7_s2", "1x10x10x32", "7", "2", "bfloat16", r["pass"], r["impl"], f"{r['time_ms']:.3f}"] for r in rows
+    ]
+    # The fused rows: both passes, unfused and fused, their times and temporaries in the markdown.
+    fused_rows = result["fused_rows"]
+    assert sorted((r["pass"], r["impl"]) for r in fused_rows) == sorted(
+        (p, impl) for p in ("forward", "forward+backward") for impl in ("unfused", "fused"))
+    assert all(r["time_ms"] > 0 and (r["temp_bytes"] is None or r["temp_bytes"] >= 0) for r in fused_rows)
+    fused_table = markdown_rows(markdown, "| op | x shape | K | s | dtype | pass | impl | time (ms) | temp memory")
+    temp = lambda r: "n/a" if r["temp_bytes"] is None else f"{r['temp_bytes'] / 2**20:.1f}"
+    assert [cells[:9] for cells in fused_table] == [
+        ["smoke_c32_k7_s2", "1x10x10x32", "7", "2", "bfloat16", r["pass"], r["impl"], f"{r['time_ms']:.3f}", temp(r)]
+        for r in fused_rows
+    ]
 
 
-def test_bench_xla_backward_smoke_writes_ratios_and_says_when_torch_did_not_run(tmp_path):
+def test_bench_xla_backward_smoke_covers_every_impl_and_says_when_torch_did_not_run(tmp_path):
     paths = bench.main(["--xla-backward", "--smoke", "--out-dir", str(tmp_path), "--involution-code", str(tmp_path / "missing.py")])
     result = json.loads(paths[0].read_text())
-    assert paths[0].name.startswith("xla_backward_") and result["torch"] == bench.TORCH_NOT_RUN
-    rows = {(r["pass"], r["impl"]): r for r in result["rows"]}
-    assert set(rows) == {(p, impl) for p in bench.PASSES for impl in bench.XLA_BACKWARD_IMPLS}
-    for impl in ("xla", "xla_autodiff", "depthwise_conv"):
-        forward, both = rows["forward", impl], rows["forward+backward", impl]
-        assert both["vs_forward"] == pytest.approx(both["time_ms"] / forward["time_ms"])
-        assert both["xla_speedup"] == pytest.approx(both["time_ms"] / rows["forward+backward", "xla"]["time_ms"])
-    assert rows["forward+backward", "torch_involution_naive"]["time_ms"] is None
-    assert f"| torch_involution_naive | {bench.TORCH_NOT_RUN} | n/a | n/a |" in paths[1].read_text()
+    assert paths[0].name.startswith("xla_backward_") and paths[0].name.endswith("_smoke.json")
+    assert result["torch"] == bench.TORCH_NOT_RUN
+    rows = result["rows"]
+    assert [(r["op"], r["pass"], r["impl"]) for r in rows] == [
+        ("smoke_c32_k7_s2", p, impl) for p in ("forward", "forward+backward")
+        for impl in ("xla", "xla_autodiff", "depthwise_conv", "torch_involution_naive")
+    ]
+    for r in rows:
+        ran = r["impl"] != "torch_involution_naive"
+        assert (r["time_ms"] is not None and r["time_ms"] > 0) if ran else r["time_ms"] is None, r
+    table = markdown_rows(paths[1].read_text(), "| op | x shape |")
+    assert [cells[:8] for cells in table] == [
+        ["smoke_c32_k7_s2", "1x10x10x32", "7", "2", "float32", r["pass"], r["impl"],
+         bench.TORCH_NOT_RUN if r["time_ms"] is None else f"{r['time_ms']:.2f}"]
+        for r in rows
+    ]

@@ -10,7 +10,7 @@ import pytest
 from jax.test_util import check_grads
 
 from cvolution_jax.ops import aggregate, fused_aggregate
-from kernels import reference
+from kernels import common, fused, pallas, reference
 
 
 def numpy_aggregate(x, dynamic, static, k, s, d):
@@ -187,10 +187,40 @@ def test_forward_mode_is_out_of_scope_and_says_so():
         jax.jvp(lambda x: aggregate(x, dynamic, kernel_size=3, impl="xla"), (x,), (x,))
 
 
-def test_jit_and_auto_equal_xla():
-    x, dynamic, static = make_inputs(5, 1, 8, 8, 16, 3, 1, True)
-    f = jax.jit(lambda *a: aggregate(*a, kernel_size=3))
-    np.testing.assert_allclose(f(x, dynamic, static), aggregate(x, dynamic, static, kernel_size=3, impl="xla"), rtol=1e-6, atol=1e-6)
+@pytest.mark.parametrize("fn", ["aggregate", "fused_aggregate"])
+def test_auto_runs_the_kernels_exactly_on_gpu_and_matches_the_numpy_loop(fn):
+    """Under jit, `impl="auto"` lowers to Pallas calls on a GPU backend and to none elsewhere;
+    either way the values are the spec's (here the numpy loop, Hd from the span conv by numpy)."""
+    x, _, static = make_inputs(5, 1, 8, 7, 32, 3, 2, True)
+    keys = jax.random.split(jax.random.key(14), 3)
+    features = jax.random.normal(keys[0], (1, 4, 4, 8))
+    span_kernel, span_bias = jax.random.normal(keys[1], (8, 18)) / 3, jax.random.normal(keys[2], (18,))
+    hd = np.einsum("bijr,rn->bijn", np.asarray(features, np.float64), np.asarray(span_kernel, np.float64)) + np.asarray(span_bias)
+    hd = hd.reshape(1, 4, 4, 2, 9)
+    if fn == "aggregate":
+        f = jax.jit(lambda x, s: aggregate(x, jnp.asarray(hd, jnp.float32), s, kernel_size=3, stride=2))
+    else:
+        f = jax.jit(lambda x, s: fused_aggregate(x, features, span_kernel, span_bias, s, kernel_size=3, stride=2))
+    assert ("pallas_call" in str(jax.make_jaxpr(f)(x, static))) == (jax.default_backend() == "gpu")
+    with jax.default_matmul_precision("highest"):
+        got = f(x, static)
+    expected = numpy_aggregate(np.asarray(x, np.float64), hd, np.asarray(static, np.float64), 3, 2, 1)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_tiles_are_for_the_pallas_kernels_only(monkeypatch):
+    x, dynamic, static = make_inputs(15, 1, 5, 5, 16, 3, 1, True)
+    with pytest.raises(ValueError, match=r"aggregate: tiles set the Pallas kernels' tiles, and impl='xla' runs none\. Drop tiles"):
+        aggregate(x, dynamic, static, kernel_size=3, impl="xla", tiles=pallas.AggregateTiles())
+    with pytest.raises(ValueError, match=r"aggregate: tiles is a FusedTiles; expected kernels\.pallas\.AggregateTiles or None"):
+        aggregate(x, dynamic, static, kernel_size=3, tiles=fused.FusedTiles())
+    # "auto" picks the reference off GPU and leaves the kernels' tiles unused there.
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    tiles = pallas.AggregateTiles(forward=common.Tiles(4, 16, 1, 2, 1))
+    f = lambda x, dyn, st: aggregate(x, dyn, st, kernel_size=3, tiles=tiles)
+    assert "pallas_call" not in str(jax.make_jaxpr(f)(x, dynamic, static))
+    expected = numpy_aggregate(*(np.asarray(a, np.float64) for a in (x, dynamic, static)), 3, 1, 1)
+    np.testing.assert_allclose(f(x, dynamic, static), expected, rtol=1e-5, atol=1e-5)
 
 
 x16 = jnp.zeros((1, 8, 8, 16))
