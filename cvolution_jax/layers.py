@@ -25,6 +25,7 @@ kernels are measured faster; none has been measured yet, so auto does not fuse a
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -121,46 +122,13 @@ class KernelGenerator(nn.Module):
         return u, params["kernel"].reshape(reduced, -1).astype(self.dtype), params["bias"].astype(self.dtype)
 
 
-def _generate(module, x, train: bool, context: str = "none"):
-    """The generator of `Involution`/`CVolution`: `Hd`, or `(u, W2, b)` when the layer fuses."""
-    # Auto (None) is meant to fuse where the fused kernels are measured faster; none has been run on
-    # a GPU yet, so only an explicit True fuses for now.
-    fused = bool(module.fuse_generator)
-    generator = KernelGenerator(module.channels, module.kernel_size, module.stride, context, dtype=module.dtype, name="generator")
-    return generator(x, train, fused=fused)
-
-
-def _aggregate(module, x, generated, static):
-    """The aggregation of `Involution`/`CVolution` on what `_generate` returned."""
-    config = dict(kernel_size=module.kernel_size, stride=module.stride, dilation=module.dilation)
-    if not isinstance(generated, tuple):
-        return ops.aggregate(x, generated, static, **config, impl=module.impl)
-    features, span_kernel, span_bias = generated
-    return ops.fused_aggregate(x, features, span_kernel, span_bias, static, **config, impl=module.impl)
-
-
-class Involution(nn.Module):
-    """Involution (Li et al., CVPR 2021): `[B, H, W, C] -> [B, ceil(H/s), ceil(W/s), C]`."""
-
-    channels: int
-    kernel_size: int = 7
-    stride: int = 1
-    dilation: int = 1
-    dtype: Any = jnp.float32
-    impl: str = "auto"
-    fuse_generator: bool | None = None  # see the module docstring; None (auto): unfused until measured
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        return _aggregate(self, x, _generate(self, x, train), None)
-
-
 class CVolution(nn.Module):
     """C-volution: `[B, H, W, C] -> [B, ceil(H/s), ceil(W/s), C]`.
 
     A dynamic spatial kernel from a larger context (`context="dilated3x3"`) plus a static
     per-channel kernel `S: [K*K, C]` (`channel_branch=True`), applied in one aggregation pass.
-    `context="none", channel_branch=False` is exactly `Involution`, with the same parameters.
+    With both switches off (`context="none", channel_branch=False`) it is involution: see
+    `Involution`.
     """
 
     channels: int
@@ -175,33 +143,94 @@ class CVolution(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        generated = _generate(self, x, train, self.context)
+        # Auto (None) is meant to fuse where the fused kernels are measured faster; none has been run on
+        # a GPU yet, so only an explicit True fuses for now.
+        fused = bool(self.fuse_generator)
+        generator = KernelGenerator(self.channels, self.kernel_size, self.stride, self.context, dtype=self.dtype, name="generator")
+        generated = generator(x, train, fused=fused)
         static = None
         if self.channel_branch:
             # Initialised as a depthwise conv would be: variance 1/fan_in with fan_in = K*K.
             static = self.param("static_kernel", nn.initializers.variance_scaling(1.0, "fan_in", "normal"), (self.kernel_size**2, self.channels))
-        return _aggregate(self, x, generated, static)
+        config = dict(kernel_size=self.kernel_size, stride=self.stride, dilation=self.dilation)
+        if not fused:
+            return ops.aggregate(x, generated, static, **config, impl=self.impl)
+        features, span_kernel, span_bias = generated
+        return ops.fused_aggregate(x, features, span_kernel, span_bias, static, **config, impl=self.impl)
+
+
+class Involution(CVolution):
+    """Involution (Li et al., CVPR 2021): `CVolution` with both switches off, by default.
+
+    `Involution(channels, kernel_size, stride)`, `[B, H, W, C] -> [B, ceil(H/s), ceil(W/s), C]`.
+    Only the defaults differ, so the fields, the parameters (no `context_*`, no `static_kernel`)
+    and the computation are `CVolution`'s; being a class rather than a partial keeps the
+    automatic module name `Involution_N` of earlier checkpoints and `isinstance` checks.
+    """
+
+    context: str = "none"
+    channel_branch: bool = False
 
 
 SPATIAL_OPS = ("conv", "involution", "cvolution")
 
 
-def spatial_op(kind: str, channels: int, kernel_size: int, stride: int = 1, *, name: str, dtype: Any = jnp.float32, impl: str = "auto", context: str = "dilated3x3", channel_branch: bool = True, fuse_generator: bool | None = None, conv_bias: bool = False, conv_init=he_normal):
-    """The spatial op of a network, `(x, train) -> y`, chosen by name (call inside a compact method).
+@dataclasses.dataclass(frozen=True)
+class SpatialOp:
+    """Which spatial op a network runs and how: hashable, so modules take it as one field.
 
-    `"conv"` is a KxK convolution with `channels` outputs (`conv_bias`, `conv_init`: its bias and
-    kernel initialiser, e.g. for mmdet's FPN and RPN layers); `"involution"` and `"cvolution"` keep
-    the channel count. `context` and `channel_branch` are C-volution's switches (its ablations);
-    `fuse_generator` fuses the generator's span conv into the aggregation (`kernels.fused`).
+    Attributes:
+      kind: "conv" (a KxK convolution), "involution" or "cvolution".
+      kernel_size: K; None means the networks' choice, 3 for a convolution and 7 for involution and
+        C-volution.
+      context, channel_branch: C-volution's switches (its ablations); `kind="involution"` turns
+        both off whatever they say.
+      impl, fuse_generator: the aggregation's implementation (`ops.aggregate`) and whether the
+        generator's span conv is fused into it (`kernels.fused`).
+
+    A convolution ignores the last four.
     """
-    if kind == "conv":
-        layer = conv(channels, kernel_size, stride, use_bias=conv_bias, kernel_init=conv_init, dtype=dtype, name=name)
+
+    kind: str = "conv"
+    kernel_size: int | None = None
+    context: str = "dilated3x3"
+    channel_branch: bool = True
+    impl: str = "auto"
+    fuse_generator: bool | None = None
+
+    def __post_init__(self):
+        if self.kind not in SPATIAL_OPS:
+            raise ValueError(f"spatial op must be one of {SPATIAL_OPS}; got {self.kind!r}.")
+        if self.kernel_size is None:
+            object.__setattr__(self, "kernel_size", 3 if self.kind == "conv" else 7)
+
+    @classmethod
+    def named(cls, kind: str, op_kwargs=(), **fields) -> SpatialOp:
+        """The op a config names: `kind` and its switches as (key, value) pairs or a dict,
+        e.g. `SpatialOp.named("cvolution", (("context", "none"),))`."""
+        switches = dict(op_kwargs)
+        valid = [f.name for f in dataclasses.fields(cls) if f.name not in ("kind", "kernel_size")]
+        unknown = sorted(set(switches) - set(valid))
+        if unknown:
+            raise ValueError(f"Unknown spatial op switch(es) {', '.join(unknown)} in op_kwargs; valid: {', '.join(valid)}.")
+        return cls(kind, **fields, **switches)
+
+
+def spatial_op(op: SpatialOp | str, channels: int, stride: int = 1, *, name: str, dtype: Any = jnp.float32, conv_bias: bool = False, conv_init=he_normal):
+    """The spatial op `op` of a network as a layer `(x, train) -> y` (call inside a compact method).
+
+    `op` is a `SpatialOp` or just its kind ("conv", "involution", "cvolution"). A convolution has
+    `channels` outputs (`conv_bias`, `conv_init`: its bias and kernel initialiser, e.g. for mmdet's
+    FPN and RPN layers); involution and C-volution keep the channel count.
+    """
+    if isinstance(op, str):
+        op = SpatialOp(op)
+    if op.kind == "conv":
+        layer = conv(channels, op.kernel_size, stride, use_bias=conv_bias, kernel_init=conv_init, dtype=dtype, name=name)
         return lambda x, train: layer(x)
-    if kind == "involution":
-        return Involution(channels, kernel_size, stride, dtype=dtype, impl=impl, fuse_generator=fuse_generator, name=name)
-    if kind == "cvolution":
-        return CVolution(
-            channels, kernel_size, stride, context=context, channel_branch=channel_branch, dtype=dtype, impl=impl,
-            fuse_generator=fuse_generator, name=name,
-        )
-    raise ValueError(f"spatial op must be one of {SPATIAL_OPS}; got {kind!r}.")
+    if op.kind == "involution":
+        return Involution(channels, op.kernel_size, stride, dtype=dtype, impl=op.impl, fuse_generator=op.fuse_generator, name=name)
+    return CVolution(
+        channels, op.kernel_size, stride, context=op.context, channel_branch=op.channel_branch, dtype=dtype, impl=op.impl,
+        fuse_generator=op.fuse_generator, name=name,
+    )

@@ -70,9 +70,9 @@ def test_cli_rejects_unknown_model(capsys):
 
 @pytest.mark.parametrize("name, published, tolerance", [
     ("faster_rcnn_resnet50_fpn", 41.5e6, 0.01),  # mmdetection's model zoo
-    ("faster_rcnn_rednet50_fpn", 31.6e6, 0.02),  # the seed's table, convolution neck
+    ("faster_rcnn_rednet50_fpn", 31.6e6, 0.02),  # the paper's table, convolution neck
     ("faster_rcnn_rednet50_neck_fpn", 29.5e6, 0.02),  # involution neck
-    ("faster_rcnn_rednet50_cvolution_neck_fpn", 29.8e6, 0.02),  # the seed's "CedNet-50-FPN" row
+    ("faster_rcnn_rednet50_cvolution_neck_fpn", 29.8e6, 0.02),  # the paper's "CedNet-50-FPN" row
 ])
 def test_detector_parameters_match_the_published_counts(name, published, tolerance):
     params = count.count(count.create_detector(name), count.DETECTOR_IMAGE)["params"]
@@ -80,7 +80,7 @@ def test_detector_parameters_match_the_published_counts(name, published, toleran
 
 
 def test_cednet50_detector_is_the_seed_row_plus_the_cednet_backbone():
-    """The seed's 29.8M CedNet-50-FPN row is a RedNet-50 backbone with a C-volution neck; a real
+    """The paper's 29.8M CedNet-50-FPN row is a RedNet-50 backbone with a C-volution neck; a real
     CedNet-50 backbone adds exactly its extra parameters over RedNet-50 (README)."""
     detector = lambda name: count.count(count.create_detector(name), count.DETECTOR_IMAGE)["params"]  # noqa: E731
     backbone = lambda name: count.count(models.create(name))["params"]  # noqa: E731
@@ -89,7 +89,7 @@ def test_cednet50_detector_is_the_seed_row_plus_the_cednet_backbone():
 
 
 @pytest.mark.parametrize("name, published", [
-    ("mask_rcnn_resnet50_fpn", 44.2e6),  # the seed's table: RedNet-50's 34.2M is 22.6% below it
+    ("mask_rcnn_resnet50_fpn", 44.2e6),  # the paper's table: RedNet-50's 34.2M is 22.6% below it
     ("mask_rcnn_rednet50_fpn", 34.2e6),
     ("mask_rcnn_rednet50_neck_fpn", 32.2e6),
     ("mask_rcnn_cednet50_fpn", 33.4e6),

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from cvolution_jax.detection.fpn import FPN, upsample_nearest
+from cvolution_jax.layers import SpatialOp
 
 
 def test_upsample_nearest_is_pytorchs_floor_rule():
@@ -28,7 +29,7 @@ def stages(height, width, channels=(8, 16, 32, 64)):
 @pytest.mark.parametrize("op", ["conv", "involution", "cvolution"])
 def test_levels_shapes_and_p6(op):
     c = stages(100, 72)  # odd level sizes: 25x18, 13x9, 7x5, 4x3
-    fpn = FPN(channels=16, op=op, op_kwargs=(("impl", "xla"),))
+    fpn = FPN(channels=16, op=SpatialOp(op, impl="xla"))
     variables = fpn.init(jax.random.key(1), c)
     outs = fpn.apply(variables, c)
     assert [o.shape for o in outs] == [(2, 25, 18, 16), (2, 13, 9, 16), (2, 7, 5, 16), (2, 4, 3, 16), (2, 2, 2, 16)]
@@ -56,3 +57,15 @@ def test_top_down_pathway_with_identity_weights():
 def test_unknown_op_is_rejected():
     with pytest.raises(ValueError, match="op must be one of"):
         FPN(op="deformable").init(jax.random.key(0), stages(32, 32))
+
+
+@pytest.mark.parametrize("op, taps", [("conv", 9), ("involution", 49), ("cvolution", 49), (SpatialOp("cvolution", 5), 25)])
+def test_output_op_is_a_3x3_conv_or_a_7x7_involution(op, taps):
+    """mmdet's 3x3 output convolutions; the paper's neck variants use K=7 unless the op says otherwise."""
+    params = jax.eval_shape(FPN(channels=16, op=op).init, jax.random.key(0), stages(32, 32))["params"]
+    for i in range(4):
+        out = params[f"output{i}"]
+        if op == "conv":
+            assert out["kernel"].shape == (3, 3, 16, 16) and out["bias"].shape == (16,)
+        else:
+            assert out["generator"]["span_conv"]["kernel"].shape == (1, 1, 4, taps)

@@ -8,7 +8,8 @@ import optax
 import pytest
 
 from cvolution_jax import models
-from cvolution_jax.detection import loop, masks
+from cvolution_jax.data import masks
+from cvolution_jax.tasks import detection as loop
 from cvolution_jax.detection.faster_rcnn import FasterRCNN, Settings, frozen
 from cvolution_jax.detection.mask_rcnn import MaskRCNN
 from cvolution_jax.train import steps
@@ -89,6 +90,19 @@ def test_output_shapes_are_static():
     assert {k: v.shape for k, v in dets.items()} == {"boxes": (2, 10, 4), "scores": (2, 10), "labels": (2, 10), "valid": (2, 10)}
     losses, _ = model.apply(variables, batch, jax.random.key(1), method=FasterRCNN.losses, mutable=["batch_stats"])
     assert all(np.isfinite(float(v)) for v in losses.values())
+
+
+def test_mask_rcnn_is_faster_rcnn_with_the_mask_branch_on():
+    """One detector: MaskRCNN overrides no method and only turns the mask branch on, with the same
+    parameters as FasterRCNN(mask_op="conv"); FasterRCNN is that tree without the mask head."""
+    assert [n for n, v in vars(MaskRCNN).items() if callable(v) and not n.startswith("_")] == []
+    batch, _ = two_images()
+    shapes = lambda model: jax.tree.map(lambda v: v.shape, jax.eval_shape(model.init, jax.random.key(0), batch))  # noqa: E731
+    mask_rcnn = shapes(tiny_detector())
+    assert shapes(tiny_detector(cls=lambda **kw: FasterRCNN(mask_op="conv", mask_channels=32, **kw))) == mask_rcnn
+    assert {k: v for k, v in mask_rcnn["params"].items() if k != "mask_head"} == shapes(tiny_detector(cls=FasterRCNN))["params"]
+    assert tiny_detector().loss_names == ("rpn_cls", "rpn_reg", "rcnn_cls", "rcnn_reg", "rcnn_mask")
+    assert tiny_detector(cls=FasterRCNN).loss_names == ("rpn_cls", "rpn_reg", "rcnn_cls", "rcnn_reg")
 
 
 @pytest.mark.parametrize("path, frozen_stages, expected", [

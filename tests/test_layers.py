@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cvolution_jax.layers import CVolution, Involution, KernelGenerator, avg_pool_ceil
+from cvolution_jax.layers import CVolution, Involution, KernelGenerator, SpatialOp, avg_pool_ceil, spatial_op
 
 
 def init(module, x):
@@ -92,3 +92,67 @@ def test_avg_pool_ceil_averages_real_pixels(h, w, s):
 def test_unknown_context_is_rejected():
     with pytest.raises(ValueError, match=r"context must be one of \('none', 'dilated3x3'\); got 'global'"):
         init(KernelGenerator(16, 3, context="global"), jnp.zeros((1, 4, 4, 16)))
+
+
+def test_involution_is_cvolution_with_both_switches_off():
+    """One class: the fields are CVolution's, only the defaults differ; an unnamed layer keeps the
+    automatic name `Involution_0` that earlier checkpoints hold."""
+    layer = Involution(16, 3, 2)
+    assert isinstance(layer, CVolution)
+    assert (layer.context, layer.channel_branch) == ("none", False)
+    assert [f for f in Involution.__dataclass_fields__] == [f for f in CVolution.__dataclass_fields__]
+
+    class Block(flax.linen.Module):
+        @flax.linen.compact
+        def __call__(self, x):
+            return Involution(16, 3)(x)
+
+    params = jax.eval_shape(Block().init, jax.random.key(0), jnp.zeros((1, 6, 6, 16)))["params"]
+    assert list(params) == ["Involution_0"]
+    assert sorted(params["Involution_0"]["generator"]) == ["reduce_bn", "reduce_conv", "span_conv"]
+
+
+@pytest.mark.parametrize("kind, expected", [("conv", 3), ("involution", 7), ("cvolution", 7)])
+def test_spatial_op_kernel_size_is_the_networks_choice(kind, expected):
+    assert SpatialOp(kind).kernel_size == expected
+    assert SpatialOp(kind, kernel_size=5).kernel_size == 5
+
+
+def test_spatial_op_is_hashable_and_equal_by_value():
+    a = SpatialOp.named("cvolution", (("impl", "xla"), ("context", "none")))
+    assert a == SpatialOp("cvolution", 7, context="none", impl="xla")
+    assert len({a, SpatialOp("cvolution", context="none", impl="xla"), SpatialOp("cvolution")}) == 2
+
+
+def test_spatial_op_rejects_unknown_kinds_and_switches():
+    with pytest.raises(ValueError, match=r"spatial op must be one of \('conv', 'involution', 'cvolution'\); got 'deformable'"):
+        SpatialOp("deformable")
+    with pytest.raises(ValueError, match=r"Unknown spatial op switch\(es\) contxt in op_kwargs; valid: context, channel_branch, impl, fuse_generator"):
+        SpatialOp.named("cvolution", {"contxt": "none"})
+
+
+@pytest.mark.parametrize("op, params", [
+    (SpatialOp("conv"), {"kernel": (3, 3, 16, 16)}),
+    (SpatialOp("conv", kernel_size=1), {"kernel": (1, 1, 16, 16)}),
+    ("involution", {"generator": {"reduce_conv": {"kernel": (1, 1, 16, 4)}, "span_conv": {"kernel": (1, 1, 4, 49), "bias": (49,)}}}),
+    (SpatialOp("cvolution", 3, channel_branch=False), {"generator": {"reduce_conv": {"kernel": (1, 1, 16, 4)},
+                                                                     "context_conv": {"kernel": (3, 3, 4, 4)},
+                                                                     "span_conv": {"kernel": (1, 1, 4, 9), "bias": (9,)}}}),
+    (SpatialOp("cvolution", 3), {"static_kernel": (9, 16)}),
+])
+def test_spatial_op_builds_the_layer_it_names(op, params):
+    """Shapes of the parameters each op creates on 16 channels; BatchNorm parameters left out."""
+
+    class Net(flax.linen.Module):
+        @flax.linen.compact
+        def __call__(self, x):
+            return spatial_op(op, 16, name="op")(x, False)
+
+    got = jax.eval_shape(Net().init, jax.random.key(0), jnp.zeros((1, 8, 8, 16)))["params"]["op"]
+
+    def subset(want, have):
+        return {k: subset(v, have[k]) if isinstance(v, dict) else have[k].shape for k, v in want.items()}
+
+    assert subset(params, got) == params
+    if isinstance(op, SpatialOp) and op.kind == "cvolution" and not op.channel_branch:
+        assert "static_kernel" not in got

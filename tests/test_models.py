@@ -98,3 +98,8 @@ def test_cvolution_ablation_switches_reach_every_op():
     )
     reference = jax.eval_shape(models.create("rednet26").init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
     assert jax.tree.map(lambda v: v.shape, variables) == jax.tree.map(lambda v: v.shape, reference)
+
+
+def test_unknown_op_switch_fails_at_construction():
+    with pytest.raises(ValueError, match=r"ResNet: op_kwargs .*Unknown spatial op switch\(es\) contxt in op_kwargs; valid: context"):
+        models.create("cednet26", op_kwargs=(("contxt", "none"),))

@@ -1,5 +1,7 @@
 """Faster R-CNN with FPN: backbone, neck, RPN head, RoI head, in mmdetection's composition.
 
+Mask R-CNN is this detector with the RoI head's mask branch on (``mask_op``; ``MaskRCNN``).
+
     detector = FasterRCNN(backbone=models.create("cednet50"), num_classes=80, neck_op="cvolution")
     variables = detector.init(key, batch)                        # batch: see cvolution_jax.data.coco
     dets = detector.apply(variables, batch)                      # boxes/scores/labels/valid [B, 100, ...]
@@ -26,11 +28,12 @@ import jax
 import jax.numpy as jnp
 
 from cvolution_jax.detection import anchors as anchors_lib
-from cvolution_jax.detection import roi_align, roi_head, rpn
+from cvolution_jax.detection import mask_head, masks, roi_align, roi_head, rpn
 from cvolution_jax.detection.fpn import FPN
+from cvolution_jax.layers import SpatialOp
 
 
-LOSSES = ("rpn_cls", "rpn_reg", "rcnn_cls", "rcnn_reg")  # summed into the training loss
+LOSSES = ("rpn_cls", "rpn_reg", "rcnn_cls", "rcnn_reg")  # summed into the training loss (plus rcnn_mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +70,11 @@ class Settings:
 
 
 class FasterRCNN(nn.Module):
-    """Faster R-CNN with FPN.
+    """The two-stage detector with FPN: Faster R-CNN, or Mask R-CNN with the mask branch on.
+
+    As in mmdet's ``StandardRoIHead``, the RoI stage has a box branch and an optional mask branch
+    (``mask_op``, see ``MaskRCNN``): with it, detections gain ``masks`` and the training losses
+    ``rcnn_mask``.
 
     Attributes:
       backbone: a `cvolution_jax.models.ResNet` (its `fc` is never created).
@@ -76,10 +83,16 @@ class FasterRCNN(nn.Module):
       rpn_op: the RPN's shared layer: "conv", or "involution" / "cvolution" (head variants).
       channels: FPN and RPN channels (256).
       fc_dim: width of the box head's two FC layers (1024).
-      op_kwargs: (key, value) pairs for involution / C-volution ops of neck and head.
+      op_kwargs: (key, value) pairs of switches (`cvolution_jax.layers.SpatialOp`'s fields: impl,
+        context, ...) for the involution / C-volution ops of neck and heads.
       settings: `Settings`.
       norm_eval: run the backbone's BatchNorm in inference mode (mmdet's ``norm_eval``; True when
         the backbone comes pretrained, False to train one from scratch with batch statistics).
+      mask_op: the mask branch's layers: None (no mask branch: Faster R-CNN), "conv" (3x3), or
+        "involution" / "cvolution" (K=7, the C-volution paper's "head" variants).
+      mask_convs: number of those layers (mmdet's ``num_convs``, 4).
+      mask_channels: their width (mmdet's ``conv_out_channels``, 256; an op keeps the FPN's
+        ``channels``, so it must equal them).
     """
 
     backbone: nn.Module
@@ -92,14 +105,27 @@ class FasterRCNN(nn.Module):
     settings: Settings = Settings()
     norm_eval: bool = True
     dtype: Any = jnp.float32
+    mask_op: str | None = None
+    mask_convs: int = 4
+    mask_channels: int = 256
 
-    loss_names = LOSSES  # the losses summed into the training objective (a class constant)
+    @property
+    def with_mask(self) -> bool:
+        return self.mask_op is not None
+
+    @property
+    def loss_names(self) -> tuple[str, ...]:
+        """The losses summed into the training objective."""
+        return LOSSES + (("rcnn_mask",) if self.with_mask else ())
 
     def setup(self):
-        self.neck = FPN(self.channels, self.neck_op, op_kwargs=self.op_kwargs, dtype=self.dtype)
-        self.rpn_head = rpn.RPNHead(len(self.settings.anchor_ratios), self.channels, self.rpn_op,
-                                    op_kwargs=self.op_kwargs, dtype=self.dtype)
+        op = lambda kind: SpatialOp.named(kind, self.op_kwargs)  # noqa: E731
+        self.neck = FPN(self.channels, op(self.neck_op), dtype=self.dtype)
+        self.rpn_head = rpn.RPNHead(len(self.settings.anchor_ratios), self.channels, op(self.rpn_op), dtype=self.dtype)
         self.box_head = roi_head.BoxHead(self.num_classes, self.fc_dim, dtype=self.dtype)
+        if self.with_mask:
+            self.mask_head = mask_head.MaskHead(self.num_classes, self.mask_channels, op(self.mask_op), self.mask_convs,
+                                                dtype=self.dtype)
 
     def _levels(self, images, train):
         stages = self.backbone(images, train=train and not self.norm_eval, return_stages=True)
@@ -125,13 +151,17 @@ class FasterRCNN(nn.Module):
         features = roi_align.multilevel_roi_align(levels[:4], rois, (s.roi_size, s.roi_size), s.strides[:4])
         return self.box_head(features)
 
+    def _mask_head(self, levels, rois, train):
+        s = self.settings
+        features = roi_align.multilevel_roi_align(levels[:4], rois, (s.mask_roi_size, s.mask_roi_size),
+                                                  s.strides[:4])
+        return self.mask_head(features, train)
+
     def __call__(self, batch):
         """Detections ``{"boxes" [B, D, 4], "scores" [B, D], "labels" [B, D], "valid" [B, D]}``
-        in the resized image's pixels (D = ``settings.max_detections``)."""
-        return self.detect(batch)[1]
-
-    def detect(self, batch):
-        """``(FPN levels, detections)``: what ``__call__`` returns, with the features it came from."""
+        in the resized image's pixels (D = ``settings.max_detections``); with the mask branch also
+        ``"masks" [B, D, 2S, 2S]``, each detection's mask probabilities over its box
+        (S = ``settings.mask_roi_size``)."""
         s = self.settings
         levels = self._levels(batch["image"], train=False)
         logits, deltas = self.rpn_head(levels, train=False)
@@ -141,14 +171,14 @@ class FasterRCNN(nn.Module):
         detect = lambda lg, dl, r, v, size: roi_head.detections(  # noqa: E731
             lg, dl, r, v, size, score_threshold=s.score_threshold, iou_threshold=s.nms_iou,
             max_detections=s.max_detections, nms_pre=s.detections_nms_pre)
-        return levels, jax.vmap(detect)(cls_logits, box_deltas, rois, roi_valid, batch["image_size"])
+        dets = jax.vmap(detect)(cls_logits, box_deltas, rois, roi_valid, batch["image_size"])
+        if self.with_mask:
+            mask_logits = self._mask_head(levels, dets["boxes"], train=False)
+            dets["masks"] = jax.nn.sigmoid(mask_head.class_maps(mask_logits, dets["labels"]))
+        return dets
 
     def losses(self, batch, key):
-        """The training losses (`LOSSES`) and the R-CNN's sampled accuracy, as a dict of scalars."""
-        return self.detector_losses(batch, key)[0]
-
-    def detector_losses(self, batch, key):
-        """``(losses, FPN levels, R-CNN targets)``: ``losses``' dict with what it was computed from."""
+        """The training losses (``loss_names``) and the R-CNN's sampled accuracy, as a dict of scalars."""
         s = self.settings
         rpn_key, rcnn_key = jax.random.split(key)
         batch_size = batch["image"].shape[0]
@@ -172,7 +202,32 @@ class FasterRCNN(nn.Module):
         rcnn_cls, rcnn_reg, accuracy = roi_head.loss(cls_logits, box_deltas, target)
         losses = {"rpn_cls": rpn_cls, "rpn_reg": rpn_reg, "rcnn_cls": rcnn_cls, "rcnn_reg": rcnn_reg,
                   "rcnn_accuracy": accuracy}
-        return losses, levels, target
+        if self.with_mask:
+            losses["rcnn_mask"] = self._mask_loss(levels, target, batch)
+        return losses
+
+    def _mask_loss(self, levels, target, batch):
+        """The mask branch's loss on the positive RoIs of the R-CNN sample.
+
+        The sampler puts the positives in the first ``int(rcnn_samples * rcnn_pos_fraction)``
+        slots, a static count, so the mask head always sees that many RoIs (the unused ones are
+        masked out of the loss); ``Settings.mask_rois`` can cap the count to save compute. The
+        batch needs ``masks [B, G, M, M]``: each ground truth's mask cropped to its box.
+        """
+        s = self.settings
+        num_masks = max(int(s.rcnn_samples * s.rcnn_pos_fraction), 1)
+        if s.mask_rois > 0:  # the positives sit in random order, so the first ones are a random subset
+            num_masks = min(num_masks, s.mask_rois)
+        rois = target["rois"][:, :num_masks]
+        positive = target["is_pos"][:, :num_masks]
+        gt_index = target["gt_index"][:, :num_masks]
+        take = lambda array: jnp.take_along_axis(  # noqa: E731
+            array, gt_index.reshape(*gt_index.shape, *(1,) * (array.ndim - 2)), axis=1)
+        logits = self._mask_head(levels, rois, train=True)
+        size = logits.shape[2]
+        targets = jax.vmap(lambda r, b, m: masks.mask_targets(r, b, m, size))(
+            rois, take(batch["boxes"]), take(batch["masks"]))
+        return mask_head.loss(logits, take(batch["labels"]), targets, positive)
 
 
 def frozen(path: Sequence[str], frozen_stages: int) -> bool:

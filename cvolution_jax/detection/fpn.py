@@ -5,18 +5,19 @@ a 1x1 lateral convolution per backbone stage C2-C5, a top-down pathway that adds
 level, upsampled (nearest, to the finer level's size), to the finer lateral, a 3x3 output
 convolution per level, and P6 as a stride-2 1x1 max pool of P5.
 
-The seed's "neck" variants replace the four 3x3 output convolutions by involution or C-volution
-(K=7); ``op`` selects ``conv`` (3x3, with bias as in mmdet), ``involution`` or ``cvolution``.
+The C-volution paper's "neck" variants replace the four 3x3 output convolutions by involution or
+C-volution (K=7); ``op`` selects ``conv`` (3x3, with bias as in mmdet), ``involution`` or
+``cvolution``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cvolution_jax.layers import SPATIAL_OPS, conv, spatial_op
+from cvolution_jax.layers import SpatialOp, conv, spatial_op
 
 
 def upsample_nearest(x, size):
@@ -39,31 +40,24 @@ class FPN(nn.Module):
 
     Attributes:
       channels: output channels of every level (256 in mmdet).
-      op: the output op of each level: "conv" (3x3), "involution" or "cvolution".
-      kernel_size: K of involution / C-volution output ops (7 in the seed).
-      op_kwargs: (key, value) pairs for ``cvolution_jax.layers.spatial_op`` (impl, context...).
+      op: the output op of each level, a ``cvolution_jax.layers.SpatialOp`` or its kind: "conv"
+        (3x3), "involution" or "cvolution" (K=7, the paper's).
     """
 
     channels: int = 256
-    op: str = "conv"
-    kernel_size: int = 7
-    op_kwargs: Sequence[tuple[str, Any]] = ()
+    op: SpatialOp | str = SpatialOp()
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, stages, train: bool = False):
-        if self.op not in SPATIAL_OPS:
-            raise ValueError(f"FPN: op must be one of {SPATIAL_OPS}; got {self.op!r}.")
         laterals = [
             conv(self.channels, 1, use_bias=True, dtype=self.dtype, name=f"lateral{i}")(c)
             for i, c in enumerate(stages)
         ]
         for i in range(len(laterals) - 1, 0, -1):
             laterals[i - 1] = laterals[i - 1] + upsample_nearest(laterals[i], laterals[i - 1].shape[1:3])
-        kernel_size = 3 if self.op == "conv" else self.kernel_size
         outs = [
-            spatial_op(self.op, self.channels, kernel_size, name=f"output{i}", dtype=self.dtype, conv_bias=True,
-                       **dict(self.op_kwargs))(lateral, train)
+            spatial_op(self.op, self.channels, name=f"output{i}", dtype=self.dtype, conv_bias=True)(lateral, train)
             for i, lateral in enumerate(laterals)
         ]
         # P6: mmdet's F.max_pool2d(P5, 1, stride=2), i.e. every other pixel (ceil(n / 2) of them).

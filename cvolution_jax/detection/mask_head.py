@@ -2,7 +2,8 @@
 
 RoIAlign 14x14 features of each RoI -> 4 layers of (op, ReLU) with 256 channels -> 2x2 stride-2
 transposed convolution, ReLU -> 1x1 convolution to one 28x28 mask logit map per class. The op is
-a 3x3 convolution (mmdet) or, in the seed's "head" variants, involution / C-volution (K=7).
+a 3x3 convolution (mmdet) or, in the C-volution paper's "head" variants, involution / C-volution
+(K=7).
 
 Training: the positive RoIs of the R-CNN sample (mmdet feeds only those to the mask head); each
 RoI's target is its ground truth's mask aligned to the RoI (``masks.mask_targets``); the loss is
@@ -13,13 +14,13 @@ map for each detection box.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 import optax
 
-from cvolution_jax.layers import SPATIAL_OPS, he_normal, spatial_op
+from cvolution_jax.layers import SpatialOp, he_normal, spatial_op
 
 
 class MaskHead(nn.Module):
@@ -28,34 +29,29 @@ class MaskHead(nn.Module):
     Attributes:
       num_classes: object classes, background excluded.
       channels: width of the 4 layers and the upsampling (256); C must equal it for the ops.
-      op: "conv" (3x3), "involution" or "cvolution" (``kernel_size``).
-      op_kwargs: (key, value) pairs for ``cvolution_jax.layers.spatial_op``.
+      op: the 4 layers' op, a ``cvolution_jax.layers.SpatialOp`` or its kind: "conv" (3x3),
+        "involution" or "cvolution" (K=7).
     """
 
     num_classes: int
     channels: int = 256
-    op: str = "conv"
+    op: SpatialOp | str = SpatialOp()
     num_convs: int = 4
-    kernel_size: int = 7
-    op_kwargs: Sequence[tuple[str, Any]] = ()
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, features, train: bool = False):
-        if self.op not in SPATIAL_OPS:
-            raise ValueError(f"MaskHead: op must be one of {SPATIAL_OPS}; got {self.op!r}.")
-        if self.op != "conv" and features.shape[-1] != self.channels:
+        op = SpatialOp(self.op) if isinstance(self.op, str) else self.op
+        if op.kind != "conv" and features.shape[-1] != self.channels:
             raise ValueError(
-                f"MaskHead: the {self.op} op keeps its channels, so the RoI features must have channels="
+                f"MaskHead: the {op.kind} op keeps its channels, so the RoI features must have channels="
                 f"{self.channels}; got {features.shape[-1]}. Make the mask head as wide as the FPN "
                 f"(config.model.mask_channels = config.model.channels).")
         batch, rois = features.shape[:2]
         x = features.reshape(batch * rois, *features.shape[2:])
-        kernel_size = 3 if self.op == "conv" else self.kernel_size
         for i in range(self.num_convs):
             # mmcv's ConvModule: conv with bias (no norm), Kaiming-normal fan-out init, ReLU.
-            x = nn.relu(spatial_op(self.op, self.channels, kernel_size, name=f"conv{i}", dtype=self.dtype,
-                                   conv_bias=True, **dict(self.op_kwargs))(x, train))
+            x = nn.relu(spatial_op(op, self.channels, name=f"conv{i}", dtype=self.dtype, conv_bias=True)(x, train))
         x = nn.relu(nn.ConvTranspose(self.channels, (2, 2), strides=(2, 2), padding="VALID", kernel_init=he_normal,
                                      dtype=self.dtype, name="upsample")(x))
         logits = nn.Conv(self.num_classes, (1, 1), kernel_init=he_normal, dtype=self.dtype, name="conv_logits")(x)

@@ -1,7 +1,7 @@
 """The region proposal network: mmdet v2's ``RPNHead``, its training targets and its proposals.
 
-One head shared by every FPN level: a 3x3 convolution (or, in the seed's "head" variants, an
-involution / C-volution) with ReLU, then 1x1 convolutions giving, per anchor, one objectness
+One head shared by every FPN level: a 3x3 convolution (or, in the C-volution paper's "head"
+variants, a 7x7 involution / C-volution) with ReLU, then 1x1 convolutions giving, per anchor, one objectness
 logit (sigmoid) and four deltas. Anchors of all levels are concatenated in level order, each
 level in the order of ``anchors.anchors_for_levels``; the head's outputs are flattened the same
 way.
@@ -18,7 +18,7 @@ the NMS "class"); the best ``max_proposals`` kept, with a validity mask.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import optax
 
 from cvolution_jax.detection import assign, coder, nms
-from cvolution_jax.layers import conv, spatial_op
+from cvolution_jax.layers import SpatialOp, conv, spatial_op
 
 RPN_STDS = (1.0, 1.0, 1.0, 1.0)
 
@@ -37,21 +37,19 @@ class RPNHead(nn.Module):
     Attributes:
       num_anchors: anchors per feature cell (number of ratios).
       channels: channels of the shared 3x3 layer (256 in mmdet).
-      op: "conv" (mmdet) or "involution" / "cvolution" (the seed's head variants, K=7).
+      op: the shared layer, a ``cvolution_jax.layers.SpatialOp`` or its kind: "conv" (3x3, mmdet)
+        or "involution" / "cvolution" (K=7, the paper's head variants).
     """
 
     num_anchors: int = 3
     channels: int = 256
-    op: str = "conv"
-    kernel_size: int = 7
-    op_kwargs: Sequence[tuple[str, Any]] = ()
+    op: SpatialOp | str = SpatialOp()
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, levels, train: bool = False):
         init = nn.initializers.normal(0.01)  # mmdet's RPNHead init: N(0, 0.01) for its convs
-        shared = spatial_op(self.op, self.channels, 3 if self.op == "conv" else self.kernel_size, name="rpn_conv",
-                            dtype=self.dtype, conv_bias=True, conv_init=init, **dict(self.op_kwargs))
+        shared = spatial_op(self.op, self.channels, name="rpn_conv", dtype=self.dtype, conv_bias=True, conv_init=init)
         cls = conv(self.num_anchors, 1, use_bias=True, kernel_init=init, dtype=self.dtype, name="rpn_cls")
         reg = conv(4 * self.num_anchors, 1, use_bias=True, kernel_init=init, dtype=self.dtype, name="rpn_reg")
         logits, deltas = [], []

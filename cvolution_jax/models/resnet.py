@@ -8,6 +8,7 @@ Module names follow mmcls (`layer3_5/conv2` is `layer3.5.conv2`) so PyTorch weig
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import numbers
 from typing import Any, Sequence
@@ -16,7 +17,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cvolution_jax import ops
-from cvolution_jax.layers import SPATIAL_OPS, batch_norm, conv, spatial_op
+from cvolution_jax.layers import SPATIAL_OPS, SpatialOp, batch_norm, conv, spatial_op
 
 EXPANSION = 4
 STEMS = ("resnet", "rednet", "small")
@@ -26,21 +27,19 @@ class Bottleneck(nn.Module):
     """conv1x1 -> op(K, stride) -> conv1x1 (x4), each followed by BN; ReLU after the residual add.
 
     `[B, H, W, Cin] -> [B, ceil(H/s), ceil(W/s), 4*width]`. The op is a 3x3 convolution in
-    ResNet, a 7x7 involution in RedNet and a 7x7 C-volution in CedNet.
+    ResNet, a 7x7 involution in RedNet and a 7x7 C-volution in CedNet (`op`).
     """
 
     width: int
     stride: int = 1
-    op: str = "conv"
-    kernel_size: int = 3
-    op_kwargs: Any = ()  # (key, value) pairs for `spatial_op`: context, channel_branch, impl
+    op: SpatialOp = SpatialOp()
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         bn = functools.partial(batch_norm, train, dtype=self.dtype)
         y = nn.relu(bn(name="bn1")(conv(self.width, 1, dtype=self.dtype, name="conv1")(x)))
-        op = spatial_op(self.op, self.width, self.kernel_size, self.stride, name="conv2", dtype=self.dtype, **dict(self.op_kwargs))
+        op = spatial_op(self.op, self.width, self.stride, name="conv2", dtype=self.dtype)
         y = nn.relu(bn(name="bn2")(op(y, train)))
         y = bn(zero_init=True, name="bn3")(conv(self.width * EXPANSION, 1, dtype=self.dtype, name="conv3")(y))
         if x.shape[-1] != self.width * EXPANSION or self.stride != 1:
@@ -61,7 +60,8 @@ class ResNet(nn.Module):
       kernel_size: K of the bottleneck op (3 for conv, 7 for involution and C-volution).
       widths: bottleneck widths m per stage; stage outputs are 4m.
       stem_width: output channels of the stem.
-      op_kwargs: (key, value) pairs passed to `cvolution_jax.layers.spatial_op`.
+      op_kwargs: the op's switches as (key, value) pairs, e.g. `(("context", "none"),)`: the
+        fields of `cvolution_jax.layers.SpatialOp` other than kind and kernel_size.
     """
 
     stage_sizes: Sequence[int]
@@ -79,6 +79,11 @@ class ResNet(nn.Module):
         check_fields(self)
         super().__post_init__()
 
+    @property
+    def op_spec(self) -> SpatialOp:
+        """The bottlenecks' op: `op` with `kernel_size` and the switches of `op_kwargs`."""
+        return SpatialOp.named(self.op, self.op_kwargs, kernel_size=self.kernel_size)
+
     @nn.compact
     def __call__(self, x, train: bool = False, return_stages: bool = False):
         """`[B, H, W, 3] -> [B, num_classes]` logits (float32).
@@ -94,7 +99,8 @@ class ResNet(nn.Module):
         else:
             half = self.stem_width // 2
             x = nn.relu(bn(name="stem_bn1")(conv(half, 3, 2, dtype=self.dtype, name="stem_conv1")(x)))
-            op = spatial_op(self.op, half, 3, name="stem_op", dtype=self.dtype, **dict(self.op_kwargs))
+            # The RedNet stem's op is 3x3 whatever the bottlenecks' K, as in the reference network.
+            op = spatial_op(dataclasses.replace(self.op_spec, kernel_size=3), half, name="stem_op", dtype=self.dtype)
             x = nn.relu(bn(name="stem_bn2")(op(x, train)))
             x = nn.relu(bn(name="stem_bn3")(conv(self.stem_width, 3, dtype=self.dtype, name="stem_conv2")(x)))
         if self.stem != "small":
@@ -102,10 +108,8 @@ class ResNet(nn.Module):
         stages = []
         for stage, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
             for block in range(blocks):
-                x = Bottleneck(
-                    width, 2 if stage > 0 and block == 0 else 1, self.op, self.kernel_size,
-                    self.op_kwargs, self.dtype, name=f"layer{stage + 1}_{block}",
-                )(x, train)
+                stride = 2 if stage > 0 and block == 0 else 1
+                x = Bottleneck(width, stride, self.op_spec, self.dtype, name=f"layer{stage + 1}_{block}")(x, train)
             stages.append(x)
         if return_stages:
             return tuple(stages)
@@ -129,6 +133,10 @@ def check_fields(model: ResNet) -> None:
         raise ValueError(f"ResNet: stem must be one of {STEMS}; got {model.stem!r}.")
     if model.op not in SPATIAL_OPS:
         raise ValueError(f"ResNet: op must be one of {SPATIAL_OPS}; got {model.op!r}.")
+    try:
+        _ = model.op_spec  # unknown switches in op_kwargs fail here, before any tracing
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"ResNet: op_kwargs {model.op_kwargs!r}: {error}") from None
     stage_sizes, widths = tuple(model.stage_sizes), tuple(model.widths)
     if not stage_sizes or not all(_is_int(n) and n >= 1 for n in stage_sizes):
         raise ValueError(f"ResNet: stage_sizes must be one or more block counts >= 1, e.g. (3, 4, 6, 3); got {stage_sizes}.")

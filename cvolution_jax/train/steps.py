@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -72,8 +71,3 @@ def eval_step(state: TrainState, batch):
         "top5": ((top5 == batch["label"][:, None]).any(-1) * mask).sum(),
         "examples": mask.sum(),
     }
-
-
-def variables_of(state: TrainState) -> dict:
-    """The model variables (`params`, `batch_stats`) of a train state, as `model.apply` takes them."""
-    return flax.core.freeze({"params": state.params, "batch_stats": state.batch_stats}).unfreeze()

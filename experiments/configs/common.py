@@ -4,8 +4,8 @@ import ml_collections
 
 from cvolution_jax import data
 
-# Top-1 (%) after the recipe below, as published: the seed's model zoo (RedNet-38/50, CedNet-38/50)
-# and involution's (RedNet-26/101/152); ResNet-50 is the seed's CedNet-50 minus its stated +2.0.
+# Top-1 (%) after the recipe below, as published: the C-volution paper's model zoo (RedNet-38/50, CedNet-38/50)
+# and involution's (RedNet-26/101/152); ResNet-50 is the paper's CedNet-50 minus its stated +2.0.
 PUBLISHED_TOP1 = {
     "resnet50": 76.8,
     "rednet26": 75.96, "rednet38": 77.48, "rednet50": 78.35, "rednet101": 78.92, "rednet152": 79.12,
@@ -50,18 +50,18 @@ def imagenet(model: str) -> ml_collections.ConfigDict:
     return config
 
 
-# Box AP (COCO val2017, %) of the seed's Faster R-CNN 1x table and mmdetection's ResNet-50 baseline.
+# Box AP (COCO val2017, %) of the paper's Faster R-CNN 1x table and mmdetection's ResNet-50 baseline.
 PUBLISHED_BOX_AP = {"resnet50": 37.4, "rednet50": 39.5, "rednet50_neck": 40.2, "cednet50": 40.5}
-# (box AP, mask AP) of the seed's Mask R-CNN 1x table and mmdetection's ResNet-50 baseline.
+# (box AP, mask AP) of the paper's Mask R-CNN 1x table and mmdetection's ResNet-50 baseline.
 PUBLISHED_MASK_RCNN_AP = {"resnet50": (38.2, 34.7), "rednet50": (39.9, 35.7), "rednet50_neck": (40.8, 36.4),
                           "cednet50": (41.0, 36.7)}
 
 
 def detection(backbone: str, neck_op: str = "conv", detector: str = "faster_rcnn",
               head_op: str = "conv") -> ml_collections.ConfigDict:
-    """Every field `cvolution_jax.detection.loop` reads, with mmdet's Faster R-CNN (or Mask R-CNN)
+    """Every field `cvolution_jax.tasks.detection` reads, with mmdet's Faster R-CNN (or Mask R-CNN)
     FPN 1x recipe on COCO 2017 for registry backbone `backbone`, FPN output op `neck_op` and the
-    op of the RPN's shared layer and the mask head's 4 layers `head_op` (the seed's "head" variants)."""
+    op of the RPN's shared layer and the mask head's 4 layers `head_op` (the paper's "head" variants)."""
     config = ml_collections.ConfigDict()
     config.mode = "train"  # "train" (resumes from the latest checkpoint) or "eval"
     config.checkpoint_step = -1  # eval mode: the step to restore; -1 for the latest
@@ -73,7 +73,7 @@ def detection(backbone: str, neck_op: str = "conv", detector: str = "faster_rcnn
         "frozen_stages": 1,  # stem and stage 1 frozen (mmdet); -1 freezes nothing
         "norm_eval": True,  # backbone BatchNorm in inference mode (mmdet); False to train from scratch
         "neck_op": neck_op,  # FPN output op: "conv" (3x3), "involution" or "cvolution" (K=7)
-        "rpn_op": head_op,  # the RPN's shared layer: "conv" or an op (the seed's "head" variants)
+        "rpn_op": head_op,  # the RPN's shared layer: "conv" or an op (the paper's "head" variants)
         "mask_op": head_op,  # mask_rcnn: the mask head's layers, "conv" (3x3) or an op (K=7)
         "mask_convs": 4,  # mask_rcnn: number of those layers
         "mask_channels": 256,  # mask_rcnn: their width (an op keeps the FPN's channels)

@@ -7,7 +7,7 @@
 batch 16, momentum 0.9, weight decay 1e-4, linear warm-up over 500 steps from 0.001x, x0.1 after
 epochs 8 and 11 of 12; images resized to 1333x800 keeping aspect ratio, flip 0.5.
 
-Expected box AP: 39.5 (seed); 31.6M in the seed parameters. Not reproduced by this project yet.
+Expected box AP: 39.5 (the C-volution paper); 31.6M parameters in the paper. Not reproduced by this project yet.
 """
 
 from experiments.configs import common

@@ -8,7 +8,7 @@ batch 16, momentum 0.9, weight decay 1e-4, linear warm-up over 500 steps from 0.
 epochs 8 and 11 of 12; images resized to 1333x800 keeping aspect ratio, flip 0.5. Mask head:
 RoIAlign 14x14, 4 layers, 28x28 masks, binarised at 0.5 after pasting; COCOeval bbox and segm.
 
-Expected (box AP, mask AP): (39.9, 35.7) (seed); 34.2M in the seed. Not reproduced by this project yet.
+Expected (box AP, mask AP): (39.9, 35.7) (the C-volution paper); 34.2M in the paper. Not reproduced by this project yet.
 """
 
 from experiments.configs import common
