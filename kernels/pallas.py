@@ -63,11 +63,11 @@ def elementwise_tiles(width: int, channels: int, *, gather: bool = False) -> Til
     C=256 W=14 -> 8x256; C=512 W=7 -> 8x256 (two channel tiles). No `tl.dot` in these loops,
     so Triton's software pipeliner has nothing to stage: `num_stages=1` (tune on a GPU).
 
-    `gather=True` (the `dx` kernel) takes at most 128 channels and 8 elements per thread: per
-    tap it also works out which output pixel feeds each column (a division by the stride), and
-    ptxas keeps the K unrolled taps' loads in flight, so at 16 elements per thread the stride-2
-    layers needed 128-186 registers and bf16 C=128 spilled (sm_90, `python -m kernels.compile`);
-    at 8 they need at most 115 and none spills.
+    `gather=True` (the `dx` kernel) takes at most 128 channels and 1024 elements, 4 per thread:
+    per tap it also works out which output pixel feeds each column (a division by the stride),
+    and ptxas keeps the K unrolled taps' loads in flight, so at 16 elements per thread the
+    stride-2 layers needed 128-186 registers and bf16 C=128 spilled, and at 8 the newer jax's
+    ptxas still gave fp32 C=256 stride 2 149 registers (sm_90, `python -m kernels.compile`).
 
     Args:
       width: columns of the array the kernel writes (Wo for the forward, W for `dx`).
@@ -75,8 +75,8 @@ def elementwise_tiles(width: int, channels: int, *, gather: bool = False) -> Til
       gather: tiles for the `dx` gather kernel.
     """
     tc = min(pl.next_power_of_2(channels), 128 if gather else 256)
-    tw = min(pl.next_power_of_2(width), max(1, 2048 // tc))
-    return Tiles(tw, tc, 1, common.warps(tw * tc, 8 if gather else 16), 1)
+    tw = min(pl.next_power_of_2(width), max(1, (1024 if gather else 2048) // tc))
+    return Tiles(tw, tc, 1, common.warps(tw * tc, 4 if gather else 16), 1)
 
 
 def weight_grad_tiles(rows: int, width: int, channels: int, *, with_static: bool) -> Tiles:
