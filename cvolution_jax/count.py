@@ -29,10 +29,11 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from cvolution_jax import layers, models
 from cvolution_jax.detection.faster_rcnn import FasterRCNN
-from cvolution_jax.detection.mask_rcnn import MaskRCNN
+from cvolution_jax.tasks import detection
 
 
 def _macs(module: nn.Module, args, output) -> int:
@@ -51,14 +52,14 @@ def _macs(module: nn.Module, args, output) -> int:
     return 0
 
 
-# detector -> (registry backbone, FPN output op, RPN / mask-head op): the seed's Faster and Mask
+# detector -> (registry backbone, FPN output op, RPN / mask-head op): the paper's Faster and Mask
 # R-CNN tables, their "head" variants and mmdet's baselines.
 DETECTORS = {
     "faster_rcnn_resnet50_fpn": ("resnet50", "conv", "conv"),
     "faster_rcnn_rednet50_fpn": ("rednet50", "conv", "conv"),
     "faster_rcnn_rednet50_neck_fpn": ("rednet50", "involution", "conv"),
     "faster_rcnn_cednet50_fpn": ("cednet50", "cvolution", "conv"),
-    # RedNet-50 backbone with a C-volution neck: the design whose count is the seed's CedNet-50 row.
+    # RedNet-50 backbone with a C-volution neck: the design whose count is the paper's CedNet-50 row.
     "faster_rcnn_rednet50_cvolution_neck_fpn": ("rednet50", "cvolution", "conv"),
     "mask_rcnn_resnet50_fpn": ("resnet50", "conv", "conv"),
     "mask_rcnn_rednet50_fpn": ("rednet50", "conv", "conv"),
@@ -72,13 +73,12 @@ DETECTOR_CLASSES = 80
 
 
 def create_detector(name: str, num_classes: int = DETECTOR_CLASSES) -> nn.Module:
-    """The Faster or Mask R-CNN `name` of `DETECTORS` with mmdet's settings."""
+    """The Faster or Mask R-CNN `name` of `DETECTORS` with mmdet's settings, built as a training
+    run builds it (`cvolution_jax.tasks.detection.create_detector`)."""
     backbone, neck_op, head_op = DETECTORS[name]
-    kwargs = dict(backbone=models.create(backbone, num_classes=1), num_classes=num_classes, neck_op=neck_op,
-                  rpn_op=head_op)
-    if name.startswith("mask_rcnn"):
-        return MaskRCNN(mask_op=head_op, **kwargs)
-    return FasterRCNN(**kwargs)
+    model = {"detector": name[: name.index("_rcnn")] + "_rcnn", "backbone": backbone, "neck_op": neck_op,
+             "rpn_op": head_op, "mask_op": head_op}
+    return detection.create_detector(ml_collections.ConfigDict({"model": model}), num_classes)
 
 
 def count(model: nn.Module, image_size: int | tuple[int, int] = 224) -> dict:

@@ -35,11 +35,11 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from cvolution_jax.data import coco, digits, fashion_mnist, transforms
-from cvolution_jax.data.imagenet import EVAL_CROP_FRACTION
-from cvolution_jax.detection import loop as detection_loop
+from cvolution_jax import data
+from cvolution_jax.data import coco
 from cvolution_jax.files import atomic_open
-from cvolution_jax.train import checkpoint, loop
+from cvolution_jax.tasks import classification, detection
+from cvolution_jax.train import checkpoint
 from kernels import reference
 
 # The picture: square panels of PANEL pixels (input image first, then one per group), at most
@@ -242,66 +242,37 @@ def load_run(path: str, step: int | None = None) -> Run:
             )
     with open(os.path.join(workdir, CONFIG_FILE)) as f:
         config = ml_collections.ConfigDict(_tuples(json.load(f)))
-    detection = "backbone" in config.model
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, CHECKPOINTS), best_metric="AP" if detection else "top1")
+    is_detection = "backbone" in config.model
+    task = detection.Detection() if is_detection else classification.Classification()
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, CHECKPOINTS), best_metric=task.best_metric)
     try:
         variables = ckpt.restore_variables(step)
         step = ckpt.latest_step() if step is None else step
     finally:
         ckpt.close()
-    if detection:
+    if is_detection:
         # num_classes only sizes the box head, which the features never reach.
-        model = detection_loop.create_detector(config, num_classes=1)
+        model = detection.create_detector(config, num_classes=1)
         apply_kwargs = {"method": _detector_features}
     else:
-        model = loop.create_model(config, num_classes=int(variables["params"]["fc"]["bias"].shape[0]))
+        model = classification.create_model(config, num_classes=int(variables["params"]["fc"]["bias"].shape[0]))
         apply_kwargs = {"train": False}
-    return Run(workdir, config, "detection" if detection else "classification", model, variables, int(step), apply_kwargs)
+    return Run(workdir, config, "detection" if is_detection else "classification", model, variables, int(step), apply_kwargs)
 
 
 # ----------------------------------------------------------------------------- preprocessing
 
 
-def _center_square(image: Image.Image) -> Image.Image:
-    side = min(image.size)
-    left, top = (image.width - side) // 2, (image.height - side) // 2
-    return image.crop((left, top, left + side, top + side))
-
-
 def preprocess(config: ml_collections.ConfigDict, image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
     """One image as the run's evaluation saw its data: `(inputs [1, H, W, C] float32, display [H, W, 3] uint8)`.
 
-    Classification (`config.data.name`): "imagenet" and "synthetic" resize the shorter side to
-    `image_size / 0.875` and crop the central `image_size` square, ImageNet-normalised, RGB;
-    "digits" and "fashion_mnist" (grey, C = 1) take the central square, resize it bilinearly to
-    `image_size` and normalise with the dataset's constants, after scaling 0..255 to the digits'
-    0..16 (digits are light strokes on a dark background, as in the dataset). Detection (a config
-    with `model.backbone`): resized keeping its aspect ratio to `config.data.scale`, as mmdet
-    does, ImageNet-normalised. `display` is what the model saw, as pixels.
+    Each dataset says how its eval split sees an image: `cvolution_jax.data.preprocess_image` for
+    the classification datasets (`config.data.name`), `cvolution_jax.data.coco.preprocess_image`
+    for detection (a config with `model.backbone`). `display` is what the model saw, as pixels.
     """
-    rgb = image.convert("RGB")
     if "backbone" in config.model:
-        height, width = coco.rescale_size(rgb.height, rgb.width, tuple(config.data.scale))
-        pixels = np.asarray(rgb.resize((width, height), Image.BILINEAR))
-        return transforms.normalize(pixels, transforms.IMAGENET_MEAN, transforms.IMAGENET_STD)[None], pixels
-    name, size = config.data.name, config.data.image_size
-    if name in ("imagenet", "synthetic"):
-        pixels = transforms.resize_and_center_crop(rgb, size, round(size / EVAL_CROP_FRACTION))
-        return transforms.normalize(pixels, transforms.IMAGENET_MEAN, transforms.IMAGENET_STD)[None], pixels
-    if name in ("digits", "fashion_mnist"):
-        grey = np.asarray(_center_square(rgb).convert("L"), np.float32)
-        if name == "digits":
-            top = 16.0  # the raw digits' value range is 0..16
-            mean, std = digits.statistics(config.data.test_fraction)
-        else:
-            top, mean, std = 255.0, fashion_mnist.MEAN, fashion_mnist.STD
-        resized = transforms.resize_bilinear(grey * (top / 255.0), size)
-        display = np.clip(np.round(resized * (255.0 / top)), 0, 255).astype(np.uint8)
-        return transforms.normalize(resized[..., None], mean, std)[None], np.repeat(display[..., None], 3, axis=-1)
-    raise ValueError(
-        f"config.data.name is {name!r}; kernel maps know the evaluation preprocessing of 'imagenet', 'synthetic', "
-        f"'digits' and 'fashion_mnist' (and of detection configs). Add the dataset to kernel_maps.preprocess."
-    )
+        return coco.preprocess_image(config.data, image)
+    return data.preprocess_image(config.data, image)
 
 
 # --------------------------------------------------------------------------------- the picture

@@ -15,7 +15,7 @@ next to the detections. Multi-host flags as in `experiments.imagenet`.
 
 from absl import app, flags
 
-from cvolution_jax.detection import loop
+from cvolution_jax.tasks.detection import Detection
 from cvolution_jax.train import cli
 
 cli.define_flags()
@@ -24,8 +24,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-    cli.run(argv, lambda config, workdir: loop.train_and_evaluate(config, workdir, vis=FLAGS.vis),
-            lambda config, workdir, step: loop.evaluate(config, workdir, step, vis=FLAGS.vis))
+    cli.run(argv, Detection(vis=FLAGS.vis))
 
 
 if __name__ == "__main__":

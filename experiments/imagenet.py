@@ -15,13 +15,14 @@ or give it explicitly with `--coordinator_address=HOST:PORT --num_processes=N --
 
 from absl import app
 
-from cvolution_jax.train import cli, loop
+from cvolution_jax.tasks.classification import Classification
+from cvolution_jax.train import cli
 
 cli.define_flags()
 
 
 def main(argv):
-    cli.run(argv, loop.train_and_evaluate, loop.evaluate)
+    cli.run(argv, Classification())
 
 
 if __name__ == "__main__":

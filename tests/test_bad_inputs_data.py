@@ -19,12 +19,12 @@ from pycocotools import mask as mask_utils
 
 from cvolution_jax import data
 from cvolution_jax.data import coco, imagenet
-from cvolution_jax.detection import loop as detection_loop
+from cvolution_jax.tasks import classification
+from cvolution_jax.tasks import detection as detection_task
 from cvolution_jax.train import checkpoint, loop, steps
 from experiments.configs import coco_default
 from tests import tiny_config as tiny
-from tests.test_data import take
-from tests.test_data_coco import CATEGORIES, annotation, write_coco
+from tests.conftest import CATEGORIES, annotation, take, write_coco
 
 STREAM = dict(num_threads=1, num_workers=0)
 
@@ -118,7 +118,7 @@ def test_eval_skips_a_truncated_val_image_counts_it_and_averages_over_the_rest(t
     # Twelve outputs over three labels, so top-5 is not trivially 1.
     w = np.random.default_rng(0).normal(size=(16 * 3, 12)).astype(np.float32)
     state = _LinearState(_linear, {"w": jnp.asarray(w)}, {})
-    metrics = loop.run_eval(state, split, loop.DataMesh(4), jax.jit(steps.eval_step))
+    metrics = classification.run_eval(state, split, loop.DataMesh(4), jax.jit(steps.eval_step))
     images, labels = _decodable_val(str(tmp_path / "val"))
     expected = _reference_metrics(images[:, 0].reshape(6, -1).astype(np.float64) @ w, labels)
     assert 0 < expected["top5"] < 1
@@ -133,17 +133,17 @@ def test_training_and_eval_mode_get_past_a_truncated_val_image(tmp_path):
     _image_tree(tmp_path / "data", truncated_val=(1, "cut.JPEG"))
     config = _classification_config(tmp_path / "data")
     workdir = str(tmp_path / "run")
-    final = loop.train_and_evaluate(config, workdir)  # evaluates at step 2, then checkpoints it
+    final = loop.train_and_evaluate(classification.Classification(), config, workdir)  # evaluates at step 2, then checkpoints it
     assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).all_steps() == [2]
     variables = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).restore_variables()
     images, labels = _decodable_val(str(tmp_path / "data" / "val"))
-    logits = loop.create_model(config, num_classes=3).apply(variables, jnp.asarray(images), train=False)
+    logits = classification.create_model(config, num_classes=3).apply(variables, jnp.asarray(images), train=False)
     expected = _reference_metrics(logits, labels)
     assert final["images"] == 6 and final["skipped_images"] == 1
     for key in ("loss", "top1", "top5"):
         assert final[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
     # Eval mode (--config.mode=eval) gets past it too, with the same numbers.
-    evaluated = loop.evaluate(config, workdir)
+    evaluated = loop.evaluate(classification.Classification(), config, workdir)
     for key in ("loss", "top1", "top5", "images", "skipped_images"):
         assert evaluated[key] == pytest.approx(final[key], rel=1e-6), key
     saved = json.load(open(os.path.join(workdir, "eval_2.json")))
@@ -238,7 +238,7 @@ def test_coco_eval_skips_an_undecodable_image_and_evaluates_the_rest(tmp_path, c
         config=config, mesh=loop.DataMesh(config.batch_size), eval_data=coco.load_coco(path, image_dir),
         model=types.SimpleNamespace(settings=types.SimpleNamespace(mask_threshold=0.5)),
     )
-    metrics = detection_loop.run_eval(run, _OracleState(_whole_image_box, {}, {}), str(tmp_path / "run"), step=1)
+    metrics = detection_task.run_eval(run, _OracleState(_whole_image_box, {}, {}), str(tmp_path / "run"), step=1)
     # Over the two evaluated images every object is found at IoU 1: AP and AR are exactly 1. Had
     # the skipped image been counted, its object would be a miss and AR100 would be 2/3.
     assert metrics["AP"] == 1.0 and metrics["AR100"] == 1.0

@@ -16,6 +16,7 @@ from torch import nn  # noqa: E402
 
 from cvolution_jax import data, models  # noqa: E402
 from cvolution_jax.convert import torch_rednet  # noqa: E402
+from cvolution_jax.tasks.classification import Classification  # noqa: E402
 from cvolution_jax.train import loop  # noqa: E402
 from tests import tiny_config  # noqa: E402
 
@@ -235,7 +236,7 @@ def test_cli_writes_a_checkpoint_that_evaluate_restores(tmp_path, capsys):
     config.model.overrides = SMALL
     config.data.name, config.data.num_classes, config.data.num_examples, config.data.image_size = "synthetic", 10, 24, 32
     config.batch_size = 8
-    metrics = loop.evaluate(config, workdir)
+    metrics = loop.evaluate(Classification(), config, workdir)
 
     # The same images through the PyTorch model.
     split = data.create_split(config.data, train=False, batch_size=config.batch_size, seed=config.seed)

@@ -12,6 +12,7 @@ from PIL import Image, ImageFile
 
 from cvolution_jax import data
 from cvolution_jax.data import digits, fashion_mnist, imagenet, transforms
+from tests.conftest import assert_batches_equal, take
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
@@ -20,19 +21,6 @@ def config(**fields):
     cfg = data.default_config()
     cfg.update(fields)
     return cfg
-
-
-def take(iterator, n):
-    return [next(iterator) for _ in range(n)]
-
-
-def assert_batches_equal(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for key in x:
-            assert x[key].dtype == y[key].dtype, key
-            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
 
 
 def eval_batches(cfg, *, batch_size, process_index=0, process_count=1, seed=0):

@@ -12,7 +12,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from cvolution_jax.data import coco, shapes, transforms
-from tests.test_data import assert_batches_equal, take
+from tests.conftest import CATEGORIES, annotation, assert_batches_equal, take, write_coco
 
 STREAM = dict(num_threads=2, num_workers=0)
 
@@ -124,29 +124,6 @@ def test_shapes_loads_as_coco(shapes_paths):
 # ------------------------------------------------------------------------------- loading
 
 
-def write_coco(folder, images, annotations, categories, *, files=True, extra=None):
-    """A hand-made COCO file; images [(id, height, width)] become seeded random PNGs."""
-    os.makedirs(folder / "images", exist_ok=True)
-    content = {
-        "images": [{"id": i, "file_name": f"{i}.png", "height": h, "width": w} for i, h, w in images],
-        "annotations": annotations,
-        "categories": categories,
-        **(extra or {}),
-    }
-    if files:
-        for i, h, w in images:
-            pixels = np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(folder / "images" / f"{i}.png")
-    path = folder / "instances.json"
-    path.write_text(json.dumps(content))
-    return str(path), str(folder / "images")
-
-
-def annotation(annotation_id, image_id, category_id, bbox, **fields):
-    return {"id": annotation_id, "image_id": image_id, "category_id": category_id, "bbox": bbox, **fields}
-
-
-CATEGORIES = [{"id": 7, "name": "seven"}, {"id": 3, "name": "three"}]
 
 
 def test_load_converts_boxes_and_maps_noncontiguous_category_ids(tmp_path):

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from cvolution_jax.data import coco, shapes
+from cvolution_jax.data import coco, coco_files, shapes
+from cvolution_jax.data import masks as host_masks
 from cvolution_jax.detection import evaluation, mask_head, masks
 
 
@@ -42,14 +43,14 @@ def test_paste_masks_matches_grid_sample_reference():
     rng = np.random.default_rng(0)
     probabilities = rng.random((3, 7, 7))
     boxes = np.asarray([[3.3, 2.7, 17.9, 12.2], [0.0, 0.0, 24.0, 20.0], [-4.5, 15.2, 6.1, 26.0]])
-    pasted = masks.paste_masks(probabilities, boxes, 22, 25)
+    pasted = host_masks.paste_masks(probabilities, boxes, 22, 25)
     for d in range(3):
         np.testing.assert_array_equal(pasted[d], paste_reference(probabilities[d], boxes[d], 22, 25))
 
 
 def test_paste_masks_rejects_a_threshold_below_half():
     with pytest.raises(ValueError, match="threshold must be >= 0.5"):
-        masks.paste_masks(np.zeros((1, 4, 4)), np.zeros((1, 4)), 8, 8, threshold=0.3)
+        host_masks.paste_masks(np.zeros((1, 4, 4)), np.zeros((1, 4)), 8, 8, threshold=0.3)
 
 
 def test_crop_mask_samples_the_box_grid():
@@ -57,7 +58,7 @@ def test_crop_mask_samples_the_box_grid():
     full = (rng.random((30, 40)) > 0.5).astype(np.uint8)
     box = np.asarray([5.5, 3.25, 31.0, 21.75])
     size = 9
-    crop = masks.crop_mask(full, box, size)
+    crop = host_masks.crop_mask(full, box, size)
     for i in range(size):
         for j in range(size):
             y = box[1] + (i + 0.5) / size * (box[3] - box[1]) - 0.5
@@ -96,7 +97,7 @@ def test_mask_targets_from_crops_match_roi_align_of_the_full_mask():
     rows, cols = np.nonzero(full)
     gt_box = np.asarray([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1], np.float32)
     rois = np.asarray([[10.0, 10.0, 66.0, 50.0], [15.5, 14.0, 40.0, 47.5], gt_box], np.float32)
-    crop = masks.crop_mask(full, gt_box, 112) >= 0.5
+    crop = host_masks.crop_mask(full, gt_box, 112) >= 0.5
     targets = np.asarray(masks.mask_targets(jnp.asarray(rois), jnp.tile(jnp.asarray(gt_box), (3, 1)),
                                             jnp.tile(jnp.asarray(crop, jnp.uint8), (3, 1, 1)), 28))
     for roi, target in zip(rois, targets):
@@ -136,26 +137,26 @@ def test_masks_to_rle_round_trips_through_pycocotools():
 
 def test_decode_segmentation_reads_polygons_and_both_rle_forms():
     polygon = [[2.0, 2.0, 12.0, 2.0, 12.0, 9.0, 2.0, 9.0]]
-    from_polygon = masks.decode_segmentation(polygon, 12, 15)
+    from_polygon = host_masks.decode_segmentation(polygon, 12, 15)
     expected = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(polygon, 12, 15)))
     np.testing.assert_array_equal(from_polygon, expected)
     compressed = mask_utils.encode(np.asfortranarray(from_polygon))
-    np.testing.assert_array_equal(masks.decode_segmentation(compressed, 12, 15), from_polygon)
+    np.testing.assert_array_equal(host_masks.decode_segmentation(compressed, 12, 15), from_polygon)
     # Uncompressed RLE: run lengths in column-major order, starting with zeros.
     flat = from_polygon.flatten(order="F")
     changes = np.flatnonzero(np.diff(flat)) + 1
     counts = np.diff(np.concatenate([[0], changes, [flat.size]])).tolist()
-    np.testing.assert_array_equal(masks.decode_segmentation({"size": [12, 15], "counts": counts}, 12, 15),
+    np.testing.assert_array_equal(host_masks.decode_segmentation({"size": [12, 15], "counts": counts}, 12, 15),
                                   from_polygon)
     with pytest.raises(ValueError, match="polygons .* or RLE"):
-        masks.decode_segmentation({"points": []}, 12, 15)
+        host_masks.decode_segmentation({"points": []}, 12, 15)
 
 
 def test_ground_truth_masks_as_detections_give_segm_ap_one(tmp_path):
     """The whole path the evaluation takes: box crops from the data pipeline, pasted back into
     the original image by to_coco_results, RLE, COCOeval segm."""
     shapes.write_shapes(tmp_path, num_train=1, num_val=12, image_size=96, seed=3)
-    dataset = coco.load_coco(**shapes.split_paths(tmp_path, "val"))
+    dataset = coco.load_coco(**coco_files.split_paths(tmp_path, "val"))
     batch = next(iter(coco.eval_pass(
         dataset, batch_size=12, scale=(96, 96), buckets=((96, 96),), max_gt=8, process_index=0, process_count=1,
         num_threads=1, num_workers=0, mask_size=96)))

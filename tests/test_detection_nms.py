@@ -6,27 +6,7 @@ import pytest
 
 from cvolution_jax.detection.boxes import box_iou
 from cvolution_jax.detection.nms import batched_nms
-
-
-def numpy_iou(a, b):
-    iw = max(min(a[2], b[2]) - max(a[0], b[0]), 0.0)
-    ih = max(min(a[3], b[3]) - max(a[1], b[1]), 0.0)
-    inter = iw * ih
-    union = max(a[2] - a[0], 0) * max(a[3] - a[1], 0) + max(b[2] - b[0], 0) * max(b[3] - b[1], 0) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def numpy_nms(boxes, scores, classes, iou_threshold, max_output, valid=None):
-    """The classic greedy loop, per class: visit by score (ties: lower index first)."""
-    boxes = boxes.astype(np.float64)
-    candidates = [i for i in range(len(scores))
-                  if scores[i] > -np.inf and (valid is None or valid[i])]
-    kept = []
-    for i in sorted(candidates, key=lambda i: (-scores[i], i)):
-        if all(classes[j] != classes[i] or numpy_iou(boxes[i], boxes[j]) <= iou_threshold
-               for j in kept):
-            kept.append(i)
-    return kept[:max_output]
+from tests.conftest import numpy_iou, numpy_nms
 
 
 def check(boxes, scores, classes, iou_threshold, max_output, valid=None):

@@ -9,9 +9,9 @@ import pytest
 
 from cvolution_jax import models
 from cvolution_jax.data import masks
-from cvolution_jax.tasks import detection as loop
 from cvolution_jax.detection.faster_rcnn import FasterRCNN, Settings, frozen
 from cvolution_jax.detection.mask_rcnn import MaskRCNN
+from cvolution_jax.tasks import detection as loop
 from cvolution_jax.train import steps
 
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cvolution_jax.detection import roi_head
-from tests.test_detection_nms import numpy_iou, numpy_nms
+from tests.conftest import numpy_iou, numpy_nms
 
 
 def test_targets_label_positives_and_background():

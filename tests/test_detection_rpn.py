@@ -5,7 +5,7 @@ import numpy as np
 
 from cvolution_jax.detection import rpn
 from cvolution_jax.detection.anchors import anchors_for_levels
-from tests.test_detection_nms import numpy_nms
+from tests.conftest import numpy_nms
 
 
 def test_anchor_valid_marks_cells_of_the_unpadded_image():

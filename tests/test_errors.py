@@ -15,7 +15,7 @@ from cvolution_jax.detection.config_checks import check_detection
 from cvolution_jax.train.config_checks import ConfigError, check_classification, check_workdir
 from experiments.configs import coco_default
 from tests import tiny_config
-from tests.test_experiments_imagenet import CONFIGS, load_config
+from tests.conftest import CONFIGS, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DETECTION = ("coco", "faster_rcnn", "mask_rcnn", "nuclei")

@@ -11,10 +11,11 @@ import optax
 import pytest
 
 from cvolution_jax import count, models
-from cvolution_jax.detection import loop
-from cvolution_jax.train import checkpoint, steps
+from cvolution_jax.tasks import detection
+from cvolution_jax.tasks.detection import Detection
+from cvolution_jax.train import checkpoint, loop, steps
 from experiments.configs import coco_default
-from tests.test_experiments_imagenet import CONFIGS, load_config
+from tests.conftest import CONFIGS, load_config
 
 BATCH = {"image": jnp.zeros((1, 64, 64, 3)), "image_size": jnp.asarray([[64, 64]], jnp.int32)}
 BACKBONE = {"stage_sizes": (1, 1, 1, 1), "widths": (4, 8, 8, 16), "stem_width": 8}
@@ -41,7 +42,7 @@ def tiny_config(data_dir):
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("coco")
     config = tiny_config(root / "shapes")
-    metrics = loop.train_and_evaluate(config, str(root / "run"), vis=2)
+    metrics = loop.train_and_evaluate(Detection(vis=2), config, str(root / "run"))
     return config, root / "run", metrics
 
 
@@ -64,7 +65,7 @@ def test_training_writes_checkpoint_metrics_detections_and_pictures(trained):
 
 def test_eval_mode_restores_the_same_numbers(trained):
     config, workdir, metrics = trained
-    restored = loop.evaluate(config, str(workdir))
+    restored = loop.evaluate(Detection(), config, str(workdir))
     assert {k: restored[k] for k in metrics} == metrics
     assert json.loads((workdir / "eval_6.json").read_text())["AP"] == metrics["AP"]
 
@@ -74,7 +75,7 @@ def test_rerun_resumes_from_the_checkpoint(trained, tmp_path):
     config, workdir, _ = trained
     config.num_train_steps = 7
     config.eval_every_steps = 100
-    loop.train_and_evaluate(config, str(workdir))
+    loop.train_and_evaluate(Detection(), config, str(workdir))
     assert checkpoint.Checkpointer(str(workdir / "checkpoints")).latest_step() == 7
 
 
@@ -90,9 +91,9 @@ def imagenet_checkpoint(directory, **overrides):
 def test_backbone_initialised_from_an_imagenet_checkpoint(tmp_path):
     state = imagenet_checkpoint(tmp_path / "imagenet")
     config = tiny_config(tmp_path / "shapes")
-    model = loop.create_detector(config, num_classes=3)
+    model = detection.create_detector(config, num_classes=3)
     variables = jax.jit(model.init)(jax.random.key(0), BATCH)
-    loaded = loop.load_pretrained(variables, str(tmp_path / "imagenet"))
+    loaded = detection.load_pretrained(variables, str(tmp_path / "imagenet"))
     expected = {k: v for k, v in state.params.items() if k != "fc"}
     jax.tree.map(np.testing.assert_array_equal, loaded["params"]["backbone"], expected)
     jax.tree.map(np.testing.assert_array_equal, loaded["batch_stats"]["backbone"], state.batch_stats)
@@ -102,10 +103,10 @@ def test_backbone_initialised_from_an_imagenet_checkpoint(tmp_path):
 def test_a_different_backbone_checkpoint_is_refused_by_name(tmp_path):
     imagenet_checkpoint(tmp_path / "imagenet", widths=(4, 8, 8, 32))
     config = tiny_config(tmp_path / "shapes")
-    model = loop.create_detector(config, num_classes=3)
+    model = detection.create_detector(config, num_classes=3)
     variables = jax.jit(model.init)(jax.random.key(0), BATCH)
     with pytest.raises(checkpoint.CheckpointMismatchError, match=r"layer4_0/\S+ has shape \(32,\) in the checkpoint but \(16,\)"):
-        loop.load_pretrained(variables, str(tmp_path / "imagenet"))
+        detection.load_pretrained(variables, str(tmp_path / "imagenet"))
 
 
 DETECTION_CONFIGS = [p for p in CONFIGS if os.path.basename(p).startswith(("coco", "faster_rcnn", "mask_rcnn", "nuclei"))]
@@ -128,5 +129,5 @@ def test_every_detection_config_loads_and_states_its_command(path):
 
 @pytest.mark.slow  # about 8 minutes on 2 CPU cores
 def test_the_default_reaches_its_targets_on_held_out_shapes(tmp_path):
-    metrics = loop.train_and_evaluate(coco_default.get_config(), str(tmp_path))
+    metrics = loop.train_and_evaluate(Detection(), coco_default.get_config(), str(tmp_path))
     assert metrics["AP50"] >= 0.8 and metrics["AP"] >= 0.4 and metrics["segm_AP"] >= 0.4, metrics

@@ -2,7 +2,6 @@
 on 1 and on 4 devices, and every shipped config."""
 
 import glob
-import importlib.util
 import json
 import os
 import signal
@@ -10,16 +9,11 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from cvolution_jax import models
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "tests", "tiny_config.py")
-
+from tests.conftest import CONFIGS, ROOT, TINY, final_params, leaves, load_config
 
 def command(workdir, *overrides):
     return [sys.executable, "-m", "experiments.imagenet", f"--config={TINY}", f"--workdir={workdir}", *overrides]
@@ -29,17 +23,6 @@ def run(workdir, *overrides, env=None, timeout=300):
     result = subprocess.run(command(workdir, *overrides), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
-
-
-def final_params(workdir, step):
-    """Params and BatchNorm statistics of a checkpoint, restored onto this process's one device
-    whatever the number of devices that wrote it."""
-    path = os.path.join(workdir, "checkpoints", str(step), "state")
-    checkpointer = ocp.StandardCheckpointer()
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), checkpointer.metadata(path).item_metadata)
-    restored = checkpointer.restore(path, target)
-    return restored["params"], restored["batch_stats"]
 
 
 def finished_steps(workdir):
@@ -64,14 +47,8 @@ def test_killed_run_resumes_to_bitwise_equal_parameters(tmp_path):
     assert "Resumed" in resumed.stderr or "Resumed" in resumed.stdout
 
     for a, b in zip(final_params(uninterrupted, 40), final_params(killed, 40)):
-        for x, y in zip(_leaves(a), _leaves(b)):
+        for x, y in zip(leaves(a), leaves(b)):
             np.testing.assert_array_equal(x, y)
-
-
-def _leaves(tree):
-    if isinstance(tree, dict):
-        return [leaf for key in sorted(tree) for leaf in _leaves(tree[key])]
-    return [np.asarray(tree)]
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
@@ -105,7 +82,7 @@ def test_four_devices_match_one_device(tmp_path):
         losses.append([r["loss"] for r in records])
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
     for a, b in zip(final_params(str(tmp_path / "one"), 3), final_params(str(tmp_path / "four"), 3)):
-        for x, y in zip(_leaves(a), _leaves(b)):
+        for x, y in zip(leaves(a), leaves(b)):
             np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
 
 
@@ -113,17 +90,6 @@ def test_bad_mode_is_reported(tmp_path):
     result = subprocess.run(command(str(tmp_path), "--config.mode=predict"), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "--config.mode must be 'train' or 'eval'; got 'predict'" in result.stderr
-
-
-CONFIGS = sorted(glob.glob(os.path.join(ROOT, "experiments", "configs", "*.py")))
-
-
-def load_config(path):
-    """`get_config()` of the config file at `path`."""
-    spec = importlib.util.spec_from_file_location("config_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 # Detection configs (experiments.coco) are checked in test_experiments_coco.py.

@@ -13,7 +13,7 @@ from absl.testing import flagsaver
 from PIL import Image
 
 from cvolution_jax import kernel_maps
-from cvolution_jax.detection import loop as detection_loop
+from cvolution_jax.tasks import classification, detection
 from cvolution_jax.train import checkpoint, loop, steps
 from experiments import visualize
 from experiments.configs import coco_default
@@ -46,7 +46,7 @@ def workdir(tmp_path_factory):
     config = tiny_config.get_config()
     config.model.overrides = {**config.model.overrides, "widths": (16, 32)}  # stage 2: 2 groups of 16 channels
     size = config.data.image_size
-    model = loop.create_model(config, num_classes=10)
+    model = classification.create_model(config, num_classes=10)
     variables = random_variables(model, jnp.zeros((1, size, size, 1)))
     loop.save_config(config, str(root))
     state = steps.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=optax.sgd(0.1),
@@ -185,7 +185,7 @@ def test_a_detection_run_draws_its_fpn_output_op(tmp_path):
     config.model.update(backbone_overrides={"stage_sizes": (1, 1, 1, 1), "widths": (4, 8, 8, 16), "stem_width": 8},
                         channels=16, fc_dim=32)
     config.data.update(scale=(96, 64), buckets=((64, 96),))
-    model = detection_loop.create_detector(config, num_classes=3)
+    model = detection.create_detector(config, num_classes=3)
     batch = {"image": jnp.zeros((1, 64, 96, 3)), "image_size": jnp.asarray([[64, 96]], jnp.int32)}
     variables = random_variables(model, batch)
     loop.save_config(config, str(tmp_path))

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.test_experiments_imagenet import ROOT, TINY, _leaves, final_params
+from tests.conftest import ROOT, TINY, final_params, leaves
 
 STEPS = ("--config.num_train_steps=3", "--config.eval_every_steps=3", "--config.log_every_steps=1")
 
@@ -61,7 +61,7 @@ def test_two_processes_match_one_process_with_four_devices(two_process_run, tmp_
     single = str(tmp_path / "single")
     run_all([start(single, 0, 1, None, *STEPS, devices=4)])
     for a, b in zip(final_params(two_process_run, 3), final_params(single, 3)):
-        for x, y in zip(_leaves(a), _leaves(b)):
+        for x, y in zip(leaves(a), leaves(b)):
             np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
     # The 360 eval images are counted once over both processes: the same metrics as one process.
     (two,), (one,) = eval_records(two_process_run), eval_records(single)

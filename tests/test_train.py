@@ -12,7 +12,8 @@ import numpy as np
 import optax
 import pytest
 
-from cvolution_jax import models
+from cvolution_jax import data, models
+from cvolution_jax.tasks.classification import Classification
 from cvolution_jax.train import checkpoint, loop, optim, steps
 from tests import tiny_config as tiny
 
@@ -106,7 +107,7 @@ def test_restoring_into_a_different_model_names_the_parameter(tmp_path):
 def test_train_evaluate_and_restore(tmp_path):
     workdir = str(tmp_path)
     config = tiny_config()
-    final = loop.train_and_evaluate(config, workdir)
+    final = loop.train_and_evaluate(Classification(), config, workdir)
     records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     assert [r["step"] for r in records if r["split"] == "eval"] == [6, 12]
     assert all(math.isfinite(r["loss"]) for r in records)
@@ -118,7 +119,7 @@ def test_train_evaluate_and_restore(tmp_path):
     # beside the training one, which stays.
     trained_with = open(os.path.join(workdir, "config.json")).read()
     eval_config = tiny_config(mode="eval")
-    metrics = loop.evaluate(eval_config, workdir)
+    metrics = loop.evaluate(Classification(), eval_config, workdir)
     for key in ("top1", "top5", "loss"):
         assert math.isclose(metrics[key], final[key], rel_tol=1e-6)
     assert json.load(open(os.path.join(workdir, "eval_12.json")))["step"] == 12
@@ -128,17 +129,32 @@ def test_train_evaluate_and_restore(tmp_path):
 
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     workdir = str(tmp_path)
-    loop.train_and_evaluate(tiny_config(num_train_steps=4), workdir)
+    loop.train_and_evaluate(Classification(), tiny_config(num_train_steps=4), workdir)
     ckpt_dir = os.path.join(workdir, "checkpoints")
     before = checkpoint.Checkpointer(ckpt_dir).all_steps()
     assert before[-1] == 4
     with pytest.raises(loop.DivergedError, match=r"(Training loss|The parameters' norm) is (nan|inf).*last good checkpoint \(step 4\) is intact"):
-        loop.train_and_evaluate(tiny_config(num_train_steps=12, base_lr=1e30), workdir)
+        loop.train_and_evaluate(Classification(), tiny_config(num_train_steps=12, base_lr=1e30), workdir)
     assert checkpoint.Checkpointer(ckpt_dir).all_steps() == before
 
 
 def test_bfloat16_training_runs_with_float32_parameters(tmp_path):
-    final = loop.train_and_evaluate(tiny_config(dtype="bfloat16", num_train_steps=3, eval_every_steps=3), str(tmp_path))
-    assert math.isfinite(final["loss"]) and 0 <= final["top1"] <= 1
+    config = tiny_config(dtype="bfloat16", num_train_steps=3, eval_every_steps=3)
+    final = loop.train_and_evaluate(Classification(), config, str(tmp_path))
+    assert math.isfinite(final["loss"])
+    # The reported top-1 against one recomputed here: the final checkpoint's variables applied to
+    # every eval example (mask-0 padding dropped), argmax and count in numpy.
+    variables = checkpoint.Checkpointer(str(tmp_path / "checkpoints")).restore_variables(3)
+    eval_split = data.create_split(config.data, train=False, batch_size=config.batch_size, seed=config.seed)
+    model = models.create(config.model.name, num_classes=eval_split.num_classes, dtype=jnp.bfloat16, **config.model.overrides)
+    apply = jax.jit(lambda images: model.apply(variables, images, train=False))
+    correct = examples = 0
+    for batch in eval_split.dataset:
+        real = np.asarray(batch["mask"]) > 0
+        predicted = np.asarray(apply(batch["image"])).argmax(-1)
+        correct += int((predicted == np.asarray(batch["label"]))[real].sum())
+        examples += int(real.sum())
+    assert examples == eval_split.num_examples
+    assert math.isclose(final["top1"], correct / examples, abs_tol=0.5 / examples)
     restored = checkpoint.Checkpointer(str(tmp_path / "checkpoints")).manager.item_metadata(3)["state"]
     assert {str(m.dtype) for m in jax.tree.leaves(restored["params"])} == {"float32"}

@@ -12,9 +12,14 @@ Datasets, by `config.name` (see `default_config` for every field):
   imagenet       ILSVRC2012 from an ImageFolder tree or tensorflow-datasets (user-provided)
   synthetic      random images for benchmarks
 
-Detection data has its own modules, used by `cvolution_jax.detection.loop`: `coco` (COCO-format
-annotations through grain, images padded to size buckets, ground truth padded with a validity
-mask) and `shapes` (the synthetic COCO-format default, written to disk).
+`preprocess_image(config, image)` gives one PIL image as dataset `config.name`'s evaluation sees
+its data (each dataset module's own `preprocess_image`).
+
+Detection data has its own modules, used by `cvolution_jax.tasks.detection`: `coco_datasets`
+(the datasets by name: COCO 2017, `shapes`, `nuclei`), `coco` (COCO-format annotations through
+grain, images padded to size buckets, ground truth padded with a validity mask), `coco_files`
+(the one COCO writer), `shapes` (the synthetic default) and `nuclei` (a real sample), and
+`masks` (host-side instance-mask geometry: decoding, box crops, pasting).
 
 `batch_size` is per process; the global batch is `batch_size * process_count`. Each batch's
 `mask` is 1 for a real example and 0 for eval padding or an image that failed to decode;
@@ -42,6 +47,13 @@ DATASETS = {
     "fashion_mnist": fashion_mnist.create,
     "imagenet": imagenet.create,
     "synthetic": synthetic.create,
+}
+# name -> preprocess_image(config, PIL image) -> (inputs [1, H, W, C] float32, display [H, W, 3] uint8)
+EVAL_IMAGE = {
+    "digits": digits.preprocess_image,
+    "fashion_mnist": fashion_mnist.preprocess_image,
+    "imagenet": imagenet.preprocess_image,
+    "synthetic": synthetic.preprocess_image,
 }
 
 
@@ -151,4 +163,12 @@ def create_split(
     )
 
 
-__all__ = ["DATASETS", "Split", "create_split", "default_config"]
+def preprocess_image(config: ml_collections.ConfigDict, image) -> tuple:
+    """One PIL image as dataset `config.name`'s evaluation sees its data (`config` the `data` sub-config):
+    `(inputs [1, H, W, C] float32, display [H, W, 3] uint8)`, `display` what the model saw, as pixels."""
+    if config.name not in EVAL_IMAGE:
+        raise ValueError(f"Unknown data.name {config.name!r}. Valid names: {', '.join(EVAL_IMAGE)}.")
+    return EVAL_IMAGE[config.name](config, image)
+
+
+__all__ = ["DATASETS", "EVAL_IMAGE", "Split", "create_split", "default_config", "preprocess_image"]

@@ -46,7 +46,7 @@ from PIL import Image
 
 from cvolution_jax.data import transforms
 from cvolution_jax.data.pipeline import to_iter_dataset
-from cvolution_jax.detection import masks as masks_lib
+from cvolution_jax.data import masks as masks_lib
 
 log = logging.getLogger(__name__)
 
@@ -382,6 +382,18 @@ def rescale_size(height: int, width: int, scale: tuple[int, int]) -> tuple[int, 
     long_max, short_max = max(scale), min(scale)
     factor = min(long_max / max(height, width), short_max / min(height, width))
     return int(height * factor + 0.5), int(width * factor + 0.5)
+
+
+def preprocess_image(config, image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+    """A photo as evaluation sees an image: `(inputs [1, H, W, 3] float32, display [H, W, 3] uint8)`,
+    resized keeping its aspect ratio to `config.scale` (the `data` sub-config's) as mmdet does and
+    ImageNet-normalised, without the bucket's padding; `display` is the resized photo."""
+    rgb = image.convert("RGB")
+    height, width = rescale_size(rgb.height, rgb.width, tuple(config.scale))
+    if (height, width) != (rgb.height, rgb.width):
+        rgb = rgb.resize((width, height), Image.BILINEAR)
+    pixels = np.asarray(rgb)
+    return transforms.normalize(pixels, transforms.IMAGENET_MEAN, transforms.IMAGENET_STD)[None], pixels
 
 
 def choose_bucket(height: int, width: int, buckets: Sequence[tuple[int, int]]) -> int | None:

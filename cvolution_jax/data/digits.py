@@ -12,6 +12,7 @@ import functools
 
 import ml_collections
 import numpy as np
+from PIL import Image
 
 from cvolution_jax.data import transforms
 from cvolution_jax.data.pipeline import ArrayRecords, Example, Examples, example
@@ -90,3 +91,14 @@ def create(config: ml_collections.ConfigDict, *, train: bool, seed: int) -> Exam
         num_classes=NUM_CLASSES,
         image_shape=(config.image_size, config.image_size, 1),
     )
+
+
+def preprocess_image(config: ml_collections.ConfigDict, image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+    """A photo as this dataset's eval input: `(inputs [1, S, S, 1] float32, display [S, S, 3] uint8)`.
+
+    Digits are light strokes on a dark background on the raw 0..16 scale: the photo's central
+    square, grey, is scaled to 0..16, resized to `config.image_size` and normalised with the
+    split's statistics.
+    """
+    mean, std = statistics(config.test_fraction)
+    return transforms.grey_eval_image(image, config.image_size, 16.0, mean, std)

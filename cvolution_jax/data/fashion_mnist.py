@@ -13,6 +13,7 @@ import os
 
 import ml_collections
 import numpy as np
+from PIL import Image
 
 from cvolution_jax.data import transforms
 from cvolution_jax.data.pipeline import ArrayRecords, Example, Examples, example
@@ -95,3 +96,9 @@ def create(config: ml_collections.ConfigDict, *, train: bool, seed: int) -> Exam
         num_classes=NUM_CLASSES,
         image_shape=(config.image_size, config.image_size, 1),
     )
+
+
+def preprocess_image(config: ml_collections.ConfigDict, image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+    """A photo as this dataset's eval input: `(inputs [1, S, S, 1] float32, display [S, S, 3] uint8)`:
+    its central square, grey, resized to `config.image_size` and normalised with `MEAN` and `STD`."""
+    return transforms.grey_eval_image(image, config.image_size, 255.0, MEAN, STD)

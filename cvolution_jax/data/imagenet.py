@@ -17,7 +17,7 @@ from typing import Any
 
 import ml_collections
 import numpy as np
-from PIL import ImageFile
+from PIL import Image, ImageFile
 
 from cvolution_jax.data import transforms
 from cvolution_jax.data.pipeline import Example, Examples, example
@@ -186,3 +186,14 @@ def create(config: ml_collections.ConfigDict, *, train: bool, seed: int) -> Exam
         num_classes=num_classes,
         image_shape=(config.image_size, config.image_size, 3),
     )
+
+
+def preprocess_image(config: ml_collections.ConfigDict, image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+    """A photo as the eval split sees its images: `(inputs [1, S, S, 3] float32, display [S, S, 3] uint8)`.
+
+    The shorter side resized to `config.image_size / EVAL_CROP_FRACTION`, the central
+    `config.image_size` square cropped and ImageNet-normalised; `display` is that crop.
+    """
+    size = config.image_size
+    pixels = transforms.resize_and_center_crop(image.convert("RGB"), size, round(size / EVAL_CROP_FRACTION))
+    return transforms.normalize(pixels, transforms.IMAGENET_MEAN, transforms.IMAGENET_STD)[None], pixels

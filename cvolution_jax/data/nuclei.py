@@ -38,7 +38,7 @@ Pixels: the image is scaled to uint8 by its own percentiles PERCENTILES = (1, 99
 over the whole 512 x 512 image (so tiles share one scale), clipped, and saved as RGB PNG with
 the gray value in all three channels (the detection pipeline expects RGB).
 
-Layout under `out_dir` (that of `shapes.split_paths`):
+Layout under `out_dir` (that of `coco_files.split_paths`):
     train/000000.png ...                 tile i (row-major) is image id i + 1; `crop` in its
                                          image entry is [x0, y0, w, h] in the 512 x 512 original
     val/000000.png                       image id 1
@@ -60,7 +60,7 @@ import zipfile
 import numpy as np
 from PIL import Image
 
-from cvolution_jax.data.shapes import is_complete, split_paths, write_split
+from cvolution_jax.data.coco_files import is_complete, split_paths, write_split
 
 log = logging.getLogger(__name__)
 

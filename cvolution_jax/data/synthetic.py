@@ -11,6 +11,7 @@ import dataclasses
 import ml_collections
 import numpy as np
 
+from cvolution_jax.data.imagenet import preprocess_image  # noqa: F401  random images stand in for ImageNet's
 from cvolution_jax.data.pipeline import Example, Examples, example
 
 

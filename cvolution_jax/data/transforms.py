@@ -119,6 +119,21 @@ def resize_and_center_crop(image: Image.Image, size: int, resize_size: int) -> n
     return np.asarray(resized.crop((left, top, left + size, top + size)))
 
 
+def grey_eval_image(image: Image.Image, size: int, top: float, mean: float, std: float) -> tuple[np.ndarray, np.ndarray]:
+    """A photo as a grey dataset's eval input: `(inputs [1, size, size, 1] float32, display [size, size, 3] uint8)`.
+
+    The central square, grey, scaled from 0..255 to the dataset's `0..top`, resized bilinearly to
+    `size` (as its eval resizes its own images) and normalised with its `mean` and `std`.
+    """
+    side = min(image.size)
+    left, upper = (image.width - side) // 2, (image.height - side) // 2
+    square = image.convert("RGB").crop((left, upper, left + side, upper + side))
+    grey = np.asarray(square.convert("L"), np.float32)
+    resized = resize_bilinear(grey * (top / 255.0), size)
+    display = np.clip(np.round(resized * (255.0 / top)), 0, 255).astype(np.uint8)
+    return normalize(resized[..., None], mean, std)[None], np.repeat(display[..., None], 3, axis=-1)
+
+
 def decode_rgb(encoded: bytes | str | os.PathLike) -> Image.Image:
     """Decodes an image file (a path, or its bytes) fully into an RGB PIL image.
 

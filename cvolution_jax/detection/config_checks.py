@@ -1,4 +1,4 @@
-"""Checks of a detection config before `cvolution_jax.detection.loop` builds data or model.
+"""Checks of a detection config before `cvolution_jax.tasks.detection` builds data or model.
 
     config_checks.check_detection(config, workdir, train=True)
 
@@ -17,7 +17,7 @@ NUM_STAGES = 4  # the FPN reads C2-C5
 
 
 def check_detection(config: ml_collections.ConfigDict, workdir: str, *, train: bool) -> None:
-    """Every field `cvolution_jax.detection.loop` reads before it builds anything, then the workdir."""
+    """Every field `cvolution_jax.tasks.detection` reads before it builds anything, then the workdir."""
     cfg = config.data
     check_size(config, "data.scale")
     buckets = tuple(cfg.buckets)

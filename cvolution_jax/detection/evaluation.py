@@ -32,7 +32,7 @@ import os
 
 import numpy as np
 
-from cvolution_jax.detection import masks as masks_lib
+from cvolution_jax.data import masks as masks_lib
 from cvolution_jax.files import atomic_open
 
 DEFAULT_MAX_DETS = (1, 10, 100)
@@ -64,7 +64,7 @@ def to_coco_results(image_ids, boxes, scores, labels, valid, scale, category_ids
         it per axis to get original-image pixels.
       category_ids: sequence mapping contiguous label -> COCO category id.
       masks: optional ``[B, D, m, m]`` mask probabilities of each detection over its box (Mask
-        R-CNN); each is pasted into its original image (``masks.paste_masks``, binarised at
+        R-CNN); each is pasted into its original image (``cvolution_jax.data.masks.paste_masks``, binarised at
         ``mask_threshold``) and RLE encoded as the result's ``"segmentation"``.
       image_shapes: ``[B, 2]`` original ``(height, width)`` of each image; needed with ``masks``.
 

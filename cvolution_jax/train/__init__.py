@@ -1,2 +1,4 @@
-"""Training: optimizer and schedule (`optim`), the jitted steps (`steps`), orbax checkpoints
-(`checkpoint`), metric logging (`metrics`) and the loop that ties them (`loop`)."""
+"""The task-agnostic runner: the loop (`loop`: mesh, state, checkpoints, `fit`, eval scheduling,
+divergence), orbax checkpoints (`checkpoint`), metric logging (`metrics`), config checks, the
+classification optimizer and steps (`optim`, `steps`) and the entry points' flags (`cli`). The
+tasks it runs live in `cvolution_jax.tasks`."""

@@ -14,12 +14,12 @@ from __future__ import annotations
 import difflib
 import logging
 import sys
-from collections.abc import Callable
 
 from absl import app, flags
 from ml_collections import config_dict, config_flags
 
 from cvolution_jax.train import distributed
+from cvolution_jax.train import loop
 from cvolution_jax.train.loop import DivergedError
 
 
@@ -92,10 +92,10 @@ def _initialize_distributed() -> None:
         distributed.initialize(heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_seconds)
 
 
-def run(argv, train: Callable, evaluate: Callable) -> None:
-    """The body of an entry point's main: `train(config, workdir)` or `evaluate(config, workdir,
-    step)` as `config.mode` says. A user error (bad config, missing checkpoint, divergence)
-    exits with its message rather than a traceback."""
+def run(argv, task: loop.Task) -> None:
+    """The body of an entry point's main: `loop.train_and_evaluate(task, config, workdir)` or
+    `loop.evaluate(task, config, workdir, step)` as `config.mode` says. A user error (bad config,
+    missing checkpoint, divergence) exits with its message rather than a traceback."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.getLogger().setLevel(logging.INFO)
@@ -105,9 +105,9 @@ def run(argv, train: Callable, evaluate: Callable) -> None:
     config = FLAGS.config
     try:
         if config.mode == "train":
-            train(config, FLAGS.workdir)
+            loop.train_and_evaluate(task, config, FLAGS.workdir)
         elif config.mode == "eval":
-            evaluate(config, FLAGS.workdir, None if config.checkpoint_step < 0 else config.checkpoint_step)
+            loop.evaluate(task, config, FLAGS.workdir, None if config.checkpoint_step < 0 else config.checkpoint_step)
         else:
             raise ValueError(f"--config.mode must be 'train' or 'eval'; got {config.mode!r}.")
     except (DivergedError, FileNotFoundError, ValueError) as error:  # CheckpointMismatchError is a ValueError

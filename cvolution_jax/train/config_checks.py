@@ -1,6 +1,6 @@
 """Config checks run before a run builds its data or model: a mistake fails in a second, naming its field.
 
-    config_checks.check_classification(config, workdir, train=True)   # cvolution_jax.train.loop
+    config_checks.check_classification(config, workdir, train=True)   # cvolution_jax.tasks.classification
     config_checks.check_run(config, workdir, train=True)              # any task's loop, first
 
 Each check raises `ConfigError` (a ValueError, which the entry points print as one `error:` line)
@@ -103,7 +103,8 @@ def check_backbone(config: ml_collections.ConfigDict, name_path: str, overrides_
 
 
 def check_classification(config: ml_collections.ConfigDict, workdir: str, *, train: bool) -> None:
-    """Every field `cvolution_jax.train.loop` reads before it builds anything, then the workdir."""
+    """Every field the classification task (`cvolution_jax.tasks.classification`) reads before it builds
+    anything, then the workdir."""
     if config.data.name not in data.DATASETS:
         raise ConfigError(f"config.data.name must be one of {sorted(data.DATASETS)}; got {config.data.name!r}.")
     check_int(config, "data.image_size", 1, " (images are resized to image_size x image_size)")

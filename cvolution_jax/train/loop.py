@@ -1,8 +1,16 @@
-"""The classification training loop: `train_and_evaluate(config, workdir)` and `evaluate(config, workdir)`.
+"""The runner every task trains and evaluates with: `train_and_evaluate(task, config, workdir)` and
+`evaluate(task, config, workdir)`.
+
+    loop.train_and_evaluate(classification.Classification(), config, workdir)
+    loop.evaluate(detection.Detection(), config, workdir, step=None)
+
+A task (`cvolution_jax.tasks`) supplies what differs: its config check, model, data, loss (the
+train step) and evaluator, built into a `Run`. The runner owns the rest: the mesh, the checkpoints
+(state and data iterator), the loop (`fit`), eval scheduling, metrics and divergence.
 
 Data parallel over a `jax.sharding.Mesh` of every device (all processes): each process reads its
 shard of the data, `jax.make_array_from_process_local_data` assembles the global batch sharded
-over the mesh's `data` axis, and the state is replicated. One jitted `train_step`.
+over the mesh's `data` axis, and the state is replicated.
 
 A run is resumable: rerunning the same command with the same workdir restores the latest
 checkpoint (state and data iterator) and continues; on CPU the final parameters equal, bitwise,
@@ -12,24 +20,24 @@ stops the run before anything is saved, so the last checkpoint on disk is a good
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import json
 import logging
 import math
 import os
 import signal
 import time
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from cvolution_jax import data, models
-from cvolution_jax.train import checkpoint, config_checks, optim, steps
+from cvolution_jax.train import checkpoint
 from cvolution_jax.train.metrics import MetricWriter, plot_curves
 
 log = logging.getLogger(__name__)
@@ -45,14 +53,6 @@ def report(message: str) -> None:
 
 class DivergedError(FloatingPointError):
     """The training loss became NaN or infinite."""
-
-
-def create_model(config: ml_collections.ConfigDict, num_classes: int):
-    """The model of `config.model` (`name` from the registry plus `overrides` of its fields)."""
-    if config.dtype not in DTYPES:
-        raise ValueError(f"config.dtype must be one of {sorted(DTYPES)}; got {config.dtype!r}.")
-    overrides = dict(config.model.get("overrides", {}))
-    return models.create(config.model.name, num_classes=num_classes, dtype=DTYPES[config.dtype], **overrides)
 
 
 def print_config(config: ml_collections.ConfigDict) -> None:
@@ -129,58 +129,46 @@ class DataMesh:
         return {k: jax.make_array_from_process_local_data(self.batch, np.asarray(v)) for k, v in batch.items() if k != "corrupt"}
 
 
-def _setup(config, workdir):
-    """Everything a run needs before its first step: mesh, data, model, optimizer, initial state."""
-    mesh = DataMesh(config.batch_size)
-    train_split = data.create_split(config.data, train=True, batch_size=mesh.per_process, seed=config.seed)
-    eval_split = data.create_split(config.data, train=False, batch_size=mesh.per_process, seed=config.seed)
-    steps_per_epoch = train_split.num_examples // config.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"config.batch_size={config.batch_size} exceeds the {train_split.num_examples} training examples; lower it."
-        )
-    total_steps = config.num_train_steps if config.num_train_steps > 0 else int(config.num_epochs * steps_per_epoch)
-    model = create_model(config, train_split.num_classes)
-    tx = optim.create_optimizer(config, steps_per_epoch, total_steps)
-    init = jax.jit(functools.partial(steps.create_train_state, model, tx, train_split.image_shape), out_shardings=mesh.replicated)
-    state = init(jax.random.key(config.seed))
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
-    return mesh, train_split, eval_split, steps_per_epoch, total_steps, state, ckpt
+@dataclasses.dataclass
+class Run:
+    """What a task builds for one run: the initial state, its evaluator and, to train, its step.
 
-
-def run_eval(state, eval_split, mesh: DataMesh, eval_fn) -> dict:
-    """Top-1, top-5 and loss over the whole eval split (every example exactly once).
-
-    An image that failed to decode is left out (its mask is 0) and counted, as in training, so one
-    damaged validation file never stops a run. Returns `{"loss", "top1", "top5"}` averaged over
-    the `images` evaluated, plus `images` and `skipped_images` (the split's size is their sum).
+    Attributes:
+      state: the initial train state, replicated over the mesh (a checkpoint is restored into it).
+      evaluate: `(state, step) -> metrics` over the whole eval split; reports them itself (process
+        0), and gives every process the same numbers (checkpoints are ranked by them).
+      total_steps: the run's training steps; steps_per_epoch: steps per pass over the train split
+        (the default eval interval). Training only, as are the rest:
+      train_iter: the training data iterator (its position is checkpointed).
+      step_fn: `(state, host batch, step) -> (state, metrics)`, see `fit`.
+      learning_rate: the schedule, logged with the training metrics.
     """
-    totals, corrupt = None, 0
-    for batch in eval_split.dataset:
-        corrupt += int(np.sum(batch["corrupt"]))
-        sums = eval_fn(state, mesh.shard(batch))
-        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    totals = jax.device_get(totals)
-    if jax.process_count() > 1:  # each process counted the failures of its own shard
-        corrupt = int(np.sum(multihost_utils.process_allgather(np.int64(corrupt))))
-    evaluated = round(float(totals["examples"]))
-    if evaluated + corrupt != eval_split.num_examples:
-        raise RuntimeError(
-            f"Evaluated {evaluated} examples and skipped {corrupt} that failed to decode, but the eval split has "
-            f"{eval_split.num_examples}: the eval pass lost or repeated examples (a bug in the input pipeline)."
-        )
-    if evaluated == 0:
-        raise RuntimeError(
-            f"None of the {eval_split.num_examples} eval images could be decoded (the warnings name them); "
-            f"check data.data_dir and the validation files."
-        )
-    if corrupt:
-        report(
-            f"Evaluated {evaluated} of {eval_split.num_examples} eval images: {corrupt} could not be decoded and "
-            f"are left out of the metrics (the warnings name the files)."
-        )
-    metrics = {key: float(totals[key]) / evaluated for key in ("loss", "top1", "top5")}
-    return {**metrics, "images": evaluated, "skipped_images": corrupt}
+
+    state: Any
+    evaluate: Callable[[Any, int], dict]
+    total_steps: int = 0
+    steps_per_epoch: int = 1
+    train_iter: Iterator | None = None
+    step_fn: Callable | None = None
+    learning_rate: Callable[[int], Any] | None = None
+
+
+class Task(Protocol):
+    """A task the runner trains and evaluates (`cvolution_jax.tasks`).
+
+    Attributes:
+      best_metric: the eval metric that ranks checkpoints (higher is better): "top1", "AP".
+      curves: keyword arguments of `metrics.plot_curves` for the run's curves.png.
+    """
+
+    best_metric: str
+    curves: dict
+
+    def check_config(self, config: ml_collections.ConfigDict, workdir: str, *, train: bool) -> None:
+        """Raises ConfigError naming the field, before anything is built."""
+
+    def build(self, config: ml_collections.ConfigDict, workdir: str, mesh: DataMesh, *, train: bool) -> Run:
+        """Data, model and initial state; `train=False` builds the eval split only."""
 
 
 def _check_finite(history: list[dict], ckpt: checkpoint.Checkpointer) -> dict:
@@ -275,60 +263,46 @@ def fit(config, *, state, train_iter, step_fn, total_steps: int, eval_every: int
     return eval_metrics
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns the final eval metrics."""
+def train_and_evaluate(task: Task, config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains `task` with `config` in `workdir`, resuming from its latest checkpoint. Returns the final eval metrics."""
     print_config(config)
-    config_checks.check_classification(config, workdir, train=True)
-    mesh, train_split, eval_split, steps_per_epoch, total_steps, state, ckpt = _setup(config, workdir)
-    train_iter = iter(train_split.dataset)
+    task.check_config(config, workdir, train=True)
+    run = task.build(config, workdir, DataMesh(config.batch_size), train=True)
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
+                                   best_metric=task.best_metric)
+    state = run.state
     if ckpt.latest_step() is not None:
-        state = ckpt.restore(state, data_iterator=train_iter, set_aside_damaged=True)
+        state = ckpt.restore(state, data_iterator=run.train_iter, set_aside_damaged=True)
         log.info("Resumed from %s at step %d.", ckpt.directory, int(state.step))
     save_config(config, workdir, step=int(state.step))
-    train_fn = jax.jit(functools.partial(steps.train_step, label_smoothing=config.label_smoothing), donate_argnums=0)
-    eval_fn = jax.jit(steps.eval_step)
-    skipped = 0
-
-    def step_fn(state, batch, step):
-        nonlocal skipped
-        corrupt = int(np.sum(batch.get("corrupt", 0)))
-        if corrupt:
-            skipped += corrupt
-            log.warning("%d corrupt images skipped so far.", skipped)
-        return train_fn(state, mesh.shard(batch))
-
-    def evaluate_fn(state, step):
-        metrics = run_eval(state, eval_split, mesh, eval_fn)
-        report(f"step {step}: eval top-1 {metrics['top1']:.4f} top-5 {metrics['top5']:.4f} loss {metrics['loss']:.4f}")
-        return metrics
-
     eval_metrics = fit(
-        config, state=state, train_iter=train_iter, step_fn=step_fn, total_steps=total_steps,
-        eval_every=config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch, ckpt=ckpt,
-        writer=MetricWriter(workdir, start_step=int(state.step)), evaluate=evaluate_fn,
-        learning_rate=optim.learning_rate_schedule(config, steps_per_epoch, total_steps),
+        config, state=state, train_iter=run.train_iter, step_fn=run.step_fn, total_steps=run.total_steps,
+        eval_every=config.eval_every_steps if config.eval_every_steps > 0 else run.steps_per_epoch, ckpt=ckpt,
+        writer=MetricWriter(workdir, start_step=int(state.step)), evaluate=run.evaluate,
+        learning_rate=run.learning_rate,
     )
-    plot_curves(workdir)
+    plot_curves(workdir, **task.curves)
     return eval_metrics
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> dict:
+def evaluate(task: Task, config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> dict:
     """Restores checkpoint `step` of `workdir` (default: the latest good one) and evaluates it.
 
-    Prints top-1/top-5 and writes them to `<workdir>/eval_<step>.json`, the config to
-    `<workdir>/config_eval_<step>.json`.
+    The task's evaluator reports the metrics; they are written to `<workdir>/eval_<step>.json`,
+    the config to `<workdir>/config_eval_<step>.json`. No training data is read.
     """
     print_config(config)
-    config_checks.check_classification(config, workdir, train=False)
-    mesh, _, eval_split, _, _, state, ckpt = _setup(config, workdir)
+    task.check_config(config, workdir, train=False)
+    run = task.build(config, workdir, DataMesh(config.batch_size), train=False)
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
+                                   best_metric=task.best_metric)
     try:
-        state = ckpt.restore(state, step)
+        state = ckpt.restore(run.state, step)
     finally:
         ckpt.close()
     save_config(config, workdir, step=int(state.step), mode="eval")
-    metrics = run_eval(state, eval_split, mesh, jax.jit(steps.eval_step))
     restored = int(state.step)
-    report(f"checkpoint step {restored}: top-1 {metrics['top1']:.4f}  top-5 {metrics['top5']:.4f}  loss {metrics['loss']:.4f}  ({metrics['images']} images)")
+    metrics = run.evaluate(state, restored)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, f"eval_{restored}.json"), "w") as f:
             json.dump({"step": restored, **metrics}, f, indent=1)

@@ -1,19 +1,20 @@
-"""The detection training loop: `train_and_evaluate(config, workdir)` and `evaluate(config, workdir)`.
+"""Object detection as a task of the runner: Faster R-CNN or Mask R-CNN (FPN), COCO-format data,
+mmdet's losses and optimizer, and pycocotools' COCOeval as the evaluator.
 
-The same machinery as image classification (`cvolution_jax.train`): data parallel over a mesh of
-every device, orbax checkpoints of the state and the data iterator (a rerun resumes; SIGTERM and
-Ctrl-C save and return; the best checkpoint is kept by box AP), metrics as JSONL and TensorBoard. What differs is the model
-(`FasterRCNN` or `MaskRCNN`, by `config.model.detector`), the optimizer (mmdet's SGD with linear
-warm-up and step decay, stem and first stage frozen) and evaluation: pycocotools' COCOeval on the
-detections of the whole eval split, whose 12-number bbox summary (and for Mask R-CNN the segm one,
-its numbers named `segm_AP` ...) is printed and whose detections are written as COCO results JSON.
+    loop.train_and_evaluate(Detection(vis=8), config, workdir)    # experiments/coco.py
+
+What the task supplies: the model (`FasterRCNN` or `MaskRCNN`, by `config.model.detector`), the
+data (`cvolution_jax.data.coco_datasets` by `config.data.name`, through `cvolution_jax.data.coco`),
+the optimizer (mmdet's SGD with linear warm-up and step decay, stem and first stage frozen) and
+evaluation: COCOeval on the detections of the whole eval split, whose 12-number bbox summary (and
+for Mask R-CNN the segm one, its numbers named `segm_AP` ...) is printed and whose detections are
+written as COCO results JSON. The best checkpoint is kept by box AP.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import json
-import logging
 import os
 
 import jax
@@ -24,60 +25,21 @@ import optax
 from jax.experimental import multihost_utils
 
 from cvolution_jax import models
-from cvolution_jax.data import coco, nuclei, shapes
-from cvolution_jax.detection import config_checks, evaluation, masks, visualize
+from cvolution_jax.data import coco, coco_datasets
+from cvolution_jax.data import masks as host_masks
+from cvolution_jax.detection import config_checks, evaluation, visualize
 from cvolution_jax.detection.faster_rcnn import FasterRCNN, Settings, frozen
 from cvolution_jax.detection.mask_rcnn import MaskRCNN
 from cvolution_jax.train import checkpoint, steps
-from cvolution_jax.train.loop import DTYPES, DataMesh, fit, print_config, report, save_config
-from cvolution_jax.train.metrics import MetricWriter, plot_curves
-
-log = logging.getLogger(__name__)
+from cvolution_jax.train.loop import DTYPES, DataMesh, Run, report
 
 # Right panel of curves.png: the R-CNN's accuracy on its sampled RoIs and the eval AP.
 CURVES = (("train", "rcnn_accuracy", "train R-CNN accuracy"), ("eval", "AP", "eval AP"), ("eval", "AP50", "eval AP50"),
           ("eval", "segm_AP", "eval segm AP"))
 DETECTORS = {"faster_rcnn": FasterRCNN, "mask_rcnn": MaskRCNN}
-
-
-# ----------------------------------------------------------------------------------------- data
-
-
-def dataset_paths(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, str]]:
-    """`{"train": {"annotation_file", "image_dir"}, "val": {...}}` of `config.data` (`load_coco`'s arguments).
-
-    "shapes" writes the synthetic dataset on first use (into `data.data_dir`, default
-    `<workdir>/shapes`), "nuclei" the real nuclei sample (`cvolution_jax.data.nuclei`, default
-    `<workdir>/nuclei`, from the stardist wheel `data.wheel` or one pip downloads); "coco" reads
-    COCO 2017's layout under `data.data_dir` unless `data.{train,val}_annotations` /
-    `data.{train,val}_images` name the files.
-    """
-    cfg = config.data
-    if cfg.name in ("shapes", "nuclei"):
-        root = cfg.data_dir or os.path.join(workdir, cfg.name)
-        if jax.process_index() == 0:
-            if cfg.name == "shapes":
-                shapes.write_shapes(root, num_train=cfg.num_train, num_val=cfg.num_val, image_size=cfg.image_size,
-                                    seed=cfg.shapes_seed)
-            else:
-                nuclei.write_nuclei(root, wheel=cfg.wheel or None)
-        multihost_utils.sync_global_devices(f"{cfg.name} dataset written")
-        return {split: shapes.split_paths(root, split) for split in ("train", "val")}
-    if cfg.name == "coco":
-        return {split: {
-            "annotation_file": cfg.get(f"{split}_annotations") or os.path.join(cfg.data_dir, "annotations", f"instances_{split}2017.json"),
-            "image_dir": cfg.get(f"{split}_images") or os.path.join(cfg.data_dir, f"{split}2017"),
-        } for split in ("train", "val")}
-    raise ValueError(f"config.data.name must be 'coco', 'shapes' or 'nuclei' for detection; got {cfg.name!r}.")
-
-
-def _stream_args(config, mesh: DataMesh) -> dict:
-    cfg = config.data
-    # Only Mask R-CNN reads instance masks; Faster R-CNN does not pay for decoding them.
-    mask_size = cfg.mask_size if config.model.detector == "mask_rcnn" else 0
-    return dict(batch_size=mesh.per_process, scale=cfg.scale, buckets=cfg.buckets,
-                max_gt=cfg.max_gt, process_index=jax.process_index(), process_count=jax.process_count(),
-                num_threads=cfg.num_threads, num_workers=cfg.num_workers, mask_size=mask_size)
+# config.model fields a detector takes as they are; one absent from the config keeps the module's default.
+_MODEL_FIELDS = ("neck_op", "rpn_op", "channels", "fc_dim", "norm_eval")
+_MASK_FIELDS = ("mask_op", "mask_convs", "mask_channels")
 
 
 # ---------------------------------------------------------------------------------- model, optim
@@ -85,42 +47,60 @@ def _stream_args(config, mesh: DataMesh) -> dict:
 
 def create_detector(config: ml_collections.ConfigDict, num_classes: int) -> FasterRCNN:
     """The detector of `config.model`: a registry backbone plus FPN, RPN and box head (and for
-    `detector="mask_rcnn"` the mask head)."""
-    if config.dtype not in DTYPES:
-        raise ValueError(f"config.dtype must be one of {sorted(DTYPES)}; got {config.dtype!r}.")
+    `detector="mask_rcnn"` the mask head).
+
+    `config.model` needs `detector` and `backbone`; every other field it lacks (`channels`,
+    `settings`, ...) keeps the module's default, which is mmdet's.
+    """
+    dtype_name = config.get("dtype", "float32")
+    if dtype_name not in DTYPES:
+        raise ValueError(f"config.dtype must be one of {sorted(DTYPES)}; got {dtype_name!r}.")
     cfg = config.model
     if cfg.detector not in DETECTORS:
         raise ValueError(f"config.model.detector must be one of {sorted(DETECTORS)}; got {cfg.detector!r}.")
-    if cfg.detector == "mask_rcnn" and config.data.mask_size <= 0:
-        raise ValueError(
-            f"config.data.mask_size is {config.data.mask_size}, but Mask R-CNN trains on instance masks cropped "
-            f"to M x M per object; set it > 0 (56 in the Mask R-CNN configs).")
-    dtype = DTYPES[config.dtype]
-    unknown = sorted(set(cfg.settings) - set(Settings.__dataclass_fields__))
+    dtype = DTYPES[dtype_name]
+    settings = dict(cfg.get("settings", {}))
+    unknown = sorted(set(settings) - set(Settings.__dataclass_fields__))
     if unknown:
         raise ValueError(f"config.model.settings has unknown fields {unknown}; valid: {sorted(Settings.__dataclass_fields__)}.")
-    settings = Settings(**{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in cfg.settings.items()})
-    op_kwargs = tuple(sorted(dict(cfg.op_kwargs).items()))
-    backbone = models.create(cfg.backbone, num_classes=1, dtype=dtype, **dict(cfg.backbone_overrides))
-    extra = ({"mask_op": cfg.mask_op, "mask_convs": cfg.mask_convs, "mask_channels": cfg.mask_channels}
-             if cfg.detector == "mask_rcnn" else {})
+    fields = {k: cfg[k] for k in _MODEL_FIELDS + (_MASK_FIELDS if cfg.detector == "mask_rcnn" else ()) if k in cfg}
+    if "op_kwargs" in cfg:
+        fields["op_kwargs"] = tuple(sorted(dict(cfg.op_kwargs).items()))
+    backbone = models.create(cfg.backbone, num_classes=1, dtype=dtype, **dict(cfg.get("backbone_overrides", {})))
     return DETECTORS[cfg.detector](
-        backbone=backbone, num_classes=num_classes, neck_op=cfg.neck_op, rpn_op=cfg.rpn_op, channels=cfg.channels,
-        fc_dim=cfg.fc_dim, op_kwargs=op_kwargs, settings=settings, norm_eval=cfg.norm_eval, dtype=dtype, **extra)
+        backbone=backbone, num_classes=num_classes, dtype=dtype,
+        settings=Settings(**{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in settings.items()}),
+        **fields)
 
 
 def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
     """mmdet's 1x schedule: `base_lr` per 16 images scaled to the batch, linear warm-up over
-    `warmup_steps` from `warmup_factor` x lr, x0.1 at each epoch of `lr_decay_epochs`."""
-    peak = config.base_lr * config.batch_size / 16
-    boundaries = [int(round(epoch * steps_per_epoch)) for epoch in config.lr_decay_epochs]
+    `warmup_steps` from `warmup_factor` x lr, x0.1 from each epoch of `lr_decay_epochs` on.
 
-    def schedule(step):
-        step = jnp.asarray(step, jnp.float32)
-        warm = jnp.minimum(step / max(config.warmup_steps, 1), 1.0)
-        factor = config.warmup_factor + (1 - config.warmup_factor) * warm
-        decays = sum((step >= b).astype(jnp.float32) for b in boundaries)
-        return peak * factor * 0.1**decays
+    One piece per span between the end of warm-up and the decays, joined by `optax.join_schedules`;
+    a decay that comes before warm-up ends scales the rest of the warm-up ramp.
+    """
+    peak = config.base_lr * config.batch_size / 16
+    warmup = max(config.warmup_steps, 1)
+    decays = [int(round(epoch * steps_per_epoch)) for epoch in config.lr_decay_epochs]
+    starts = sorted({0, warmup, *decays})
+    pieces = []
+    for begin in starts:
+        scale = peak * 0.1 ** sum(begin >= b for b in decays)
+        pieces.append(_warmup_ramp(scale, config.warmup_factor, warmup, begin) if begin < warmup
+                      else optax.constant_schedule(scale))
+    return optax.join_schedules(pieces, starts[1:])
+
+
+def _warmup_ramp(scale: float, factor: float, warmup: int, begin: int) -> optax.Schedule:
+    """`scale x (factor + (1 - factor) x step / warmup)` at `begin + count`, the piece's own count.
+
+    Not `optax.linear_schedule`: it interpolates from the end value (`(start - end) x frac + end`),
+    which in float32 loses the first warm-up values to cancellation (2e-5 - 0.02 + 0.02).
+    """
+    def schedule(count):
+        step = jnp.asarray(count, jnp.float32) + begin
+        return scale * (factor + (1 - factor) * jnp.minimum(step / warmup, 1.0))
 
     return schedule
 
@@ -190,37 +170,86 @@ def predict_step(state: steps.TrainState, batch):
     return state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, batch)
 
 
-# ------------------------------------------------------------------------------------ the runs
+# ------------------------------------------------------------------------------------ the task
 
 
-class _Run:
-    """What both modes need: mesh, data, model, initial state, checkpointer."""
+@dataclasses.dataclass(frozen=True)
+class Detection:
+    """The detection task: `build` makes the COCO data, the detector, its optimizer and state.
 
-    def __init__(self, config, workdir, train: bool):
+    Attributes:
+      vis: pictures (predictions beside ground truth) the final evaluation draws.
+    """
+
+    vis: int = 0
+    best_metric: str = "AP"
+    curves: dict = dataclasses.field(default_factory=lambda: {"scores": CURVES, "score_title": "score"})
+
+    def check_config(self, config: ml_collections.ConfigDict, workdir: str, *, train: bool) -> None:
         config_checks.check_detection(config, workdir, train=train)
-        self.config = config
-        self.mesh = DataMesh(config.batch_size)
-        paths = dataset_paths(config, workdir)
-        self.eval_data = coco.load_coco(**paths["val"])
-        self.train_data = coco.load_coco(**paths["train"]) if train else None
-        num_images = len(self.train_data.records) if train else 0
-        self.steps_per_epoch = max(num_images // config.batch_size, 1)
-        self.total_steps = config.num_train_steps if config.num_train_steps > 0 else int(config.num_epochs * self.steps_per_epoch)
-        self.model = create_detector(config, len(self.eval_data.category_ids))
+
+    def build(self, config: ml_collections.ConfigDict, workdir: str, mesh: DataMesh, *, train: bool) -> Run:
+        if config.model.detector == "mask_rcnn" and config.data.mask_size <= 0:
+            raise ValueError(
+                f"config.data.mask_size is {config.data.mask_size}, but Mask R-CNN trains on instance masks cropped "
+                f"to M x M per object; set it > 0 (56 in the Mask R-CNN configs).")
+        paths = coco_datasets.dataset_paths(config.data, workdir)
+        eval_data = coco.load_coco(**paths["val"])
+        train_data = coco.load_coco(**paths["train"]) if train else None
+        steps_per_epoch = max(len(train_data.records) // config.batch_size, 1) if train else 1
+        total_steps = config.num_train_steps if config.num_train_steps > 0 else int(config.num_epochs * steps_per_epoch)
+        model = create_detector(config, len(eval_data.category_ids))
         height, width = config.data.buckets[0]
         example = {"image": jnp.zeros((1, height, width, 3)), "image_size": jnp.asarray([[height, width]], jnp.int32)}
-        variables = jax.jit(self.model.init)(jax.random.key(config.seed), example)
+        variables = jax.jit(model.init)(jax.random.key(config.seed), example)
         if config.model.pretrained and train:
             variables = load_pretrained(variables, config.model.pretrained)
-        tx = create_optimizer(config, self.steps_per_epoch, variables["params"])
+        tx = create_optimizer(config, steps_per_epoch, variables["params"])
         create = lambda v: steps.TrainState.create(  # noqa: E731
-            apply_fn=self.model.apply, params=v["params"], tx=tx, batch_stats=v.get("batch_stats", {}))
-        self.state = jax.jit(create, out_shardings=self.mesh.replicated)(variables)
-        self.ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
-                                            best_metric="AP")
+            apply_fn=model.apply, params=v["params"], tx=tx, batch_stats=v.get("batch_stats", {}))
+        state = jax.jit(create, out_shardings=mesh.replicated)(variables)
+        evaluation = Evaluation(config, mesh, model, eval_data)
+        if not train:
+            return Run(state=state, evaluate=lambda state, step: run_eval(evaluation, state, workdir, step, vis=self.vis))
+
+        train_fn = jax.jit(functools.partial(train_step, frozen_stages=config.model.frozen_stages,
+                                             loss_names=model.loss_names), donate_argnums=0)
+        base_key = jax.random.key(config.seed + 1)
+
+        def step_fn(state, batch, step):
+            # The step's randomness (sampling) depends on the step only, so a resumed run repeats it.
+            return train_fn(state, mesh.shard(batch), jax.random.fold_in(base_key, step))
+
+        def evaluate(state, step):
+            return run_eval(evaluation, state, workdir, step, vis=self.vis if step == total_steps else 0)
+
+        train_iter = iter(coco.train_stream(train_data, seed=config.seed, flip_prob=config.data.flip_prob,
+                                            **stream_args(config, mesh)))
+        return Run(state=state, evaluate=evaluate, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                   train_iter=train_iter, step_fn=step_fn, learning_rate=learning_rate_schedule(config, steps_per_epoch))
 
 
-def run_eval(run: _Run, state, workdir: str, step: int, vis: int = 0) -> dict:
+def stream_args(config: ml_collections.ConfigDict, mesh: DataMesh) -> dict:
+    """The keyword arguments of `coco.train_stream` and `coco.eval_pass` that `config` and `mesh` give."""
+    cfg = config.data
+    # Only Mask R-CNN reads instance masks; Faster R-CNN does not pay for decoding them.
+    mask_size = cfg.mask_size if config.model.detector == "mask_rcnn" else 0
+    return dict(batch_size=mesh.per_process, scale=cfg.scale, buckets=cfg.buckets,
+                max_gt=cfg.max_gt, process_index=jax.process_index(), process_count=jax.process_count(),
+                num_threads=cfg.num_threads, num_workers=cfg.num_workers, mask_size=mask_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """What `run_eval` needs besides the state: the config, the mesh, the detector and the eval split."""
+
+    config: ml_collections.ConfigDict
+    mesh: DataMesh
+    model: FasterRCNN
+    eval_data: coco.CocoDataset
+
+
+def run_eval(run: Evaluation, state, workdir: str, step: int, vis: int = 0) -> dict:
     """COCO bbox (and for Mask R-CNN segm) metrics of `state` on the whole eval split; writes the
     detections JSON (and `vis` pictures) under `<workdir>/eval_<step>/`.
 
@@ -234,7 +263,7 @@ def run_eval(run: _Run, state, workdir: str, step: int, vis: int = 0) -> dict:
     results, drawn, evaluated, skipped = [], 0, [], []
     out_dir = os.path.join(workdir, f"eval_{step}")
     keys = ("image_id", "scale", "mask", "corrupt")
-    stream = _stream_args(run.config, run.mesh)
+    stream = stream_args(run.config, run.mesh)
     if not vis:
         stream["mask_size"] = 0  # ground-truth masks only serve the pictures
     for batch in coco.eval_pass(dataset, **stream):
@@ -311,8 +340,8 @@ def _draw(batch, dets, dataset, out_dir, limit: int, mask_threshold: float) -> i
         gt, valid = batch["gt_valid"][i], dets["valid"][i]
         gt_masks = pred_masks = None
         if "masks" in dets:  # both pasted into the resized image the picture shows
-            gt_masks = masks.paste_masks(batch["masks"][i][gt], batch["boxes"][i][gt], height, width)
-            pred_masks = masks.paste_masks(dets["masks"][i][valid], dets["boxes"][i][valid], height, width,
+            gt_masks = host_masks.paste_masks(batch["masks"][i][gt], batch["boxes"][i][gt], height, width)
+            pred_masks = host_masks.paste_masks(dets["masks"][i][valid], dets["boxes"][i][valid], height, width,
                                            mask_threshold)
         visualize.draw_detections(
             picture, batch["boxes"][i][gt], batch["labels"][i][gt], dets["boxes"][i][valid], dets["labels"][i][valid],
@@ -320,51 +349,3 @@ def _draw(batch, dets, dataset, out_dir, limit: int, mask_threshold: float) -> i
             os.path.join(out_dir, f"image_{int(batch['image_id'][i])}.png"), gt_masks=gt_masks, masks=pred_masks)
         drawn += 1
     return drawn
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, vis: int = 0) -> dict:
-    """Trains `config` in `workdir` (resuming from its latest checkpoint); returns the final COCO metrics."""
-    print_config(config)
-    run = _Run(config, workdir, train=True)
-    state, ckpt = run.state, run.ckpt
-    train_iter = iter(coco.train_stream(run.train_data, seed=config.seed, flip_prob=config.data.flip_prob,
-                                        **_stream_args(config, run.mesh)))
-    if ckpt.latest_step() is not None:
-        state = ckpt.restore(state, data_iterator=train_iter, set_aside_damaged=True)
-        log.info("Resumed from %s at step %d.", ckpt.directory, int(state.step))
-    save_config(config, workdir, step=int(state.step))
-    train_fn = jax.jit(functools.partial(train_step, frozen_stages=config.model.frozen_stages,
-                                         loss_names=run.model.loss_names), donate_argnums=0)
-    base_key = jax.random.key(config.seed + 1)
-
-    def step_fn(state, batch, step):
-        # The step's randomness (sampling) depends on the step only, so a resumed run repeats it.
-        return train_fn(state, run.mesh.shard(batch), jax.random.fold_in(base_key, step))
-
-    metrics = fit(
-        config, state=state, train_iter=train_iter, step_fn=step_fn, total_steps=run.total_steps,
-        eval_every=config.eval_every_steps if config.eval_every_steps > 0 else run.steps_per_epoch, ckpt=ckpt,
-        writer=MetricWriter(workdir, start_step=int(state.step)), learning_rate=learning_rate_schedule(config, run.steps_per_epoch),
-        evaluate=lambda state, step: run_eval(run, state, workdir, step, vis=vis if step == run.total_steps else 0),
-    )
-    plot_curves(workdir, scores=CURVES, score_title="score")
-    return metrics
-
-
-def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None = None, vis: int = 0) -> dict:
-    """Restores checkpoint `step` of `workdir` (default: the latest good one) and runs COCO evaluation;
-    metrics go to `<workdir>/eval_<step>.json`, detections to `<workdir>/eval_<step>/`, the config
-    to `<workdir>/config_eval_<step>.json`."""
-    print_config(config)
-    run = _Run(config, workdir, train=False)
-    try:
-        state = run.ckpt.restore(run.state, step)
-    finally:
-        run.ckpt.close()
-    save_config(config, workdir, step=int(state.step), mode="eval")
-    restored = int(state.step)
-    metrics = run_eval(run, state, workdir, restored, vis=vis)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, f"eval_{restored}.json"), "w") as f:
-            json.dump({"step": restored, **metrics}, f, indent=1)
-    return metrics

@@ -1,0 +1,128 @@
+"""Image classification as a task of the runner: a registry model, `cvolution_jax.data`'s splits,
+label-smoothed cross-entropy (`train.steps.train_step`) and top-1 / top-5 over the eval split.
+
+    loop.train_and_evaluate(Classification(), config, workdir)    # experiments/imagenet.py
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from cvolution_jax import data, models
+from cvolution_jax.train import config_checks, optim, steps
+from cvolution_jax.train.loop import DTYPES, DataMesh, Run, report
+from cvolution_jax.train.metrics import CLASSIFICATION_SCORES
+
+log = logging.getLogger(__name__)
+
+
+def create_model(config: ml_collections.ConfigDict, num_classes: int):
+    """The model of `config.model` (`name` from the registry plus `overrides` of its fields)."""
+    if config.dtype not in DTYPES:
+        raise ValueError(f"config.dtype must be one of {sorted(DTYPES)}; got {config.dtype!r}.")
+    overrides = dict(config.model.get("overrides", {}))
+    return models.create(config.model.name, num_classes=num_classes, dtype=DTYPES[config.dtype], **overrides)
+
+
+def run_eval(state, eval_split: data.Split, mesh: DataMesh, eval_fn) -> dict:
+    """Top-1, top-5 and loss over the whole eval split (every example exactly once).
+
+    An image that failed to decode is left out (its mask is 0) and counted, as in training, so one
+    damaged validation file never stops a run. Returns `{"loss", "top1", "top5"}` averaged over
+    the `images` evaluated, plus `images` and `skipped_images` (the split's size is their sum).
+    """
+    totals, corrupt = None, 0
+    for batch in eval_split.dataset:
+        corrupt += int(np.sum(batch["corrupt"]))
+        sums = eval_fn(state, mesh.shard(batch))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)
+    if jax.process_count() > 1:  # each process counted the failures of its own shard
+        corrupt = int(np.sum(multihost_utils.process_allgather(np.int64(corrupt))))
+    evaluated = round(float(totals["examples"]))
+    if evaluated + corrupt != eval_split.num_examples:
+        raise RuntimeError(
+            f"Evaluated {evaluated} examples and skipped {corrupt} that failed to decode, but the eval split has "
+            f"{eval_split.num_examples}: the eval pass lost or repeated examples (a bug in the input pipeline)."
+        )
+    if evaluated == 0:
+        raise RuntimeError(
+            f"None of the {eval_split.num_examples} eval images could be decoded (the warnings name them); "
+            f"check data.data_dir and the validation files."
+        )
+    if corrupt:
+        report(
+            f"Evaluated {evaluated} of {eval_split.num_examples} eval images: {corrupt} could not be decoded and "
+            f"are left out of the metrics (the warnings name the files)."
+        )
+    metrics = {key: float(totals[key]) / evaluated for key in ("loss", "top1", "top5")}
+    return {**metrics, "images": evaluated, "skipped_images": corrupt}
+
+
+@dataclasses.dataclass(frozen=True)
+class Classification:
+    """The classification task: `build` makes the splits, the model, its optimizer and state."""
+
+    best_metric: str = "top1"
+    curves: dict = dataclasses.field(default_factory=lambda: {"scores": CLASSIFICATION_SCORES})
+
+    def check_config(self, config: ml_collections.ConfigDict, workdir: str, *, train: bool) -> None:
+        config_checks.check_classification(config, workdir, train=train)
+
+    def build(self, config: ml_collections.ConfigDict, workdir: str, mesh: DataMesh, *, train: bool) -> Run:
+        del workdir  # the datasets are read from config.data
+        split = functools.partial(data.create_split, config.data, batch_size=mesh.per_process, seed=config.seed)
+        train_split = split(train=True) if train else None
+        eval_split = split(train=False)
+        if train:
+            steps_per_epoch = train_split.num_examples // config.batch_size
+            if steps_per_epoch == 0:
+                raise ValueError(
+                    f"config.batch_size={config.batch_size} exceeds the {train_split.num_examples} training examples; "
+                    f"lower it.")
+            total_steps = config.num_train_steps if config.num_train_steps > 0 else int(config.num_epochs * steps_per_epoch)
+        else:
+            # The schedule's lengths are no part of the state a checkpoint is restored into.
+            steps_per_epoch, total_steps = 1, 1
+        model = create_model(config, eval_split.num_classes)
+        tx = optim.create_optimizer(config, steps_per_epoch, total_steps)
+        init = jax.jit(functools.partial(steps.create_train_state, model, tx, eval_split.image_shape),
+                       out_shardings=mesh.replicated)
+        state = init(jax.random.key(config.seed))
+        eval_fn = jax.jit(steps.eval_step)
+        if not train:
+            def evaluate(state, step):
+                metrics = run_eval(state, eval_split, mesh, eval_fn)
+                report(f"checkpoint step {step}: top-1 {metrics['top1']:.4f}  top-5 {metrics['top5']:.4f}  "
+                       f"loss {metrics['loss']:.4f}  ({metrics['images']} images)")
+                return metrics
+
+            return Run(state=state, evaluate=evaluate)
+
+        train_fn = jax.jit(functools.partial(steps.train_step, label_smoothing=config.label_smoothing), donate_argnums=0)
+        skipped = 0
+
+        def step_fn(state, batch, step):
+            nonlocal skipped
+            corrupt = int(np.sum(batch.get("corrupt", 0)))
+            if corrupt:
+                skipped += corrupt
+                log.warning("%d corrupt images skipped so far.", skipped)
+            return train_fn(state, mesh.shard(batch))
+
+        def evaluate(state, step):
+            metrics = run_eval(state, eval_split, mesh, eval_fn)
+            report(f"step {step}: eval top-1 {metrics['top1']:.4f} top-5 {metrics['top5']:.4f} loss {metrics['loss']:.4f}")
+            return metrics
+
+        return Run(state=state, evaluate=evaluate, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                   train_iter=iter(train_split.dataset), step_fn=step_fn,
+                   learning_rate=optim.learning_rate_schedule(config, steps_per_epoch, total_steps))

@@ -1,0 +1,263 @@
+"""Helpers shared by the test modules.
+
+Kernel tests (`test_kernels_pallas.py`, `test_kernels_fused.py`): tolerances against the XLA
+reference, the parameter sweeps both families run in interpret mode, and lowering for CUDA on a
+machine without a GPU (with MLIR's verifier run on every Triton module).
+
+Detection tests: greedy NMS and IoU in numpy. Data tests: batch comparison and hand-made COCO
+files. Experiment tests: the shipped configs, the tiny config, and checkpoints read back.
+"""
+
+import glob
+import importlib.util
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from PIL import Image
+
+TRITON_CALL = "__gpu$xla.gpu.triton"
+
+
+# --- kernels against the reference ------------------------------------------------------------
+
+
+def assert_close(got, expected, dtype, name):
+    """float32: 1e-5 relative; bfloat16: 1e-2 of the result's largest magnitude."""
+    got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
+    assert got.shape == expected.shape, (name, got.shape, expected.shape)
+    scale = np.abs(expected).max()
+    if dtype == jnp.float32:
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * scale, err_msg=name)
+    else:
+        # 1e-2 relative to the result's scale: single values near zero have no relative precision in bf16.
+        err = np.abs(got - expected).max()
+        assert err <= 1e-2 * scale, f"{name}: max error {err} > 1e-2 * {scale}"
+
+
+def assert_results_close(names, got, expected, dtype):
+    """Each of `got` (the kernels' output and gradients) in `dtype` and close to `expected`; None
+    (no static kernel, so no dS) exactly where `expected` has None."""
+    for name, a, b in zip(names, got, expected, strict=True):
+        if b is None:
+            assert a is None, name
+            continue
+        assert a.dtype == dtype, (name, a.dtype)
+        assert_close(a, b, dtype, name)
+
+
+def interpret_cases(fp32_cases, bf16_cases):
+    """Parametrizes `h, w, c, k, s, d, with_static, dtype` with every case in its dtype."""
+    params = [
+        pytest.param(*case, dtype, id="-".join(map(str, case)) + f"-{tag}")
+        for cases, dtype, tag in ((fp32_cases, jnp.float32, "fp32"), (bf16_cases, jnp.bfloat16, "bf16"))
+        for case in cases
+    ]
+    return pytest.mark.parametrize("h,w,c,k,s,d,with_static,dtype", params)
+
+
+def every_config(test):
+    """Marks `test(k, s, d, with_static, dtype)` slow and runs it on every K in (3, 5, 7), stride and
+    dilation in (1, 2), without and with the static kernel, in float32 and bfloat16."""
+    marks = [
+        pytest.mark.slow,
+        pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"]),
+        pytest.mark.parametrize("with_static", [False, True], ids=["involution", "cvolution"]),
+        pytest.mark.parametrize("k,s,d", [(k, s, d) for k in (3, 5, 7) for s in (1, 2) for d in (1, 2)]),
+    ]
+    for mark in marks:
+        test = mark(test)
+    return test
+
+
+def interpret_tests(check, fp32_cases, bf16_cases):
+    """The interpret-mode tests of a kernel family, `check(h, w, c, k, s, d, with_static, dtype, seed=0)`
+    run on its listed cases and (slow) on every configuration of one 9x10x32 image.
+
+    Returns the two test functions; a test module binds them to `test_...` names.
+    """
+
+    @interpret_cases(fp32_cases, bf16_cases)
+    def test_cases(h, w, c, k, s, d, with_static, dtype):
+        check(h, w, c, k, s, d, with_static, dtype)
+
+    @every_config
+    def test_all_configs(k, s, d, with_static, dtype):
+        check(9, 10, 32, k, s, d, with_static, dtype, seed=k + s + d)
+
+    return test_cases, test_all_configs
+
+
+# --- lowering for CUDA on a CPU-only machine --------------------------------------------------
+
+
+def lowering_for_h100():
+    """Context in which Pallas lowers its Triton kernels for an H100 (sm_90) on a machine without one.
+
+    jax 0.10.x falls back to sm_90 by itself when no GPU is present; from jax 0.11 Pallas asks
+    the abstract mesh which GPU it lowers for and fails on the CPU. An empty mesh names the
+    device without sharding anything.
+    """
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+    return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=device))
+
+
+def export_for_cuda(fn, structs) -> str:
+    """The StableHLO text of `jax.jit(fn)` at `structs`, lowered for CUDA with Triton calls allowed."""
+    with lowering_for_h100():
+        exported = jax.export.export(
+            jax.jit(fn), platforms=["cuda"],
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)],
+        )(*structs)
+    return exported.mlir_module()
+
+
+@pytest.fixture
+def verified_triton_modules(monkeypatch):
+    """The verdicts of MLIR's verifier (Triton's op rules included) on every Triton module lowered.
+
+    Export only serialises the modules; XLA compiles them on a GPU. Verifying them here catches
+    what Triton's verifiers reject (shapes, types) without one. Hooks a private jax function:
+    where it has moved, the test is skipped and says so.
+    """
+    try:
+        from jax._src.pallas.triton import lowering
+
+        original = lowering.lower_jaxpr_to_triton_module
+    except (ImportError, AttributeError) as e:
+        pytest.skip(
+            f"cannot verify Triton modules on jax {jax.__version__}: jax._src.pallas.triton.lowering."
+            f"lower_jaxpr_to_triton_module is gone ({e}); find where Pallas now builds its Triton module"
+        )
+    verified = []
+
+    def lower_and_verify(*args, **kwargs):
+        result = original(*args, **kwargs)
+        with result.module.context:
+            verified.append(result.module.operation.verify())
+        return result
+
+    monkeypatch.setattr(lowering, "lower_jaxpr_to_triton_module", lower_and_verify)
+    return verified
+
+
+def pallas_grids(fn, *args) -> dict[str, tuple[int, ...]]:
+    """`{kernel name: grid}` of every `pallas_call` in `fn`'s jaxpr at `args`, nested ones included."""
+    grids = {}
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                grids[eqn.params["name"]] = tuple(eqn.params["grid_mapping"].grid)
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (tuple, list)) else (param,):
+                    if hasattr(sub, "eqns"):
+                        walk(sub)
+                    elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+                        walk(sub.jaxpr)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return grids
+
+
+# --- numpy oracles for detection ------------------------------------------------------------
+
+
+def numpy_iou(a, b):
+    iw = max(min(a[2], b[2]) - max(a[0], b[0]), 0.0)
+    ih = max(min(a[3], b[3]) - max(a[1], b[1]), 0.0)
+    inter = iw * ih
+    union = max(a[2] - a[0], 0) * max(a[3] - a[1], 0) + max(b[2] - b[0], 0) * max(b[3] - b[1], 0) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def numpy_nms(boxes, scores, classes, iou_threshold, max_output, valid=None):
+    """The classic greedy loop, per class: visit by score (ties: lower index first)."""
+    boxes = boxes.astype(np.float64)
+    candidates = [i for i in range(len(scores))
+                  if scores[i] > -np.inf and (valid is None or valid[i])]
+    kept = []
+    for i in sorted(candidates, key=lambda i: (-scores[i], i)):
+        if all(classes[j] != classes[i] or numpy_iou(boxes[i], boxes[j]) <= iou_threshold
+               for j in kept):
+            kept.append(i)
+    return kept[:max_output]
+
+
+# --- data ------------------------------------------------------------------------------------
+
+
+def take(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+def assert_batches_equal(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for key in x:
+            assert x[key].dtype == y[key].dtype, key
+            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+def write_coco(folder, images, annotations, categories, *, files=True, extra=None):
+    """A hand-made COCO file; images [(id, height, width)] become seeded random PNGs."""
+    os.makedirs(folder / "images", exist_ok=True)
+    content = {
+        "images": [{"id": i, "file_name": f"{i}.png", "height": h, "width": w} for i, h, w in images],
+        "annotations": annotations,
+        "categories": categories,
+        **(extra or {}),
+    }
+    if files:
+        for i, h, w in images:
+            pixels = np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / "images" / f"{i}.png")
+    path = folder / "instances.json"
+    path.write_text(json.dumps(content))
+    return str(path), str(folder / "images")
+
+
+def annotation(annotation_id, image_id, category_id, bbox, **fields):
+    return {"id": annotation_id, "image_id": image_id, "category_id": category_id, "bbox": bbox, **fields}
+
+
+CATEGORIES = [{"id": 7, "name": "seven"}, {"id": 3, "name": "three"}]
+
+
+# --- experiments -----------------------------------------------------------------------------
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "tests", "tiny_config.py")
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "experiments", "configs", "*.py")))
+
+
+def load_config(path):
+    """`get_config()` of the config file at `path`."""
+    spec = importlib.util.spec_from_file_location("config_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def final_params(workdir, step):
+    """Params and BatchNorm statistics of a checkpoint, restored onto this process's one device
+    whatever the number of devices that wrote it."""
+    path = os.path.join(workdir, "checkpoints", str(step), "state")
+    checkpointer = ocp.StandardCheckpointer()
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), checkpointer.metadata(path).item_metadata)
+    restored = checkpointer.restore(path, target)
+    return restored["params"], restored["batch_stats"]
+
+
+def leaves(tree):
+    """A nested dict's arrays in sorted-key order, as numpy."""
+    if isinstance(tree, dict):
+        return [leaf for key in sorted(tree) for leaf in leaves(tree[key])]
+    return [np.asarray(tree)]

@@ -1,0 +1,108 @@
+"""Which way imports run (design/style.md): read from the source with `ast`, not by importing it.
+
+- `cvolution_jax/data/` never imports `cvolution_jax.detection`, `.train` or `.models`;
+- `cvolution_jax/train/` (the runner) imports no task (`cvolution_jax.tasks`, `.detection`);
+- `kernels/` imports neither `cvolution_jax` nor `experiments`;
+- grain's worker processes unpickle the COCO preprocessing without jax.
+"""
+
+import ast
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def imported_modules(path: str) -> set[str]:
+    """Every module `path` imports, anywhere in it (functions too), as absolute dotted names;
+    `from package import name` counts as `package.name` as well, since `name` may be a module."""
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
+    package = os.path.relpath(os.path.dirname(path), ROOT).replace(os.sep, ".")
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolve against the file's package
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+def modules_under(folder: str) -> list[str]:
+    return sorted(os.path.join(dirpath, name) for dirpath, _, names in os.walk(os.path.join(ROOT, folder))
+                  for name in names if name.endswith(".py"))
+
+
+def violations(folder: str, forbidden: tuple[str, ...]) -> list[str]:
+    return [f"{os.path.relpath(path, ROOT)} imports {module}" for path in modules_under(folder)
+            for module in sorted(imported_modules(path))
+            if any(module == f or module.startswith(f + ".") for f in forbidden)]
+
+
+def test_the_reader_resolves_absolute_relative_and_nested_imports(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", str(tmp_path))
+    (tmp_path / "pkg" / "sub").mkdir(parents=True)
+    source = tmp_path / "pkg" / "sub" / "mod.py"
+    source.write_text("import a.b\nfrom c import d\nfrom . import e\nfrom ..f import g\n"
+                      "def late():\n    import h\n")
+    assert imported_modules(str(source)) == {"a.b", "c", "c.d", "pkg.sub", "pkg.sub.e", "pkg.f", "pkg.f.g", "h"}
+    assert violations("pkg", ("c",)) == ["pkg/sub/mod.py imports c", "pkg/sub/mod.py imports c.d"]
+    assert violations("pkg", ("a.b.c", "pkg.fx")) == []  # a prefix of a name is not the package
+
+
+def test_data_imports_no_detection_training_or_models():
+    forbidden = ("cvolution_jax.detection", "cvolution_jax.train", "cvolution_jax.models", "cvolution_jax.tasks")
+    assert modules_under("cvolution_jax/data")
+    assert violations("cvolution_jax/data", forbidden) == []
+
+
+def test_the_runner_imports_no_task():
+    forbidden = ("cvolution_jax.tasks", "cvolution_jax.detection", "cvolution_jax.classification", "experiments")
+    assert modules_under("cvolution_jax/train")
+    assert violations("cvolution_jax/train", forbidden) == []
+
+
+def test_kernels_import_neither_the_package_nor_the_experiments():
+    assert modules_under("kernels")
+    assert violations("kernels", ("cvolution_jax", "experiments")) == []
+
+
+def test_the_library_never_imports_the_experiments():
+    assert violations("cvolution_jax", ("experiments",)) == []
+
+
+def test_a_grain_worker_unpickles_and_runs_the_coco_preprocessing_without_jax(tmp_path):
+    """The worker side of a COCO pipeline in a process where `import jax` fails: unpickling the
+    preprocessing and running it on a record needs nothing of jax. (grain itself tries to import
+    jax for its profiler and carries on without it.)"""
+    from cvolution_jax.data import coco, shapes
+
+    paths = shapes.write_shapes(tmp_path, num_train=1, num_val=1, image_size=32)
+    record = coco.load_coco(**paths["val"]).records[0]
+    preprocess = coco.Preprocess(scale=(32, 32), buckets=((32, 32),), max_gt=8, mask_size=8)
+    expected = preprocess(record, None)
+    (tmp_path / "job.pkl").write_bytes(pickle.dumps((preprocess, record)))
+    child = ("import pickle, sys\n"
+             "sys.modules['jax'] = None  # any import of jax now raises ImportError\n"
+             f"preprocess, record = pickle.loads(open({str(tmp_path / 'job.pkl')!r}, 'rb').read())\n"
+             "example = preprocess(record, None)\n"
+             f"pickle.dump(example, open({str(tmp_path / 'out.pkl')!r}, 'wb'))\n")
+    done = subprocess.run([sys.executable, "-c", child], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    example = pickle.loads((tmp_path / "out.pkl").read_bytes())
+    assert set(example) == set(expected) and example["masks"].any()
+    for key, value in expected.items():
+        assert (example[key] == value).all(), key
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))

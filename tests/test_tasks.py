@@ -1,0 +1,83 @@
+"""The tasks' own parts: the detection schedule against mmdet's formula, and eval mode, which
+builds the eval split alone."""
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from cvolution_jax import data
+from cvolution_jax.data import coco
+from cvolution_jax.tasks import classification, detection
+from cvolution_jax.train.loop import DataMesh
+from tests import tiny_config
+from tests.test_experiments_coco import tiny_config as tiny_detection_config
+
+
+def leaves(state) -> list:
+    """`(path, shape, dtype)` of every array of a train state: what a checkpoint holds."""
+    return [(jax.tree_util.keystr(path), x.shape, x.dtype) for path, x in jax.tree_util.tree_flatten_with_path(state)[0]]
+
+
+def mmdet_learning_rate(step, *, base_lr, batch_size, warmup_steps, warmup_factor, decay_steps):
+    """mmdet's linear warm-up times step decay, as one formula: peak x (warm-up factor) x 0.1^decays."""
+    peak = base_lr * batch_size / 16
+    warm = min(step / max(warmup_steps, 1), 1.0)
+    return peak * (warmup_factor + (1 - warmup_factor) * warm) * 0.1 ** sum(step >= b for b in decay_steps)
+
+
+@pytest.mark.parametrize("warmup_steps, lr_decay_epochs, steps_per_epoch", [
+    (500, (8, 11), 100),  # the 1x schedule: decays long after warm-up
+    (100, (8, 9.5), 4),  # decays at 32 and 38, inside the warm-up
+    (0, (2,), 10),  # no warm-up: full lr from step 1
+    (10, (), 5),  # no decay
+    (20, (4, 4), 5),  # two decays at the warm-up's last step
+])
+def test_detection_schedule_is_mmdets_warmup_times_step_decay(warmup_steps, lr_decay_epochs, steps_per_epoch):
+    config = ml_collections.ConfigDict(dict(base_lr=0.02, batch_size=8, warmup_steps=warmup_steps,
+                                            warmup_factor=0.001, lr_decay_epochs=lr_decay_epochs))
+    schedule = detection.learning_rate_schedule(config, steps_per_epoch)
+    decay_steps = [int(round(e * steps_per_epoch)) for e in lr_decay_epochs]
+    edges = {0, 1, warmup_steps, *decay_steps}
+    steps = sorted({s for edge in edges for s in (edge - 1, edge, edge + 1) if s >= 0} | {7, 250, 1099, 1100, 5000})
+    expected = [mmdet_learning_rate(s, base_lr=0.02, batch_size=8, warmup_steps=warmup_steps, warmup_factor=0.001,
+                                    decay_steps=decay_steps) for s in steps]
+    np.testing.assert_allclose([float(schedule(s)) for s in steps], expected, rtol=2e-6)
+    # Inside the optimizer the step is an int32 count, under jit.
+    np.testing.assert_allclose(jax.jit(jax.vmap(schedule))(np.asarray(steps, np.int32)), expected, rtol=2e-6)
+
+
+def test_classification_eval_mode_builds_the_eval_split_alone(monkeypatch, tmp_path):
+    built = []
+    create_split = data.create_split
+
+    def recording(config, *, train, **kwargs):
+        built.append(train)
+        return create_split(config, train=train, **kwargs)
+
+    monkeypatch.setattr(data, "create_split", recording)
+    config = tiny_config.get_config()
+    run = classification.Classification().build(config, str(tmp_path), DataMesh(config.batch_size), train=False)
+    assert built == [False]
+    assert run.train_iter is None and run.step_fn is None
+    # The state a checkpoint is restored into is the training run's: same tree, shapes and dtypes.
+    trained = classification.Classification().build(config, str(tmp_path), DataMesh(config.batch_size), train=True)
+    assert built == [False, True, False]
+    assert leaves(run.state) == leaves(trained.state)
+
+
+@pytest.mark.slow  # writes the shapes data and initialises a tiny detector twice
+def test_detection_eval_mode_reads_the_val_annotations_alone(monkeypatch, tmp_path):
+    loaded = []
+    load_coco = coco.load_coco
+
+    def recording(annotation_file, image_dir):
+        loaded.append(annotation_file.rsplit("/", 1)[-1])
+        return load_coco(annotation_file, image_dir)
+
+    monkeypatch.setattr(coco, "load_coco", recording)
+    config = tiny_detection_config(tmp_path / "shapes")
+    run = detection.Detection().build(config, str(tmp_path), DataMesh(config.batch_size), train=False)
+    assert loaded == ["instances_val.json"] and run.train_iter is None
+    trained = detection.Detection().build(config, str(tmp_path), DataMesh(config.batch_size), train=True)
+    assert leaves(run.state) == leaves(trained.state)
