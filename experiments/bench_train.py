@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import optax
 
 from cvolution_jax import models
+from cvolution_jax.tasks import classification
 from cvolution_jax.train import steps
 from kernels.bench import versions
 
@@ -52,7 +53,7 @@ def measure(name: str, *, batch: int, image_size: int, dtype: str, warmup: int, 
         "label": jax.random.randint(keys[1], (batch,), 0, 1000),
         "mask": jnp.ones((batch,)),
     }
-    train_step = jax.jit(functools.partial(steps.train_step, label_smoothing=0.1), donate_argnums=0)
+    train_step = jax.jit(functools.partial(classification.train_step, label_smoothing=0.1), donate_argnums=0)
     for _ in range(warmup):
         state, metrics = train_step(state, data)
     jax.block_until_ready(metrics)

@@ -20,6 +20,8 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
+from experiments.configs import coco_default
+
 TRITON_CALL = "__gpu$xla.gpu.triton"
 
 
@@ -261,3 +263,24 @@ def leaves(tree):
     if isinstance(tree, dict):
         return [leaf for key in sorted(tree) for leaf in leaves(tree[key])]
     return [np.asarray(tree)]
+
+
+TINY_BACKBONE = {"stage_sizes": (1, 1, 1, 1), "widths": (4, 8, 8, 16), "stem_width": 8}
+
+
+def tiny_detection_config(data_dir):
+    """The detection default shrunk to seconds: a 4-stage backbone 4-16 wide, 64x64 shapes data, 6 steps."""
+    config = coco_default.get_config()
+    config.model.backbone_overrides = TINY_BACKBONE
+    config.model.neck_op = "conv"
+    config.model.channels = 16
+    config.model.fc_dim = 32
+    config.model.settings = {"anchor_scale": 4.0, "train_nms_pre": 50, "train_proposals": 32, "rcnn_samples": 16,
+                             "test_nms_pre": 50, "test_proposals": 32, "detections_nms_pre": 64}
+    config.data.update(data_dir=str(data_dir), num_train=16, num_val=6, image_size=64, scale=(64, 64), buckets=((64, 64),),
+                       mask_size=28)
+    config.batch_size = 4
+    config.num_train_steps = 6
+    config.eval_every_steps = 6
+    config.log_every_steps = 3
+    return config

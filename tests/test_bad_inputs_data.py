@@ -21,7 +21,7 @@ from cvolution_jax import data
 from cvolution_jax.data import coco, imagenet
 from cvolution_jax.tasks import classification
 from cvolution_jax.tasks import detection as detection_task
-from cvolution_jax.train import checkpoint, loop, steps
+from cvolution_jax.train import checkpoint, loop
 from experiments.configs import coco_default
 from tests import tiny_config as tiny
 from tests.conftest import CATEGORIES, annotation, take, write_coco
@@ -118,7 +118,7 @@ def test_eval_skips_a_truncated_val_image_counts_it_and_averages_over_the_rest(t
     # Twelve outputs over three labels, so top-5 is not trivially 1.
     w = np.random.default_rng(0).normal(size=(16 * 3, 12)).astype(np.float32)
     state = _LinearState(_linear, {"w": jnp.asarray(w)}, {})
-    metrics = classification.run_eval(state, split, loop.DataMesh(4), jax.jit(steps.eval_step))
+    metrics = classification.run_eval(state, split, loop.DataMesh(4), jax.jit(classification.eval_step))
     images, labels = _decodable_val(str(tmp_path / "val"))
     expected = _reference_metrics(images[:, 0].reshape(6, -1).astype(np.float64) @ w, labels)
     assert 0 < expected["top5"] < 1

@@ -12,7 +12,8 @@ import pytest
 from cvolution_jax import count, models
 from cvolution_jax.convert import torch_rednet
 from cvolution_jax.detection.config_checks import check_detection
-from cvolution_jax.train.config_checks import ConfigError, check_classification, check_workdir
+from cvolution_jax.tasks.classification import check_classification
+from cvolution_jax.train.config_checks import ConfigError, check_workdir
 from experiments.configs import coco_default
 from tests import tiny_config
 from tests.conftest import CONFIGS, load_config

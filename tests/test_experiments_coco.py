@@ -15,33 +15,14 @@ from cvolution_jax.tasks import detection
 from cvolution_jax.tasks.detection import Detection
 from cvolution_jax.train import checkpoint, loop, steps
 from experiments.configs import coco_default
+from tests.conftest import TINY_BACKBONE, tiny_detection_config
 from tests.conftest import CONFIGS, load_config
 
 BATCH = {"image": jnp.zeros((1, 64, 64, 3)), "image_size": jnp.asarray([[64, 64]], jnp.int32)}
-BACKBONE = {"stage_sizes": (1, 1, 1, 1), "widths": (4, 8, 8, 16), "stem_width": 8}
-
-
-def tiny_config(data_dir):
-    config = coco_default.get_config()
-    config.model.backbone_overrides = BACKBONE
-    config.model.neck_op = "conv"
-    config.model.channels = 16
-    config.model.fc_dim = 32
-    config.model.settings = {"anchor_scale": 4.0, "train_nms_pre": 50, "train_proposals": 32, "rcnn_samples": 16,
-                             "test_nms_pre": 50, "test_proposals": 32, "detections_nms_pre": 64}
-    config.data.update(data_dir=str(data_dir), num_train=16, num_val=6, image_size=64, scale=(64, 64), buckets=((64, 64),),
-                       mask_size=28)
-    config.batch_size = 4
-    config.num_train_steps = 6
-    config.eval_every_steps = 6
-    config.log_every_steps = 3
-    return config
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("coco")
-    config = tiny_config(root / "shapes")
+    config = tiny_detection_config(root / "shapes")
     metrics = loop.train_and_evaluate(Detection(vis=2), config, str(root / "run"))
     return config, root / "run", metrics
 
@@ -80,7 +61,7 @@ def test_rerun_resumes_from_the_checkpoint(trained, tmp_path):
 
 
 def imagenet_checkpoint(directory, **overrides):
-    model = models.create("resnet50", num_classes=10, **{**BACKBONE, **overrides})
+    model = models.create("resnet50", num_classes=10, **{**TINY_BACKBONE, **overrides})
     state = steps.create_train_state(model, optax.sgd(0.1), (32, 32, 3), jax.random.key(3))
     ckpt = checkpoint.Checkpointer(str(directory / "checkpoints"))
     ckpt.save(1, state)
@@ -90,7 +71,7 @@ def imagenet_checkpoint(directory, **overrides):
 
 def test_backbone_initialised_from_an_imagenet_checkpoint(tmp_path):
     state = imagenet_checkpoint(tmp_path / "imagenet")
-    config = tiny_config(tmp_path / "shapes")
+    config = tiny_detection_config(tmp_path / "shapes")
     model = detection.create_detector(config, num_classes=3)
     variables = jax.jit(model.init)(jax.random.key(0), BATCH)
     loaded = detection.load_pretrained(variables, str(tmp_path / "imagenet"))
@@ -102,7 +83,7 @@ def test_backbone_initialised_from_an_imagenet_checkpoint(tmp_path):
 
 def test_a_different_backbone_checkpoint_is_refused_by_name(tmp_path):
     imagenet_checkpoint(tmp_path / "imagenet", widths=(4, 8, 8, 32))
-    config = tiny_config(tmp_path / "shapes")
+    config = tiny_detection_config(tmp_path / "shapes")
     model = detection.create_detector(config, num_classes=3)
     variables = jax.jit(model.init)(jax.random.key(0), BATCH)
     with pytest.raises(checkpoint.CheckpointMismatchError, match=r"layer4_0/\S+ has shape \(32,\) in the checkpoint but \(16,\)"):

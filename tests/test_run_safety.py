@@ -363,7 +363,7 @@ def test_a_detection_run_resumed_past_a_damaged_checkpoint_keeps_its_record(tmp_
     """The detection loop's wiring of the same pieces: fallback past a damaged checkpoint, each
     step logged once, config.json kept and eval mode's config beside it."""
     from cvolution_jax.tasks.detection import Detection
-    from tests.test_experiments_coco import tiny_config as tiny_detection_config
+    from tests.conftest import tiny_detection_config
 
     config = tiny_detection_config(tmp_path / "shapes")
     config.model.detector = "faster_rcnn"

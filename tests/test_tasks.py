@@ -11,7 +11,7 @@ from cvolution_jax.data import coco
 from cvolution_jax.tasks import classification, detection
 from cvolution_jax.train.loop import DataMesh
 from tests import tiny_config
-from tests.test_experiments_coco import tiny_config as tiny_detection_config
+from tests.conftest import tiny_detection_config
 
 
 def leaves(state) -> list:

@@ -13,6 +13,7 @@ import optax
 import pytest
 
 from cvolution_jax import data, models
+from cvolution_jax.tasks import classification
 from cvolution_jax.tasks.classification import Classification
 from cvolution_jax.train import checkpoint, loop, optim, steps
 from tests import tiny_config as tiny
@@ -79,7 +80,7 @@ def test_weighted_cross_entropy_closed_form():
     eps = 0.1
     log_p = np.asarray(jax.nn.log_softmax(logits))
     expected = np.mean([-(1 - eps) * log_p[i, labels[i]] - eps / 3 * log_p[i].sum() for i in (0, 1)])
-    assert math.isclose(float(steps.weighted_cross_entropy(logits, labels, mask, eps)), expected, rel_tol=1e-6)
+    assert math.isclose(float(classification.weighted_cross_entropy(logits, labels, mask, eps)), expected, rel_tol=1e-6)
 
 
 @pytest.mark.slow  # 20 s; test_experiments_coco checks the same error on the backbone path

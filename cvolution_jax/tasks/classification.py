@@ -1,5 +1,10 @@
 """Image classification as a task of the runner: a registry model, `cvolution_jax.data`'s splits,
-label-smoothed cross-entropy (`train.steps.train_step`) and top-1 / top-5 over the eval split.
+label-smoothed cross-entropy (`train_step`) and top-1 / top-5 over the eval split (`eval_step`).
+
+Batches are dicts: `image [B, H, W, C]` float32, `label [B]` int32, `mask [B]` float32 (0 for
+padding and skipped images). Under `jax.jit` with the batch sharded over a mesh's `data` axis,
+BatchNorm's batch mean and variance are reductions over the global batch, so statistics are
+averaged across all devices without an explicit `pmean`.
 
     loop.train_and_evaluate(Classification(), config, workdir)    # experiments/imagenet.py
 """
@@ -14,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from jax.experimental import multihost_utils
 
 from cvolution_jax import data, models
@@ -30,6 +36,62 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int):
         raise ValueError(f"config.dtype must be one of {sorted(DTYPES)}; got {config.dtype!r}.")
     overrides = dict(config.model.get("overrides", {}))
     return models.create(config.model.name, num_classes=num_classes, dtype=DTYPES[config.dtype], **overrides)
+
+
+def check_classification(config: ml_collections.ConfigDict, workdir: str, *, train: bool) -> None:
+    """Every field the classification task (`cvolution_jax.tasks.classification`) reads before it builds
+    anything, then the workdir."""
+    if config.data.name not in data.DATASETS:
+        raise config_checks.ConfigError(f"config.data.name must be one of {sorted(data.DATASETS)}; got {config.data.name!r}.")
+    config_checks.check_int(config, "data.image_size", 1, " (images are resized to image_size x image_size)")
+    config_checks.check_backbone(config, "model.name", "model.overrides")
+    config_checks.check_run(config, workdir, train=train)
+
+
+def weighted_cross_entropy(logits, labels, mask, label_smoothing: float):
+    """Mean label-smoothed cross-entropy over the examples with mask 1. `logits [B, N]`."""
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    losses = optax.softmax_cross_entropy(logits, targets)
+    return (losses * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def train_step(state: steps.TrainState, batch, label_smoothing: float):
+    """One SGD step. Returns the new state and `{"loss", "top1", "examples", "param_norm"}`.
+
+    `param_norm` is the global norm of the updated parameters: finite loss with non-finite
+    parameters is the first sign of divergence, and a checkpoint must not be written then.
+    """
+
+    def loss_fn(params):
+        logits, updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True, mutable=["batch_stats"]
+        )
+        return weighted_cross_entropy(logits, batch["label"], batch["mask"], label_smoothing), (logits, updates)
+
+    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    state = state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"])
+    correct = (logits.argmax(-1) == batch["label"]) * batch["mask"]
+    metrics = {
+        "loss": loss,
+        "top1": correct.sum() / jnp.maximum(batch["mask"].sum(), 1.0),
+        "examples": batch["mask"].sum(),
+        "param_norm": optax.tree.norm(state.params),
+    }
+    return state, metrics
+
+
+def eval_step(state: steps.TrainState, batch):
+    """Sums over the real examples of a batch: `{"loss", "top1", "top5", "examples"}`."""
+    logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False)
+    mask = batch["mask"]
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+    return {
+        "loss": (losses * mask).sum(),
+        "top1": ((logits.argmax(-1) == batch["label"]) * mask).sum(),
+        "top5": ((top5 == batch["label"][:, None]).any(-1) * mask).sum(),
+        "examples": mask.sum(),
+    }
 
 
 def run_eval(state, eval_split: data.Split, mesh: DataMesh, eval_fn) -> dict:
@@ -75,7 +137,7 @@ class Classification:
     curves: dict = dataclasses.field(default_factory=lambda: {"scores": CLASSIFICATION_SCORES})
 
     def check_config(self, config: ml_collections.ConfigDict, workdir: str, *, train: bool) -> None:
-        config_checks.check_classification(config, workdir, train=train)
+        check_classification(config, workdir, train=train)
 
     def build(self, config: ml_collections.ConfigDict, workdir: str, mesh: DataMesh, *, train: bool) -> Run:
         del workdir  # the datasets are read from config.data
@@ -97,7 +159,7 @@ class Classification:
         init = jax.jit(functools.partial(steps.create_train_state, model, tx, eval_split.image_shape),
                        out_shardings=mesh.replicated)
         state = init(jax.random.key(config.seed))
-        eval_fn = jax.jit(steps.eval_step)
+        eval_fn = jax.jit(eval_step)
         if not train:
             def evaluate(state, step):
                 metrics = run_eval(state, eval_split, mesh, eval_fn)
@@ -107,7 +169,7 @@ class Classification:
 
             return Run(state=state, evaluate=evaluate)
 
-        train_fn = jax.jit(functools.partial(steps.train_step, label_smoothing=config.label_smoothing), donate_argnums=0)
+        train_fn = jax.jit(functools.partial(train_step, label_smoothing=config.label_smoothing), donate_argnums=0)
         skipped = 0
 
         def step_fn(state, batch, step):

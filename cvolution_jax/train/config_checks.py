@@ -1,7 +1,7 @@
 """Config checks run before a run builds its data or model: a mistake fails in a second, naming its field.
 
-    config_checks.check_classification(config, workdir, train=True)   # cvolution_jax.tasks.classification
-    config_checks.check_run(config, workdir, train=True)              # any task's loop, first
+    config_checks.check_run(config, workdir, train=True)     # every task's loop
+    config_checks.check_backbone(config, "model.name", "model.overrides")
 
 Each check raises `ConfigError` (a ValueError, which the entry points print as one `error:` line)
 saying which field was wrong, what it holds, what was expected and how to fix it on the command line.
@@ -16,7 +16,7 @@ from typing import Any
 
 import ml_collections
 
-from cvolution_jax import data, models
+from cvolution_jax import models
 
 
 class ConfigError(ValueError):
@@ -100,13 +100,3 @@ def check_backbone(config: ml_collections.ConfigDict, name_path: str, overrides_
         raise ConfigError(
             f"config.{name_path}={name!r} with config.{overrides_path}={overrides}: {error}"
         ) from error
-
-
-def check_classification(config: ml_collections.ConfigDict, workdir: str, *, train: bool) -> None:
-    """Every field the classification task (`cvolution_jax.tasks.classification`) reads before it builds
-    anything, then the workdir."""
-    if config.data.name not in data.DATASETS:
-        raise ConfigError(f"config.data.name must be one of {sorted(data.DATASETS)}; got {config.data.name!r}.")
-    check_int(config, "data.image_size", 1, " (images are resized to image_size x image_size)")
-    check_backbone(config, "model.name", "model.overrides")
-    check_run(config, workdir, train=train)
