@@ -1,4 +1,4 @@
 """The task-agnostic runner: the loop (`loop`: mesh, state, checkpoints, `fit`, eval scheduling,
 divergence), orbax checkpoints (`checkpoint`), metric logging (`metrics`), config checks, the
-classification optimizer and steps (`optim`, `steps`) and the entry points' flags (`cli`). The
-tasks it runs live in `cvolution_jax.tasks`."""
+train state (`steps`), the SGD recipe of the ImageNet configs (`optim`) and the entry points'
+flags (`cli`). The tasks it runs live in `cvolution_jax.tasks`."""

@@ -1,7 +1,7 @@
 """What the training entry points (`experiments.imagenet`, `experiments.coco`) share: flags and main().
 
     cli.define_flags()                                   # at import, before absl parses
-    app.run(lambda argv: cli.run(argv, train_and_evaluate, evaluate), flags_parser=cli.parse_flags)
+    app.run(lambda argv: cli.run(argv, Classification()), flags_parser=cli.parse_flags)   # a Task
 
 `--config` (an ml_collections config file; `config.mode` "train" or "eval"), `--workdir`, and
 the multi-process flags: `--multihost` calls `jax.distributed.initialize()`, which reads the

@@ -206,11 +206,6 @@ def fit(config, *, state, train_iter, step_fn, total_steps: int, eval_every: int
     Returns:
       The last evaluation's metrics.
     """
-    if total_steps < 1:
-        raise ValueError(
-            f"The run has {total_steps} training steps: config.num_epochs={config.num_epochs} of this dataset's "
-            f"steps per epoch rounds down to 0. Raise config.num_epochs or set config.num_train_steps."
-        )
     start = int(state.step)
     stop = {"signal": None}
 
@@ -224,6 +219,11 @@ def fit(config, *, state, train_iter, step_fn, total_steps: int, eval_every: int
     progress = tqdm(total=total_steps, initial=start, desc="train", unit="step", disable=jax.process_index() != 0)
     tick, tick_step = time.perf_counter(), start
     try:
+        if total_steps < 1:
+            raise ValueError(
+                f"The run has {total_steps} training steps: config.num_epochs={config.num_epochs} of this dataset's "
+                f"steps per epoch rounds down to 0. Raise config.num_epochs or set config.num_train_steps."
+            )
         for step in range(start + 1, total_steps + 1):
             state, metrics = step_fn(state, next(train_iter), step)
             history.append(metrics)
