@@ -305,3 +305,11 @@ def test_num_epochs_that_rounds_to_no_steps_is_an_error(tmp_path):
                        "--config.num_train_steps=-1")
     assert line.startswith("error: The run has 0 training steps: config.num_epochs=0.01 of this dataset's steps per "
                            "epoch rounds down to 0.")
+
+
+def test_mask_rcnn_without_mask_crops_is_refused_before_the_workdir(tmp_path):
+    config = detection_config()
+    config.data.mask_size = 0
+    with pytest.raises(ConfigError, match=r"config.data.mask_size must be an int >= 1 \(Mask R-CNN trains on each"):
+        check_detection(config, str(tmp_path / "run"), train=True)
+    assert not (tmp_path / "run").exists()

@@ -28,6 +28,9 @@ def check_detection(config: ml_collections.ConfigDict, workdir: str, *, train: b
             f"(1344, 800)); got {cfg.buckets!r}."
         )
     check_int(config, "data.max_gt", 1, " (ground-truth slots per image)")
+    if config.model.detector == "mask_rcnn":
+        check_int(config, "data.mask_size", 1, " (Mask R-CNN trains on each object's mask cropped to M x M; 56 in the "
+                  "Mask R-CNN configs)")
     if cfg.name == "shapes":
         check_int(config, "data.image_size", 1, " (the synthetic shapes' image size)")
     model = config.model

@@ -189,10 +189,6 @@ class Detection:
         config_checks.check_detection(config, workdir, train=train)
 
     def build(self, config: ml_collections.ConfigDict, workdir: str, mesh: DataMesh, *, train: bool) -> Run:
-        if config.model.detector == "mask_rcnn" and config.data.mask_size <= 0:
-            raise ValueError(
-                f"config.data.mask_size is {config.data.mask_size}, but Mask R-CNN trains on instance masks cropped "
-                f"to M x M per object; set it > 0 (56 in the Mask R-CNN configs).")
         paths = coco_datasets.dataset_paths(config.data, workdir)
         eval_data = coco.load_coco(**paths["val"])
         train_data = coco.load_coco(**paths["train"]) if train else None
