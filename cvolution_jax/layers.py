@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from typing import Any
 
 import flax.linen as nn
@@ -180,14 +181,15 @@ class SpatialOp:
 
     Attributes:
       kind: "conv" (a KxK convolution), "involution" or "cvolution".
-      kernel_size: K; None means the networks' choice, 3 for a convolution and 7 for involution and
-        C-volution.
+      kernel_size: K, an odd int; None means the networks' choice, 3 for a convolution and 7 for
+        involution and C-volution.
       context, channel_branch: C-volution's switches (its ablations); `kind="involution"` turns
         both off whatever they say.
       impl, fuse_generator: the aggregation's implementation (`ops.aggregate`) and whether the
         generator's span conv is fused into it (`kernels.fused`).
 
-    A convolution ignores the last four.
+    A convolution ignores the last four. Configs hold an op as plain data, its kind and its
+    switches as (key, value) pairs; `SpatialOp.named` is where they become one.
     """
 
     kind: str = "conv"
@@ -202,17 +204,26 @@ class SpatialOp:
             raise ValueError(f"spatial op must be one of {SPATIAL_OPS}; got {self.kind!r}.")
         if self.kernel_size is None:
             object.__setattr__(self, "kernel_size", 3 if self.kind == "conv" else 7)
+        k = self.kernel_size
+        if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1 or k % 2 == 0:
+            raise ValueError(
+                f"spatial op kernel_size must be an odd int >= 1 (3 for conv, 7 for involution and C-volution); got {k!r}.")
 
     @classmethod
-    def named(cls, kind: str, op_kwargs=(), **fields) -> SpatialOp:
-        """The op a config names: `kind` and its switches as (key, value) pairs or a dict,
-        e.g. `SpatialOp.named("cvolution", (("context", "none"),))`."""
+    def named(cls, kind: str, op_kwargs=()) -> SpatialOp:
+        """The op a config names: `kind` with the fields of `op_kwargs`, (key, value) pairs or a
+        dict, e.g. `SpatialOp.named("cvolution", (("context", "none"),))`."""
+        return cls(kind).with_switches(op_kwargs)
+
+    def with_switches(self, op_kwargs) -> SpatialOp:
+        """This op with the fields of `op_kwargs` ((key, value) pairs or a dict; any field but
+        `kind`) changed."""
         switches = dict(op_kwargs)
-        valid = [f.name for f in dataclasses.fields(cls) if f.name not in ("kind", "kernel_size")]
+        valid = [f.name for f in dataclasses.fields(self) if f.name != "kind"]
         unknown = sorted(set(switches) - set(valid))
         if unknown:
             raise ValueError(f"Unknown spatial op switch(es) {', '.join(unknown)} in op_kwargs; valid: {', '.join(valid)}.")
-        return cls(kind, **fields, **switches)
+        return dataclasses.replace(self, **switches)
 
 
 def spatial_op(op: SpatialOp | str, channels: int, stride: int = 1, *, name: str, dtype: Any = jnp.float32, conv_bias: bool = False, conv_init=he_normal):

@@ -1,4 +1,5 @@
-"""Training throughput and peak device memory of ResNet-50, RedNet-50 and CedNet-50 on one GPU.
+"""Training throughput and peak device memory of ResNet-50, RedNet-50 and CedNet-50 on one GPU,
+or of a config's network on any device.
 
 CedNet-50 runs twice: as built by default and with `fuse_generator=True`, the generator's span
 conv fused into the aggregation (`ops.fused_aggregate`, which `impl="auto"` runs on the fused
@@ -6,12 +7,19 @@ Pallas kernels, `kernels.fused`, on a GPU). The smoke run leaves the fused varia
 
     python -m experiments.bench_train                  # on a GPU: batch 128, bfloat16, 224x224
     python -m experiments.bench_train --smoke --out-dir /tmp   # anywhere: narrow nets, 32x32, batch 8
+    python -m experiments.bench_train --config experiments/configs/default.py   # CPU: the default's net
+
+With `--config`, the config's network (its `model.overrides`: stem, widths, stage sizes) is timed
+three times, with a 3x3 convolution (`resnet`), involution (`rednet`) and C-volution (`cednet`)
+as its spatial op, at the config's batch size, image size and dtype, on whatever device jax has:
+the CPU cost of one `experiments.imagenet` step of that network, per op.
 
 Each model runs in its own process (so each peak memory is its own) on synthetic images, the
 same jitted `train_step` as `experiments.imagenet` (SGD Nesterov, label smoothing), `--warmup`
 untimed steps then `--steps` timed ones. Writes `train_<date>_<device>.json` and `.md` to
 `--out-dir` (default `benchmarks/`) with the device, date, versions, command and the ratios to
-ResNet-50. Off GPU only `--smoke` runs, and its numbers say nothing about performance.
+ResNet-50 (with `--config`, to its `resnet` row). Off GPU only `--smoke` and `--config` run; the
+smoke run's numbers say nothing about performance.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import importlib.util
 import json
 import pathlib
 import subprocess
@@ -38,13 +47,33 @@ MODELS = ("resnet50", "rednet50", "cednet50")
 # name -> (registry model, model overrides); the fused CedNet is timed on GPU runs only.
 VARIANTS = {name: (name, {}) for name in MODELS}
 VARIANTS["cednet50_fused"] = ("cednet50", {"op_kwargs": (("fuse_generator", True),)})
-SMOKE_OVERRIDES = {"widths": (16, 16, 16, 16), "stem_width": 32, "stage_sizes": (1, 1, 1, 1), "kernel_size": 3}
+SMOKE_OVERRIDES = {"widths": (16, 16, 16, 16), "stem_width": 32, "stage_sizes": (1, 1, 1, 1)}
+SMOKE_OP = (("kernel_size", 3),)  # added to a variant's op_kwargs
+# --config: the config's network with each family's op (and K); the "50" only names the family,
+# the config's stage_sizes override its depth.
+CONFIG_VARIANTS = {"resnet": "resnet50", "rednet": "rednet50", "cednet": "cednet50"}
 
 
-def measure(name: str, *, batch: int, image_size: int, dtype: str, warmup: int, timed: int, smoke: bool) -> dict:
+def load_config(path: str):
+    """`get_config()` of the config file at `path`."""
+    spec = importlib.util.spec_from_file_location("bench_config", path)
+    if spec is None or not pathlib.Path(path).is_file():
+        raise SystemExit(f"error: --config {path!r} is not a config file; pass e.g. experiments/configs/default.py.")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def measure(name: str, *, batch: int, image_size: int, dtype: str, warmup: int, timed: int, smoke: bool,
+            config_path: str | None = None) -> dict:
     """Images/s and peak bytes of variant `name`'s train step (one process, one model)."""
-    model_name, overrides = VARIANTS[name]
-    model = models.create(model_name, dtype=jnp.dtype(dtype), **overrides, **(SMOKE_OVERRIDES if smoke else {}))
+    if config_path:
+        model_name, overrides = CONFIG_VARIANTS[name], dict(load_config(config_path).model.overrides)
+    else:
+        model_name, overrides = VARIANTS[name]
+        if smoke:
+            overrides = {**overrides, **SMOKE_OVERRIDES, "op_kwargs": (*overrides.get("op_kwargs", ()), *SMOKE_OP)}
+    model = models.create(model_name, dtype=jnp.dtype(dtype), **overrides)
     tx = optax.sgd(0.1, momentum=0.9, nesterov=True)
     state = jax.jit(functools.partial(steps.create_train_state, model, tx, (image_size, image_size, 3)))(jax.random.key(0))
     keys = jax.random.split(jax.random.key(1), 2)
@@ -63,10 +92,13 @@ def measure(name: str, *, batch: int, image_size: int, dtype: str, warmup: int, 
     jax.block_until_ready(metrics)
     seconds = (time.perf_counter() - start) / timed
     stats = jax.devices()[0].memory_stats() or {}
-    return {"model": name, "step_ms": seconds * 1e3, "images_per_sec": batch / seconds, "peak_bytes": stats.get("peak_bytes_in_use")}
+    params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
+    return {"model": name, "step_ms": seconds * 1e3, "images_per_sec": batch / seconds, "peak_bytes": stats.get("peak_bytes_in_use"),
+            "params": int(params)}
 
 
 def _markdown(result: dict) -> str:
+    base = result["rows"][0]["model"]
     lines = [
         f"# Training benchmark{' (smoke run: times mean nothing)' if result['smoke'] else ''}",
         "",
@@ -77,54 +109,66 @@ def _markdown(result: dict) -> str:
         f"- batch {result['batch']}, {result['dtype']}, {result['image_size']}x{result['image_size']} synthetic images, "
         f"{result['warmup']} warm-up + {result['steps']} timed steps",
         "",
-        "| model | step (ms) | images/s | x ResNet-50 | peak memory (GiB) | x ResNet-50 |",
-        "|---|---|---|---|---|---|",
+        f"| model | params | step (ms) | images/s | x {base} | peak memory (GiB) | x {base} |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         peak = "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**30:.2f}"
-        memory_ratio = "n/a" if r["memory_vs_resnet50"] is None else f"{r['memory_vs_resnet50']:.2f}"
-        lines.append(f"| {r['model']} | {r['step_ms']:.1f} | {r['images_per_sec']:.0f} | {r['speed_vs_resnet50']:.2f} | {peak} | {memory_ratio} |")
+        memory_ratio = "n/a" if r["memory_vs_conv"] is None else f"{r['memory_vs_conv']:.2f}"
+        lines.append(f"| {r['model']} | {r['params']:,} | {r['step_ms']:.1f} | {r['images_per_sec']:.0f} | {r['speed_vs_conv']:.2f} | {peak} | {memory_ratio} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> list[pathlib.Path]:
     parser = argparse.ArgumentParser(prog="python -m experiments.bench_train", description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="narrow nets, 32x32 images, batch 8, 2 steps: checks the benchmark runs")
+    parser.add_argument("--config", default=None, help="a config file: time its network with each op, at its batch, image size and dtype")
     parser.add_argument("--out-dir", default="benchmarks")
-    parser.add_argument("--batch", type=int, default=None, help="default 128 (smoke 8)")
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--batch", type=int, default=None, help="default 128 (smoke 8; --config: the config's)")
+    parser.add_argument("--dtype", default=None, choices=("bfloat16", "float32"), help="default bfloat16 (--config: the config's)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20; smoke 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5; smoke 1)")
-    parser.add_argument("--only", choices=sorted(VARIANTS), help=argparse.SUPPRESS)  # one model, JSON on stdout (a child run)
+    parser.add_argument("--only", help=argparse.SUPPRESS)  # one model, JSON on stdout (a child run)
     args = parser.parse_args(argv)
-    batch = args.batch or (8 if args.smoke else 128)
-    image_size = 32 if args.smoke else 224
+    if args.config and args.smoke:
+        parser.error("--config and --smoke exclude each other: --config times a config's network, --smoke the narrow test nets.")
+    config = load_config(args.config) if args.config else None
+    batch = args.batch or (config.batch_size if config else 8 if args.smoke else 128)
+    image_size = config.data.image_size if config else 32 if args.smoke else 224
+    dtype = args.dtype or (config.dtype if config else "bfloat16")
     timed, warmup = args.steps or (2 if args.smoke else 20), args.warmup or (1 if args.smoke else 5)
     if args.only:
-        print(json.dumps(measure(args.only, batch=batch, image_size=image_size, dtype=args.dtype, warmup=warmup, timed=timed, smoke=args.smoke)))
+        print(json.dumps(measure(args.only, batch=batch, image_size=image_size, dtype=dtype, warmup=warmup, timed=timed, smoke=args.smoke,
+                                 config_path=args.config)))
         return []
-    if jax.default_backend() != "gpu" and not args.smoke:
-        parser.error(f"no GPU (backend {jax.default_backend()!r}): run on a GPU machine, or pass --smoke to check the benchmark end to end.")
+    if jax.default_backend() != "gpu" and not (args.smoke or config):
+        parser.error(f"no GPU (backend {jax.default_backend()!r}): run on a GPU machine, pass --config to time a config's "
+                     f"network here, or --smoke to check the benchmark end to end.")
 
     rows = []
-    child = [sys.executable, "-m", "experiments.bench_train", f"--batch={batch}", f"--dtype={args.dtype}", f"--steps={timed}", f"--warmup={warmup}"]
-    for name in MODELS + (() if args.smoke else ("cednet50_fused",)):
-        output = subprocess.run([*child, *(["--smoke"] if args.smoke else []), f"--only={name}"], check=True, capture_output=True, text=True).stdout
+    child = [sys.executable, "-m", "experiments.bench_train", f"--batch={batch}", f"--dtype={dtype}", f"--steps={timed}", f"--warmup={warmup}"]
+    if config:
+        names, child = tuple(CONFIG_VARIANTS), [*child, f"--config={args.config}"]
+    else:
+        names, child = MODELS + (() if args.smoke else ("cednet50_fused",)), [*child, *(["--smoke"] if args.smoke else [])]
+    for name in names:  # each in its own process, so each peak memory is its own
+        output = subprocess.run([*child, f"--only={name}"], check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(output.strip().splitlines()[-1]))
-    base = rows[0]
+    base = rows[0]  # the convolution
     for row in rows:
-        row["speed_vs_resnet50"] = row["images_per_sec"] / base["images_per_sec"]
-        row["memory_vs_resnet50"] = None if row["peak_bytes"] is None else row["peak_bytes"] / base["peak_bytes"]
+        row["speed_vs_conv"] = row["images_per_sec"] / base["images_per_sec"]
+        row["memory_vs_conv"] = None if row["peak_bytes"] is None else row["peak_bytes"] / base["peak_bytes"]
     device = jax.devices()[0]
     date = datetime.date.today().isoformat()
     result = dict(
-        device=device.device_kind, date=date, versions=versions(), smoke=args.smoke, batch=batch, dtype=args.dtype,
+        device=device.device_kind, date=date, versions=versions(), smoke=args.smoke, config=args.config, batch=batch, dtype=dtype,
         image_size=image_size, steps=timed, warmup=warmup,
         command="python -m experiments.bench_train " + " ".join(sys.argv[1:] if argv is None else argv), rows=rows,
     )
     out_dir = pathlib.Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"train_{date}_{device.device_kind.replace(' ', '_').lower()}{'_smoke' if args.smoke else ''}"
+    suffix = f"_{pathlib.Path(args.config).stem}" if config else "_smoke" if args.smoke else ""
+    stem = f"train_{date}_{device.device_kind.replace(' ', '_').lower()}{suffix}"
     paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
     paths[0].write_text(json.dumps(result, indent=1) + "\n")
     paths[1].write_text(_markdown(result))

@@ -12,6 +12,7 @@ import glob
 import importlib.util
 import json
 import os
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -284,3 +285,31 @@ def tiny_detection_config(data_dir):
     config.eval_every_steps = 6
     config.log_every_steps = 3
     return config
+
+
+# --- segmentation ----------------------------------------------------------------------------
+
+
+def write_cityscapes(root, split, cities, *, size=(64, 128), train_ids_for=()):
+    """A tiny Cityscapes tree in the official layout: per city name in `cities`, `cities[name]`
+    frames `<city>_000000_<frame:06d>` with a seeded random image and a `*_gtFine_labelIds.png` of
+    seeded random label ids in 0..34 (used and unused ones); stems in `train_ids_for` also get a
+    `*_gtFine_labelTrainIds.png` (all class 5). Returns `{stem: label ids uint8 [H, W]}`."""
+    written = {}
+    for city, frames in cities.items():
+        image_dir = os.path.join(root, "leftImg8bit", split, city)
+        label_dir = os.path.join(root, "gtFine", split, city)
+        os.makedirs(image_dir, exist_ok=True)
+        os.makedirs(label_dir, exist_ok=True)
+        for frame in range(frames):
+            stem = f"{city}_000000_{frame:06d}"
+            rng = np.random.default_rng(zlib.crc32(stem.encode()))  # str hash() differs per process
+            Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(
+                os.path.join(image_dir, stem + "_leftImg8bit.png"))
+            # Blocks of 8x8 pixels, so rescaled and cropped labels keep whole regions.
+            ids = np.kron(rng.integers(0, 35, (size[0] // 8, size[1] // 8)), np.ones((8, 8))).astype(np.uint8)
+            Image.fromarray(ids).save(os.path.join(label_dir, stem + "_gtFine_labelIds.png"))
+            if stem in train_ids_for:
+                Image.fromarray(np.full(size, 5, np.uint8)).save(os.path.join(label_dir, stem + "_gtFine_labelTrainIds.png"))
+            written[stem] = ids
+    return written

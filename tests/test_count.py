@@ -1,12 +1,20 @@
 """`python -m cvolution_jax.count`: the spec's parameter and MAC requirements and the CLI."""
 
+import functools
 import json
 import math
+import os
+import re
 
 import flax.linen as nn
 import pytest
 
 from cvolution_jax import count, models
+from tests.conftest import CONFIGS, ROOT
+
+CONFIG_DIR = os.path.join(ROOT, "experiments", "configs")
+with open(os.path.join(ROOT, "README.md")) as f:
+    README = f.read()
 
 
 @pytest.fixture(scope="module")
@@ -68,42 +76,129 @@ def test_cli_rejects_unknown_model(capsys):
     assert "unknown model(s) resnet18; valid names: resnet50" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name, published, tolerance", [
-    ("faster_rcnn_resnet50_fpn", 41.5e6, 0.01),  # mmdetection's model zoo
-    ("faster_rcnn_rednet50_fpn", 31.6e6, 0.02),  # the paper's table, convolution neck
-    ("faster_rcnn_rednet50_neck_fpn", 29.5e6, 0.02),  # involution neck
-    ("faster_rcnn_rednet50_cvolution_neck_fpn", 29.8e6, 0.02),  # the paper's "CedNet-50-FPN" row
+# --------------------------------------------------------------------- a run's config: detectors
+
+
+def readme_detector_rows() -> dict:
+    """`{config (with its overrides): (params, MACs)}` of the README's Faster and Mask R-CNN tables."""
+    rows = {}
+    for line in README.splitlines():
+        match = re.match(r"\| `((?:faster|mask)_rcnn_\w+_1x\.py)((?: --config\.[\w.]+=\w+)*)` \|(.*)", line)
+        if match:
+            cells = [cell.strip() for cell in match.group(3).split("|")]
+            first = 2 if match.group(1).startswith("faster") else 3  # the Mask R-CNN table adds its head op
+            rows[match.group(1) + match.group(2)] = (float(cells[first]), float(cells[first + 1]))
+    return rows
+
+
+README_ROWS = readme_detector_rows()
+
+
+@functools.cache
+def counted(row: str) -> dict:
+    """`count` of a README row: its config file with its overrides, as `--config` loads them."""
+    path, *overrides = row.split(" ")
+    return count.count_config(count.load_config(os.path.join(CONFIG_DIR, path), tuple(overrides)))
+
+
+def test_the_readme_lists_every_detector_config():
+    configs = {os.path.basename(p) for p in CONFIGS if os.path.basename(p).startswith(("faster_rcnn", "mask_rcnn"))}
+    assert {row.split(" ")[0] for row in README_ROWS} == configs
+    assert "faster_rcnn_rednet50_fpn_1x.py --config.model.neck_op=cvolution" in README_ROWS
+
+
+@pytest.mark.parametrize("row", sorted(README_ROWS))
+def test_every_detector_config_counts_as_the_readme_says(row):
+    result, (params_m, macs_g) = counted(row), README_ROWS[row]
+    assert (round(result["params"] / 1e6, 2), round(result["macs"] / 1e9, 1)) == (params_m, macs_g)
+    assert (result["input"], result["classes"]) == ("800x1280", 80)
+
+
+@pytest.mark.parametrize("row, published, tolerance", [
+    ("faster_rcnn_resnet50_fpn_1x.py", 41.5e6, 0.01),  # mmdetection's model zoo
+    ("faster_rcnn_rednet50_fpn_1x.py", 31.6e6, 0.02),  # the paper's table, convolution neck
+    ("faster_rcnn_rednet50_neck_fpn_1x.py", 29.5e6, 0.02),  # involution neck
+    ("faster_rcnn_rednet50_fpn_1x.py --config.model.neck_op=cvolution", 29.8e6, 0.02),  # the paper's "CedNet-50-FPN" row
+    ("mask_rcnn_resnet50_fpn_1x.py", 44.2e6, 0.02),  # the paper's table: RedNet-50's 34.2M is 22.6% below it
+    ("mask_rcnn_rednet50_fpn_1x.py", 34.2e6, 0.02),
+    ("mask_rcnn_rednet50_neck_fpn_1x.py", 32.2e6, 0.02),
+    ("mask_rcnn_cednet50_fpn_1x.py", 33.4e6, 0.02),
 ])
-def test_detector_parameters_match_the_published_counts(name, published, tolerance):
-    params = count.count(count.create_detector(name), count.DETECTOR_IMAGE)["params"]
+def test_detector_parameters_match_the_published_counts(row, published, tolerance):
+    params = counted(row)["params"]
     assert abs(params - published) <= tolerance * published, params
 
 
-def test_cednet50_detector_is_the_seed_row_plus_the_cednet_backbone():
+def test_cednet50_detector_is_the_paper_row_plus_the_cednet_backbone():
     """The paper's 29.8M CedNet-50-FPN row is a RedNet-50 backbone with a C-volution neck; a real
     CedNet-50 backbone adds exactly its extra parameters over RedNet-50 (README)."""
-    detector = lambda name: count.count(count.create_detector(name), count.DETECTOR_IMAGE)["params"]  # noqa: E731
     backbone = lambda name: count.count(models.create(name))["params"]  # noqa: E731
-    assert detector("faster_rcnn_cednet50_fpn") - detector("faster_rcnn_rednet50_cvolution_neck_fpn") == (
-        backbone("cednet50") - backbone("rednet50"))
-
-
-@pytest.mark.parametrize("name, published", [
-    ("mask_rcnn_resnet50_fpn", 44.2e6),  # the paper's table: RedNet-50's 34.2M is 22.6% below it
-    ("mask_rcnn_rednet50_fpn", 34.2e6),
-    ("mask_rcnn_rednet50_neck_fpn", 32.2e6),
-    ("mask_rcnn_cednet50_fpn", 33.4e6),
-])
-def test_mask_rcnn_parameters_match_the_seed_table(name, published):
-    params = count.count(count.create_detector(name), count.DETECTOR_IMAGE)["params"]
-    assert abs(params - published) <= 0.02 * published, params
+    paper_row = counted("faster_rcnn_rednet50_fpn_1x.py --config.model.neck_op=cvolution")["params"]
+    assert counted("faster_rcnn_cednet50_fpn_1x.py")["params"] - paper_row == backbone("cednet50") - backbone("rednet50")
 
 
 def test_mask_head_adds_its_closed_form_parameters_and_macs():
     """mmdet's FCNMaskHead with 80 classes: 4 conv 3x3 (256 -> 256, bias), a 2x2 stride-2 deconv, a
     1x1 conv to 80 maps, run on the 100 detections at 14x14 (28x28 after the deconv)."""
-    faster = count.count(count.create_detector("faster_rcnn_resnet50_fpn"), count.DETECTOR_IMAGE)
-    mask = count.count(count.create_detector("mask_rcnn_resnet50_fpn"), count.DETECTOR_IMAGE)
+    faster, mask = counted("faster_rcnn_resnet50_fpn_1x.py"), counted("mask_rcnn_resnet50_fpn_1x.py")
     assert mask["params"] - faster["params"] == 4 * (256 * 256 * 9 + 256) + (2 * 2 * 256 * 256 + 256) + (256 * 80 + 80)
     per_roi = 4 * 14 * 14 * 256 * 256 * 9 + 14 * 14 * 2 * 2 * 256 * 256 + 28 * 28 * 256 * 80
     assert mask["macs"] - faster["macs"] == 100 * per_roi
+
+
+def test_a_cvolution_neck_replaces_the_fpn_convolutions_by_their_closed_form():
+    """The neck override swaps each of the FPN's four 3x3 output convolutions (256 -> 256, bias) for a
+    C-volution on 256 channels: reduce 1x1 (256 -> 64) + BN, dilated 3x3 context (64 -> 64) + BN, span
+    1x1 (64 -> 16 groups x 49 taps, bias) and the channel branch's static kernel (49 x 256)."""
+    conv = 256 * 256 * 9 + 256
+    cvolution = (256 * 64 + 2 * 64) + (9 * 64 * 64 + 2 * 64) + (64 * 16 * 49 + 16 * 49) + 49 * 256
+    change = counted("faster_rcnn_rednet50_fpn_1x.py --config.model.neck_op=cvolution")["params"] - counted(
+        "faster_rcnn_rednet50_fpn_1x.py")["params"]
+    assert change == 4 * (cvolution - conv)
+
+
+# ------------------------------------------------------------------------------ a run's config: CLI
+
+
+def test_cli_counts_a_config_with_its_overrides(capsys):
+    count.main(["--config", os.path.join(CONFIG_DIR, "faster_rcnn_rednet50_fpn_1x.py"), "--config.model.neck_op=cvolution",
+                "--json"])
+    [row] = json.loads(capsys.readouterr().out)
+    assert row["model"] == "faster_rcnn_rednet50_fpn_1x --config.model.neck_op=cvolution"
+    assert (round(row["params"] / 1e6, 2), row["input"], row["classes"]) == (29.84, "800x1280", 80)
+
+
+def test_a_classification_config_is_counted_by_the_classification_builder():
+    config = count.load_config(os.path.join(CONFIG_DIR, "cednet50.py"))
+    assert count.task_count(config) is count.TASKS["name"]
+    result = count.count_config(config)
+    # The README's model-zoo row for cednet50 (16.44M, 2.77G at 224x224, 1000 classes).
+    assert (round(result["params"] / 1e6, 2), round(result["macs"] / 1e9, 2)) == (16.44, 2.77)
+    assert (result["input"], result["classes"]) == ("224x224", 1000)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config.model.neck_op=cvolution"], r"--config.model.neck_op=cvolution overrides a field of a config: give the file too"),
+    (["--config", "CONFIG", "--config.model.neck_op", "cvolution"], r"--config.model.neck_op has no value: write the override as --config.model.neck_op=VALUE"),
+    (["--config", "CONFIG", "--config.model.nek_op=cvolution"], r"--config.model.nek_op=cvolution: \S+ has no such field .*Did you mean \"neck_op\""),
+    (["--config", "CONFIG", "--config.model.channels=wide"], r"--config.model.channels=wide: invalid literal for int"),
+    (["--config", "CONFIG", "--config.model.neck_op=deformable"], r"spatial op must be one of \('conv', 'involution', 'cvolution'\); got 'deformable'"),
+    (["--config", "no/such/config.py"], r"--config no/such/config.py: no such file"),
+    (["--config", "CONFIG", "--widht=3"], r"unrecognized arguments: --widht=3"),
+])
+def test_cli_refuses_bad_configs_and_overrides_in_one_line(capsys, args, message):
+    path = os.path.join(CONFIG_DIR, "faster_rcnn_rednet50_fpn_1x.py")
+    with pytest.raises(SystemExit) as exit_info:
+        count.main([path if arg == "CONFIG" else arg for arg in args])
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_a_config_whose_model_names_no_task_is_refused(tmp_path, capsys):
+    path = tmp_path / "segmenter.py"
+    path.write_text("import ml_collections\n\ndef get_config():\n"
+                    "    return ml_collections.ConfigDict({'model': {'segmentor': 'x', 'backbone': 'rednet50'}})\n")
+    with pytest.raises(SystemExit):
+        count.main(["--config", str(path)])
+    err = capsys.readouterr().err
+    assert f"{path}: config.model has none of the fields that name a model (decode_head, detector, name); its fields are backbone, segmentor" in err

@@ -11,6 +11,7 @@ from cvolution_jax import models
 from cvolution_jax.data import masks
 from cvolution_jax.detection.faster_rcnn import FasterRCNN, Settings, frozen
 from cvolution_jax.detection.mask_rcnn import MaskRCNN
+from cvolution_jax.layers import SpatialOp
 from cvolution_jax.tasks import detection as loop
 from cvolution_jax.train import steps
 
@@ -20,8 +21,8 @@ def tiny_detector(neck_op="conv", cls=MaskRCNN):
     settings = Settings(anchor_scale=4.0, rpn_samples=64, train_nms_pre=100, train_proposals=32, rcnn_samples=32,
                         test_nms_pre=100, test_proposals=32, detections_nms_pre=64, max_detections=10)
     extra = {"mask_channels": 32} if cls is MaskRCNN else {}
-    return cls(backbone=backbone, num_classes=2, neck_op=neck_op, channels=32, fc_dim=64, settings=settings,
-               norm_eval=False, op_kwargs=(("impl", "xla"),), **extra)
+    return cls(backbone=backbone, num_classes=2, neck_op=SpatialOp(neck_op, impl="xla"), channels=32, fc_dim=64,
+               settings=settings, norm_eval=False, **extra)
 
 
 MASK_SIZE = 28  # ground-truth crops
@@ -94,12 +95,12 @@ def test_output_shapes_are_static():
 
 def test_mask_rcnn_is_faster_rcnn_with_the_mask_branch_on():
     """One detector: MaskRCNN overrides no method and only turns the mask branch on, with the same
-    parameters as FasterRCNN(mask_op="conv"); FasterRCNN is that tree without the mask head."""
+    parameters as FasterRCNN(mask_op=SpatialOp("conv")); FasterRCNN is that tree without the mask head."""
     assert [n for n, v in vars(MaskRCNN).items() if callable(v) and not n.startswith("_")] == []
     batch, _ = two_images()
     shapes = lambda model: jax.tree.map(lambda v: v.shape, jax.eval_shape(model.init, jax.random.key(0), batch))  # noqa: E731
     mask_rcnn = shapes(tiny_detector())
-    assert shapes(tiny_detector(cls=lambda **kw: FasterRCNN(mask_op="conv", mask_channels=32, **kw))) == mask_rcnn
+    assert shapes(tiny_detector(cls=lambda **kw: FasterRCNN(mask_op=SpatialOp("conv"), mask_channels=32, **kw))) == mask_rcnn
     assert {k: v for k, v in mask_rcnn["params"].items() if k != "mask_head"} == shapes(tiny_detector(cls=FasterRCNN))["params"]
     assert tiny_detector().loss_names == ("rpn_cls", "rpn_reg", "rcnn_cls", "rcnn_reg", "rcnn_mask")
     assert tiny_detector(cls=FasterRCNN).loss_names == ("rpn_cls", "rpn_reg", "rcnn_cls", "rcnn_reg")

@@ -127,8 +127,22 @@ def test_spatial_op_is_hashable_and_equal_by_value():
 def test_spatial_op_rejects_unknown_kinds_and_switches():
     with pytest.raises(ValueError, match=r"spatial op must be one of \('conv', 'involution', 'cvolution'\); got 'deformable'"):
         SpatialOp("deformable")
-    with pytest.raises(ValueError, match=r"Unknown spatial op switch\(es\) contxt in op_kwargs; valid: context, channel_branch, impl, fuse_generator"):
+    with pytest.raises(ValueError, match=r"Unknown spatial op switch\(es\) contxt in op_kwargs; valid: kernel_size, context, channel_branch, impl, fuse_generator"):
         SpatialOp.named("cvolution", {"contxt": "none"})
+
+
+@pytest.mark.parametrize("kernel_size", [4, 0, -3, True, 3.0, "7"])
+def test_spatial_op_refuses_a_kernel_size_that_is_no_odd_positive_int(kernel_size):
+    with pytest.raises(ValueError, match=r"spatial op kernel_size must be an odd int >= 1 .*got " + repr(kernel_size)):
+        SpatialOp("involution", kernel_size)
+
+
+def test_switches_change_only_the_fields_they_name():
+    op = SpatialOp("cvolution", 5, impl="xla")
+    assert op.with_switches({"context": "none"}) == SpatialOp("cvolution", 5, context="none", impl="xla")
+    assert op.with_switches((("kernel_size", 3),)) == SpatialOp("cvolution", 3, impl="xla")
+    assert op.with_switches(()) == op
+    assert SpatialOp.named("conv", {"kernel_size": 1}) == SpatialOp("conv", 1)
 
 
 @pytest.mark.parametrize("op, params", [

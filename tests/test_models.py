@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from cvolution_jax import models
+from cvolution_jax.layers import SpatialOp
 
 
 def test_names_cover_the_zoo():
@@ -101,5 +102,26 @@ def test_cvolution_ablation_switches_reach_every_op():
 
 
 def test_unknown_op_switch_fails_at_construction():
-    with pytest.raises(ValueError, match=r"ResNet: op_kwargs .*Unknown spatial op switch\(es\) contxt in op_kwargs; valid: context"):
+    with pytest.raises(ValueError, match=r"cednet26: op_kwargs .*Unknown spatial op switch\(es\) contxt in op_kwargs; valid: kernel_size, context"):
         models.create("cednet26", op_kwargs=(("contxt", "none"),))
+
+
+@pytest.mark.parametrize("name, op", [("resnet50", SpatialOp("conv", 3)), ("rednet26", SpatialOp("involution", 7)),
+                                      ("cednet101", SpatialOp("cvolution", 7))])
+def test_each_family_holds_its_op_as_one_spatial_op(name, op):
+    assert models.create(name).op == op
+
+
+def test_op_kwargs_change_the_families_op_and_keep_the_stem_at_3x3():
+    model = models.create("cednet26", op_kwargs={"kernel_size": 5, "context": "none"})
+    assert model.op == SpatialOp("cvolution", 5, context="none")
+    params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"]
+    # C-volution's static kernel is [K*K, C]: K=5 in the bottlenecks (width 64 in stage 1), 3 in the stem (32 channels).
+    assert params["layer1_0"]["conv2"]["static_kernel"].shape == (25, 64)
+    assert params["stem_op"]["static_kernel"].shape == (9, 32)
+    assert "context_conv" not in params["layer1_0"]["conv2"]["generator"]
+
+
+def test_resnet_refuses_an_op_that_is_not_a_spatial_op():
+    with pytest.raises(ValueError, match=r"ResNet: op must be a cvolution_jax.layers.SpatialOp .*got 'involution'"):
+        models.ResNet(stage_sizes=(1, 1, 1, 1), op="involution")

@@ -29,7 +29,7 @@ def tiny_config(**changes) -> ml_collections.ConfigDict:
 def test_learning_rate_schedule_is_warmup_then_cosine():
     config = ml_collections.ConfigDict(dict(base_lr=0.1, batch_size=2048, warmup_epochs=5.0, warmup_factor=0.25))
     steps_per_epoch, total = 626, 130 * 626
-    schedule = optim.learning_rate_schedule(config, steps_per_epoch, total)
+    schedule = classification.learning_rate_schedule(config, steps_per_epoch, total)
     warmup = 5 * 626
     assert math.isclose(schedule(0), 0.2, rel_tol=1e-6)  # 0.25 x 0.8
     assert math.isclose(schedule(warmup // 2), 0.2 + 0.6 * (warmup // 2) / warmup, rel_tol=1e-5)
@@ -41,23 +41,28 @@ def test_learning_rate_schedule_is_warmup_then_cosine():
 
 def test_weight_decay_skips_batchnorm_and_biases():
     variables = jax.eval_shape(models.create("cednet26").init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
-    flat = {jax.tree_util.keystr(p): m for p, m in jax.tree_util.tree_flatten_with_path(optim.decay_mask(variables["params"]))[0]}
+    flat = {jax.tree_util.keystr(p): m for p, m in jax.tree_util.tree_flatten_with_path(classification.decay_mask(variables["params"]))[0]}
     assert flat["['stem_conv1']['kernel']"] and flat["['fc']['kernel']"]
     assert flat["['layer1_0']['conv2']['static_kernel']"]
     assert not flat["['fc']['bias']"] and not flat["['layer1_0']['bn1']['scale']"] and not flat["['layer1_0']['bn1']['bias']"]
     assert not flat["['layer1_0']['conv2']['generator']['span_conv']['bias']"]
 
 
-def test_sgd_step_matches_pytorch_update_rule():
-    """One step of the optimizer against torch.optim.SGD's formulas written out (nesterov, wd in grad)."""
-    config = ml_collections.ConfigDict(dict(base_lr=0.1, batch_size=256, warmup_epochs=0.0, warmup_factor=1.0, weight_decay=0.01, momentum=0.9, nesterov=True))
-    tx = optim.create_optimizer(config, steps_per_epoch=10, total_steps=1000)
+def two_steps(tx: optax.GradientTransformation, grads: dict) -> dict:
+    """A kernel [[1, -2]] and a bias [0.5] after two updates of `tx` with the same `grads`."""
     params = {"kernel": jnp.array([[1.0, -2.0]]), "bias": jnp.array([0.5])}
-    grads = {"kernel": jnp.array([[0.3, 0.1]]), "bias": jnp.array([0.2])}
     opt_state = tx.init(params)
     for _ in range(2):
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
+    return params
+
+
+def test_sgd_step_matches_pytorch_update_rule():
+    """One step of the optimizer against torch.optim.SGD's formulas written out (nesterov, wd in grad)."""
+    config = ml_collections.ConfigDict(dict(base_lr=0.1, batch_size=256, warmup_epochs=0.0, warmup_factor=1.0, weight_decay=0.01, momentum=0.9, nesterov=True))
+    tx = classification.create_optimizer(config, steps_per_epoch=10, total_steps=1000)
+    params = two_steps(tx, {"kernel": jnp.array([[0.3, 0.1]]), "bias": jnp.array([0.2])})
     # Two steps by hand: lr(0)=0.1, lr(1)=0.1*(1+cos(pi/1000))/2.
     lr = [0.1, 0.1 * (1 + math.cos(math.pi * 1 / 1000)) / 2]
     p, buf = np.array([1.0, -2.0]), np.zeros(2)
@@ -69,6 +74,22 @@ def test_sgd_step_matches_pytorch_update_rule():
         gb = np.array([0.2])
         bbuf = 0.9 * bbuf + gb
         b = b - lr[step] * (gb + 0.9 * bbuf)
+    np.testing.assert_allclose(params["kernel"][0], p, rtol=1e-6)
+    np.testing.assert_allclose(params["bias"], b, rtol=1e-6)
+
+
+def test_sgd_clips_the_raw_gradients_then_decays_the_masked_parameters():
+    """`optim.sgd` with mmdet's grad_clip: the raw gradients' global norm (5 here) is clipped to 0.5
+    before weight decay enters; the bias is masked out of the decay; plain (not Nesterov) momentum."""
+    tx = optim.sgd(0.1, momentum=0.9, weight_decay=0.01, grad_clip_norm=0.5, decay_mask={"kernel": True, "bias": False})
+    params = two_steps(tx, {"kernel": jnp.array([[3.0, 0.0]]), "bias": jnp.array([4.0])})
+    p, buf, b, bbuf = np.array([1.0, -2.0]), np.zeros(2), np.array([0.5]), np.zeros(1)
+    for _ in range(2):
+        g = np.array([3.0, 0.0]) * 0.5 / 5 + 0.01 * p
+        buf = 0.9 * buf + g
+        p = p - 0.1 * buf
+        bbuf = 0.9 * bbuf + np.array([4.0]) * 0.5 / 5
+        b = b - 0.1 * bbuf
     np.testing.assert_allclose(params["kernel"][0], p, rtol=1e-6)
     np.testing.assert_allclose(params["bias"], b, rtol=1e-6)
 

@@ -8,7 +8,8 @@ from experiments.configs import default
 
 def get_config():
     config = default.get_config()
-    config.model.overrides = {"stem": "small", "stem_width": 32, "widths": (16, 16), "stage_sizes": (1, 1), "kernel_size": 3}
+    config.model.overrides = {"stem": "small", "stem_width": 32, "widths": (16, 16), "stage_sizes": (1, 1),
+                             "op_kwargs": (("kernel_size", 3),)}
     config.data.image_size = 16
     config.batch_size = 32
     config.num_train_steps = 12

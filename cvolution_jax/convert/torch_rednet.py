@@ -50,7 +50,8 @@ import numpy as np
 
 from cvolution_jax import models
 from cvolution_jax.models import ResNet
-from cvolution_jax.train import checkpoint, optim, steps
+from cvolution_jax.tasks import classification
+from cvolution_jax.train import checkpoint, steps
 
 STEP = 0  # the converted weights are the checkpoint a run would start from
 _PICKLE_PROTOCOL = b"\x80"  # pickle's PROTO opcode, the first byte of torch's legacy format (protocol >= 2)
@@ -112,8 +113,8 @@ def from_torch_layout(value: np.ndarray) -> np.ndarray:
 
 def check_rednet(model: Any) -> None:
     """Raises ValueError unless `model` is a RedNet: the only layout an mmcls RedNet maps onto."""
-    if not isinstance(model, ResNet) or model.op != "involution" or model.stem != "rednet":
-        got = f"op={model.op!r}, stem={model.stem!r}" if isinstance(model, ResNet) else type(model).__name__
+    if not isinstance(model, ResNet) or model.op.kind != "involution" or model.stem != "rednet":
+        got = f"op={model.op.kind!r}, stem={model.stem!r}" if isinstance(model, ResNet) else type(model).__name__
         raise ValueError(
             f"PyTorch RedNet weights convert only into a RedNet (op='involution', stem='rednet'); got {got}. "
             f"Use --model rednet26, rednet38, rednet50, rednet101 or rednet152."
@@ -249,14 +250,14 @@ def train_state(model: ResNet, variables: dict) -> steps.TrainState:
 
     `loop.evaluate` restores a checkpoint into the whole TrainState its config builds (params,
     batch_stats, opt_state, step), so the optimizer state must have the structure
-    `optim.create_optimizer` gives. It is a fresh one (zero momentum, count 0), which also lets
+    `classification.create_optimizer` gives. It is a fresh one (zero momentum, count 0), which also lets
     `--config.mode=train` in the same workdir fine-tune from the converted weights. The schedule
     numbers below are not part of that state; only its structure is.
     """
     recipe = ml_collections.ConfigDict(
         dict(base_lr=0.1, batch_size=256, warmup_epochs=0.0, warmup_factor=1.0, momentum=0.9, nesterov=True, weight_decay=1e-4)
     )
-    tx = optim.create_optimizer(recipe, steps_per_epoch=1, total_steps=1)
+    tx = classification.create_optimizer(recipe, steps_per_epoch=1, total_steps=1)
     state = steps.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx, batch_stats=variables["batch_stats"])
     # As a jitted train step leaves it: every leaf an array (the step too), so the checkpoint reads like a trained one.
     return jax.tree.map(jnp.asarray, state)

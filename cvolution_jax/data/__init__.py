@@ -21,6 +21,11 @@ grain, images padded to size buckets, ground truth padded with a validity mask),
 (the one COCO writer), `shapes` (the synthetic default) and `nuclei` (a real sample), and
 `masks` (host-side instance-mask geometry: decoding, box crops, pasting).
 
+Semantic segmentation data has its own modules, used by `cvolution_jax.tasks.segmentation`:
+`semantic` (the datasets by name: `cityscapes`, `shapes`, `nuclei`; mmseg's training transforms
+and the whole-image eval pass), `cityscapes` (the official layout and its label-id table) and
+`semantic_records` (one image and how its label map is read or painted).
+
 `batch_size` is per process; the global batch is `batch_size * process_count`. Each batch's
 `mask` is 1 for a real example and 0 for eval padding or an image that failed to decode;
 losses and metrics must weight examples by it. `corrupt` marks the decode failures so the

@@ -2,7 +2,7 @@
 
 Mask R-CNN is this detector with the RoI head's mask branch on (``mask_op``; ``MaskRCNN``).
 
-    detector = FasterRCNN(backbone=models.create("cednet50"), num_classes=80, neck_op="cvolution")
+    detector = FasterRCNN(backbone=models.create("cednet50"), num_classes=80, neck_op=SpatialOp("cvolution"))
     variables = detector.init(key, batch)                        # batch: see cvolution_jax.data.coco
     dets = detector.apply(variables, batch)                      # boxes/scores/labels/valid [B, 100, ...]
     losses, updates = detector.apply(variables, batch, key, method=FasterRCNN.losses,
@@ -79,17 +79,16 @@ class FasterRCNN(nn.Module):
     Attributes:
       backbone: a `cvolution_jax.models.ResNet` (its `fc` is never created).
       num_classes: object classes (80 for COCO), background excluded.
-      neck_op: the FPN output op: "conv", "involution" or "cvolution".
-      rpn_op: the RPN's shared layer: "conv", or "involution" / "cvolution" (head variants).
+      neck_op: the FPN output op, a `cvolution_jax.layers.SpatialOp`: conv (3x3), involution or
+        C-volution (K=7).
+      rpn_op: the RPN's shared layer: conv (3x3), or involution / C-volution (head variants).
       channels: FPN and RPN channels (256).
       fc_dim: width of the box head's two FC layers (1024).
-      op_kwargs: (key, value) pairs of switches (`cvolution_jax.layers.SpatialOp`'s fields: impl,
-        context, ...) for the involution / C-volution ops of neck and heads.
       settings: `Settings`.
       norm_eval: run the backbone's BatchNorm in inference mode (mmdet's ``norm_eval``; True when
         the backbone comes pretrained, False to train one from scratch with batch statistics).
-      mask_op: the mask branch's layers: None (no mask branch: Faster R-CNN), "conv" (3x3), or
-        "involution" / "cvolution" (K=7, the C-volution paper's "head" variants).
+      mask_op: the mask branch's layers: None (no mask branch: Faster R-CNN), conv (3x3), or
+        involution / C-volution (K=7, the C-volution paper's "head" variants).
       mask_convs: number of those layers (mmdet's ``num_convs``, 4).
       mask_channels: their width (mmdet's ``conv_out_channels``, 256; an op keeps the FPN's
         ``channels``, so it must equal them).
@@ -97,15 +96,14 @@ class FasterRCNN(nn.Module):
 
     backbone: nn.Module
     num_classes: int
-    neck_op: str = "conv"
-    rpn_op: str = "conv"
+    neck_op: SpatialOp = SpatialOp("conv")
+    rpn_op: SpatialOp = SpatialOp("conv")
     channels: int = 256
     fc_dim: int = 1024
-    op_kwargs: Sequence[tuple[str, Any]] = ()
     settings: Settings = Settings()
     norm_eval: bool = True
     dtype: Any = jnp.float32
-    mask_op: str | None = None
+    mask_op: SpatialOp | None = None
     mask_convs: int = 4
     mask_channels: int = 256
 
@@ -119,12 +117,11 @@ class FasterRCNN(nn.Module):
         return LOSSES + (("rcnn_mask",) if self.with_mask else ())
 
     def setup(self):
-        op = lambda kind: SpatialOp.named(kind, self.op_kwargs)  # noqa: E731
-        self.neck = FPN(self.channels, op(self.neck_op), dtype=self.dtype)
-        self.rpn_head = rpn.RPNHead(len(self.settings.anchor_ratios), self.channels, op(self.rpn_op), dtype=self.dtype)
+        self.neck = FPN(self.channels, self.neck_op, dtype=self.dtype)
+        self.rpn_head = rpn.RPNHead(len(self.settings.anchor_ratios), self.channels, self.rpn_op, dtype=self.dtype)
         self.box_head = roi_head.BoxHead(self.num_classes, self.fc_dim, dtype=self.dtype)
         if self.with_mask:
-            self.mask_head = mask_head.MaskHead(self.num_classes, self.mask_channels, op(self.mask_op), self.mask_convs,
+            self.mask_head = mask_head.MaskHead(self.num_classes, self.mask_channels, self.mask_op, self.mask_convs,
                                                 dtype=self.dtype)
 
     def _levels(self, images, train):

@@ -42,11 +42,14 @@ class FPN(nn.Module):
       channels: output channels of every level (256 in mmdet).
       op: the output op of each level, a ``cvolution_jax.layers.SpatialOp`` or its kind: "conv"
         (3x3), "involution" or "cvolution" (K=7, the paper's).
+      num_outs: levels returned (mmdet's ``num_outs``): 5 for the detectors (P2-P6), 4 for
+        mmseg's Semantic FPN (P2-P5, no P6).
     """
 
     channels: int = 256
     op: SpatialOp | str = SpatialOp()
     dtype: Any = jnp.float32
+    num_outs: int = 5
 
     @nn.compact
     def __call__(self, stages, train: bool = False):
@@ -61,5 +64,6 @@ class FPN(nn.Module):
             for i, lateral in enumerate(laterals)
         ]
         # P6: mmdet's F.max_pool2d(P5, 1, stride=2), i.e. every other pixel (ceil(n / 2) of them).
-        outs.append(outs[-1][:, ::2, ::2])
-        return outs
+        while len(outs) < self.num_outs:
+            outs.append(outs[-1][:, ::2, ::2])
+        return outs[:self.num_outs]

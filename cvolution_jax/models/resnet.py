@@ -27,7 +27,7 @@ class Bottleneck(nn.Module):
     """conv1x1 -> op(K, stride) -> conv1x1 (x4), each followed by BN; ReLU after the residual add.
 
     `[B, H, W, Cin] -> [B, ceil(H/s), ceil(W/s), 4*width]`. The op is a 3x3 convolution in
-    ResNet, a 7x7 involution in RedNet and a 7x7 C-volution in CedNet (`op`).
+    ResNet, a 7x7 involution in RedNet and a 7x7 C-volution in CedNet (`op`, a `SpatialOp`).
     """
 
     width: int
@@ -53,36 +53,28 @@ class ResNet(nn.Module):
 
     Attributes:
       stage_sizes: blocks per stage, e.g. (3, 4, 6, 3) for depth 50.
-      op: the spatial op of the bottlenecks (and of the RedNet stem): conv, involution, cvolution.
+      op: the spatial op of the bottlenecks (and, at K=3, of the RedNet stem), a
+        `cvolution_jax.layers.SpatialOp`: `SpatialOp("conv")` (3x3), `SpatialOp("involution")`
+        or `SpatialOp("cvolution", context="none")` (K=7).
       stem: "resnet" (conv7x7 s2, maxpool), "rednet" (conv3x3 s2, op(K=3), conv3x3, maxpool) or
         "small", the RedNet stem without its max pool (one downsampling instead of two), for
         32x32-class inputs.
-      kernel_size: K of the bottleneck op (3 for conv, 7 for involution and C-volution).
       widths: bottleneck widths m per stage; stage outputs are 4m.
       stem_width: output channels of the stem.
-      op_kwargs: the op's switches as (key, value) pairs, e.g. `(("context", "none"),)`: the
-        fields of `cvolution_jax.layers.SpatialOp` other than kind and kernel_size.
     """
 
     stage_sizes: Sequence[int]
-    op: str = "conv"
+    op: SpatialOp = SpatialOp()
     stem: str = "resnet"
-    kernel_size: int = 3
     num_classes: int = 1000
     widths: Sequence[int] = (64, 128, 256, 512)
     stem_width: int = 64
-    op_kwargs: Any = ()
     dtype: Any = jnp.float32
 
     def __post_init__(self):
         # At construction, so a bad field fails before any tracing or compilation, naming itself.
         check_fields(self)
         super().__post_init__()
-
-    @property
-    def op_spec(self) -> SpatialOp:
-        """The bottlenecks' op: `op` with `kernel_size` and the switches of `op_kwargs`."""
-        return SpatialOp.named(self.op, self.op_kwargs, kernel_size=self.kernel_size)
 
     @nn.compact
     def __call__(self, x, train: bool = False, return_stages: bool = False):
@@ -100,7 +92,7 @@ class ResNet(nn.Module):
             half = self.stem_width // 2
             x = nn.relu(bn(name="stem_bn1")(conv(half, 3, 2, dtype=self.dtype, name="stem_conv1")(x)))
             # The RedNet stem's op is 3x3 whatever the bottlenecks' K, as in the reference network.
-            op = spatial_op(dataclasses.replace(self.op_spec, kernel_size=3), half, name="stem_op", dtype=self.dtype)
+            op = spatial_op(dataclasses.replace(self.op, kernel_size=3), half, name="stem_op", dtype=self.dtype)
             x = nn.relu(bn(name="stem_bn2")(op(x, train)))
             x = nn.relu(bn(name="stem_bn3")(conv(self.stem_width, 3, dtype=self.dtype, name="stem_conv2")(x)))
         if self.stem != "small":
@@ -109,7 +101,7 @@ class ResNet(nn.Module):
         for stage, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
             for block in range(blocks):
                 stride = 2 if stage > 0 and block == 0 else 1
-                x = Bottleneck(width, stride, self.op_spec, self.dtype, name=f"layer{stage + 1}_{block}")(x, train)
+                x = Bottleneck(width, stride, self.op, self.dtype, name=f"layer{stage + 1}_{block}")(x, train)
             stages.append(x)
         if return_stages:
             return tuple(stages)
@@ -131,12 +123,11 @@ def check_fields(model: ResNet) -> None:
     """
     if model.stem not in STEMS:
         raise ValueError(f"ResNet: stem must be one of {STEMS}; got {model.stem!r}.")
-    if model.op not in SPATIAL_OPS:
-        raise ValueError(f"ResNet: op must be one of {SPATIAL_OPS}; got {model.op!r}.")
-    try:
-        _ = model.op_spec  # unknown switches in op_kwargs fail here, before any tracing
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"ResNet: op_kwargs {model.op_kwargs!r}: {error}") from None
+    if not isinstance(model.op, SpatialOp):
+        raise ValueError(
+            f"ResNet: op must be a cvolution_jax.layers.SpatialOp of kind {SPATIAL_OPS}, e.g. SpatialOp('involution'); "
+            f"got {model.op!r}.")
+    kind = model.op.kind
     stage_sizes, widths = tuple(model.stage_sizes), tuple(model.widths)
     if not stage_sizes or not all(_is_int(n) and n >= 1 for n in stage_sizes):
         raise ValueError(f"ResNet: stage_sizes must be one or more block counts >= 1, e.g. (3, 4, 6, 3); got {stage_sizes}.")
@@ -145,13 +136,9 @@ def check_fields(model: ResNet) -> None:
             f"ResNet: {len(stage_sizes)} stages in stage_sizes {stage_sizes} but {len(widths)} in widths {widths}; "
             f"give one width per stage."
         )
-    if not _is_int(model.kernel_size) or model.kernel_size < 1 or model.kernel_size % 2 == 0:
-        raise ValueError(
-            f"ResNet: kernel_size must be an odd int >= 1 (3 for conv, 7 for involution and C-volution); got {model.kernel_size!r}."
-        )
     if not _is_int(model.num_classes) or model.num_classes < 1:
         raise ValueError(f"ResNet: num_classes must be an int >= 1; got {model.num_classes!r}.")
-    if model.op == "conv":
+    if kind == "conv":
         if not all(_is_int(w) and w >= 1 for w in widths):
             raise ValueError(f"ResNet: widths must be ints >= 1; got {widths}.")
         stem_multiple, stem_minimum = 1, 1 if model.stem == "resnet" else 2  # the rednet stems halve stem_width
@@ -159,11 +146,11 @@ def check_fields(model: ResNet) -> None:
         group = ops.GROUP_CHANNELS
         if not all(_is_int(w) and w >= group and w % group == 0 for w in widths):
             raise ValueError(
-                f"ResNet: widths must be multiples of {group} with op={model.op!r} (one kernel per {group} channels); "
+                f"ResNet: widths must be multiples of {group} with op={kind!r} (one kernel per {group} channels); "
                 f"got {widths}."
             )
         stem_multiple = stem_minimum = 1 if model.stem == "resnet" else 2 * group
     if not _is_int(model.stem_width) or model.stem_width < stem_minimum or model.stem_width % stem_multiple:
         need = f"a multiple of {stem_multiple}" if stem_multiple > 1 else f"an int >= {stem_minimum}"
         why = f": the {model.stem!r} stem's first conv and op have stem_width / 2 channels" if model.stem != "resnet" else ""
-        raise ValueError(f"ResNet: stem_width must be {need} with op={model.op!r}, stem={model.stem!r}{why}; got {model.stem_width!r}.")
+        raise ValueError(f"ResNet: stem_width must be {need} with op={kind!r}, stem={model.stem!r}{why}; got {model.stem_width!r}.")

@@ -1,5 +1,6 @@
 """Image classification as a task of the runner: a registry model, `cvolution_jax.data`'s splits,
-label-smoothed cross-entropy (`train_step`) and top-1 / top-5 over the eval split (`eval_step`).
+the involution / CedNet ImageNet optimizer (`create_optimizer`), label-smoothed cross-entropy
+(`train_step`) and top-1 / top-5 over the eval split (`eval_step`).
 
 Batches are dicts: `image [B, H, W, C]` float32, `label [B]` int32, `mask [B]` float32 (0 for
 padding and skipped images). Under `jax.jit` with the batch sharded over a mesh's `data` axis,
@@ -36,6 +37,30 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int):
         raise ValueError(f"config.dtype must be one of {sorted(DTYPES)}; got {config.dtype!r}.")
     overrides = dict(config.model.get("overrides", {}))
     return models.create(config.model.name, num_classes=num_classes, dtype=DTYPES[config.dtype], **overrides)
+
+
+def learning_rate_schedule(config, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
+    """`config.base_lr` per 256 images, scaled to the global batch; warm-up over
+    `config.warmup_epochs` from `config.warmup_factor` x lr, then cosine to 0 at `total_steps`."""
+    peak = config.base_lr * config.batch_size / 256
+    warmup = min(int(round(config.warmup_epochs * steps_per_epoch)), total_steps - 1)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=config.warmup_factor * peak, peak_value=peak, warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1), end_value=0.0,
+    )
+
+
+def decay_mask(params):
+    """True for convolution and dense kernels and for C-volution's static kernel (ndim >= 2);
+    False for BatchNorm scales/offsets and biases, which the recipe leaves undecayed."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def create_optimizer(config, steps_per_epoch: int, total_steps: int) -> optax.GradientTransformation:
+    """The involution / CedNet ImageNet optimizer: SGD (`config.momentum`, `config.nesterov`) on
+    `learning_rate_schedule`, weight decay `config.weight_decay` on kernels only (`decay_mask`)."""
+    return optim.sgd(learning_rate_schedule(config, steps_per_epoch, total_steps), momentum=config.momentum,
+                     nesterov=config.nesterov, weight_decay=config.weight_decay, decay_mask=decay_mask)
 
 
 def check_classification(config: ml_collections.ConfigDict, workdir: str, *, train: bool) -> None:
@@ -155,7 +180,7 @@ class Classification:
             # The schedule's lengths are no part of the state a checkpoint is restored into.
             steps_per_epoch, total_steps = 1, 1
         model = create_model(config, eval_split.num_classes)
-        tx = optim.create_optimizer(config, steps_per_epoch, total_steps)
+        tx = create_optimizer(config, steps_per_epoch, total_steps)
         init = jax.jit(functools.partial(steps.create_train_state, model, tx, eval_split.image_shape),
                        out_shardings=mesh.replicated)
         state = init(jax.random.key(config.seed))
@@ -187,4 +212,4 @@ class Classification:
 
         return Run(state=state, evaluate=evaluate, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                    train_iter=iter(train_split.dataset), step_fn=step_fn,
-                   learning_rate=optim.learning_rate_schedule(config, steps_per_epoch, total_steps))
+                   learning_rate=learning_rate_schedule(config, steps_per_epoch, total_steps))

@@ -30,16 +30,19 @@ from cvolution_jax.data import masks as host_masks
 from cvolution_jax.detection import config_checks, evaluation, visualize
 from cvolution_jax.detection.faster_rcnn import FasterRCNN, Settings, frozen
 from cvolution_jax.detection.mask_rcnn import MaskRCNN
-from cvolution_jax.train import checkpoint, steps
+from cvolution_jax.layers import SpatialOp
+from cvolution_jax.train import checkpoint, optim, steps
 from cvolution_jax.train.loop import DTYPES, DataMesh, Run, report
 
 # Right panel of curves.png: the R-CNN's accuracy on its sampled RoIs and the eval AP.
 CURVES = (("train", "rcnn_accuracy", "train R-CNN accuracy"), ("eval", "AP", "eval AP"), ("eval", "AP50", "eval AP50"),
           ("eval", "segm_AP", "eval segm AP"))
 DETECTORS = {"faster_rcnn": FasterRCNN, "mask_rcnn": MaskRCNN}
-# config.model fields a detector takes as they are; one absent from the config keeps the module's default.
+# config.model fields a detector takes; one absent from the config keeps the module's default.
 _MODEL_FIELDS = ("neck_op", "rpn_op", "channels", "fc_dim", "norm_eval")
 _MASK_FIELDS = ("mask_op", "mask_convs", "mask_channels")
+# Of those, the ops: a kind in the config, a SpatialOp with the switches of config.model.op_kwargs in the detector.
+_OP_FIELDS = ("neck_op", "rpn_op", "mask_op")
 
 
 # ---------------------------------------------------------------------------------- model, optim
@@ -50,7 +53,9 @@ def create_detector(config: ml_collections.ConfigDict, num_classes: int) -> Fast
     `detector="mask_rcnn"` the mask head).
 
     `config.model` needs `detector` and `backbone`; every other field it lacks (`channels`,
-    `settings`, ...) keeps the module's default, which is mmdet's.
+    `settings`, ...) keeps the module's default, which is mmdet's. The ops (`neck_op`, `rpn_op`,
+    `mask_op`) are kinds ("conv", "involution", "cvolution"), each made a `SpatialOp` with the
+    switches of `op_kwargs`.
     """
     dtype_name = config.get("dtype", "float32")
     if dtype_name not in DTYPES:
@@ -64,8 +69,8 @@ def create_detector(config: ml_collections.ConfigDict, num_classes: int) -> Fast
     if unknown:
         raise ValueError(f"config.model.settings has unknown fields {unknown}; valid: {sorted(Settings.__dataclass_fields__)}.")
     fields = {k: cfg[k] for k in _MODEL_FIELDS + (_MASK_FIELDS if cfg.detector == "mask_rcnn" else ()) if k in cfg}
-    if "op_kwargs" in cfg:
-        fields["op_kwargs"] = tuple(sorted(dict(cfg.op_kwargs).items()))
+    op_kwargs = cfg.get("op_kwargs", {})
+    fields.update({k: SpatialOp.named(kind, op_kwargs) for k, kind in fields.items() if k in _OP_FIELDS})
     backbone = models.create(cfg.backbone, num_classes=1, dtype=dtype, **dict(cfg.get("backbone_overrides", {})))
     return DETECTORS[cfg.detector](
         backbone=backbone, num_classes=num_classes, dtype=dtype,
@@ -113,14 +118,10 @@ def frozen_mask(params, frozen_stages: int):
 
 
 def create_optimizer(config, steps_per_epoch: int, params) -> optax.GradientTransformation:
-    # mmdet decays every parameter (no paramwise_cfg), inside the gradient like torch's SGD; its
-    # optional grad_clip clips the global norm of the raw gradients first.
-    clip = [optax.clip_by_global_norm(config.grad_clip_norm)] if config.grad_clip_norm > 0 else []
-    trained = optax.chain(
-        *clip,
-        optax.add_decayed_weights(config.weight_decay),
-        optax.sgd(learning_rate_schedule(config, steps_per_epoch), momentum=config.momentum),
-    )
+    """mmdet's SGD on `learning_rate_schedule`, nothing reaching the frozen stages (`frozen_mask`)."""
+    # mmdet decays every parameter (no paramwise_cfg); its optional grad_clip clips the raw gradients.
+    trained = optim.sgd(learning_rate_schedule(config, steps_per_epoch), momentum=config.momentum,
+                        weight_decay=config.weight_decay, grad_clip_norm=config.grad_clip_norm)
     return optax.multi_transform({"trained": trained, "frozen": optax.set_to_zero()},
                                  frozen_mask(params, config.model.frozen_stages))
 

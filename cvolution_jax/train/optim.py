@@ -1,32 +1,32 @@
-"""The involution / CedNet ImageNet optimizer: SGD with Nesterov momentum, linear warm-up then
-cosine decay to 0, and PyTorch-style weight decay (added to the gradient) on kernels only."""
+"""The one SGD every task trains with: `torch.optim.SGD` as the involution, CedNet and mmdetection
+recipes run it. Each task passes its own learning-rate schedule and decay mask
+(`cvolution_jax.tasks.classification`: warm-up + cosine, kernels only; `cvolution_jax.tasks.detection`:
+mmdet's warm-up + step decay, every parameter)."""
 
 from __future__ import annotations
 
-import jax
+from typing import Any, Callable
+
 import optax
 
 
-def learning_rate_schedule(config, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
-    """`config.base_lr` per 256 images, scaled to the global batch; warm-up over
-    `config.warmup_epochs` from `config.warmup_factor` x lr, then cosine to 0 at `total_steps`."""
-    peak = config.base_lr * config.batch_size / 256
-    warmup = min(int(round(config.warmup_epochs * steps_per_epoch)), total_steps - 1)
-    return optax.warmup_cosine_decay_schedule(
-        init_value=config.warmup_factor * peak, peak_value=peak, warmup_steps=warmup,
-        decay_steps=max(total_steps, warmup + 1), end_value=0.0,
-    )
+def sgd(learning_rate: optax.ScalarOrSchedule, *, momentum: float, weight_decay: float, nesterov: bool = False,
+        decay_mask: Any | Callable[[Any], Any] = None, grad_clip_norm: float = 0.0) -> optax.GradientTransformation:
+    """SGD with (optionally Nesterov) momentum and PyTorch-style weight decay.
 
-
-def decay_mask(params):
-    """True for convolution and dense kernels and for C-volution's static kernel (ndim >= 2);
-    False for BatchNorm scales/offsets and biases, which the recipe leaves undecayed."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
-
-
-def create_optimizer(config, steps_per_epoch: int, total_steps: int) -> optax.GradientTransformation:
-    # Weight decay enters the gradient before momentum, as torch.optim.SGD(weight_decay=...) does.
+    Args:
+      learning_rate: a number or a schedule of the step count.
+      momentum, nesterov: torch's `momentum` and `nesterov`.
+      weight_decay: `weight_decay x param` is added to the gradient before momentum, as
+        `torch.optim.SGD(weight_decay=...)` does (not decoupled, as AdamW's).
+      decay_mask: a tree of bools (or a function of the params giving one) marking the parameters
+        decayed; None decays every parameter.
+      grad_clip_norm: > 0 clips the global norm of the raw gradients first, before the decay is
+        added (mmdet's `optimizer_config.grad_clip`); 0 leaves them as they are.
+    """
+    clip = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm > 0 else []
     return optax.chain(
-        optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
-        optax.sgd(learning_rate_schedule(config, steps_per_epoch, total_steps), momentum=config.momentum, nesterov=config.nesterov),
+        *clip,
+        optax.add_decayed_weights(weight_decay, mask=decay_mask),
+        optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
     )

@@ -128,3 +128,68 @@ def detection(backbone: str, neck_op: str = "conv", detector: str = "faster_rcnn
     else:
         config.expected_box_ap = PUBLISHED_BOX_AP.get(key, -1.0) if head_op == "conv" else -1.0
     return config
+
+
+# Cityscapes val mIoU (%) at 512x1024 crops, 80k iterations, as the involution code publishes; the
+# C-volution paper gives no CedNet-50 number, so those configs expect -1.
+PUBLISHED_MIOU = {("fpn", "rednet50", "conv"): 78.0, ("fpn", "rednet50", "involution"): 79.1,
+                  ("uper", "rednet50", "conv"): 80.6}
+
+
+def segmentation(backbone: str, decode_head: str = "fpn", neck_op: str = "conv") -> ml_collections.ConfigDict:
+    """Every field `cvolution_jax.tasks.segmentation` reads, with mmseg's Cityscapes 512x1024 80k
+    recipe for registry backbone `backbone`: Semantic FPN (`decode_head="fpn"`, FPN output op
+    `neck_op`) or UPerNet (`"uper"`, with the auxiliary FCN head on C4)."""
+    uper = decode_head == "uper"
+    config = ml_collections.ConfigDict()
+    config.mode = "train"  # "train" (resumes from the latest checkpoint) or "eval"
+    config.checkpoint_step = -1  # eval mode: the step to restore; -1 for the latest
+    config.model = ml_collections.ConfigDict({
+        "decode_head": decode_head,  # "fpn" (Semantic FPN) or "uper" (UPerNet)
+        "backbone": backbone,  # any registry name; its BatchNorm trains (mmseg's norm_eval=False)
+        "backbone_overrides": {},  # ResNet fields, e.g. a smaller network for the CPU default
+        "pretrained": "",  # workdir of an experiments.imagenet run whose latest checkpoint initialises the backbone
+        "neck_op": neck_op,  # fpn: the FPN's output op, "conv" (3x3), "involution" or "cvolution" (K=7)
+        "op_kwargs": {},  # spatial_op switches of the neck's ops, e.g. {"impl": "xla"}
+        "channels": 256,  # fpn: FPN channels
+        "head_channels": 512 if uper else 128,  # FPNHead 128, UPerHead 512
+        "pool_scales": (1, 2, 3, 6),  # uper: the pyramid pooling bins
+        "dropout": 0.1,  # Dropout2d before each classifier
+        "aux_weight": 0.4 if uper else 0.0,  # > 0: auxiliary FCNHead on C4 with this loss weight
+        "aux_channels": 256,
+    })
+    config.data = ml_collections.ConfigDict({
+        "name": "cityscapes",  # "cityscapes" (your download), "shapes" (synthetic) or "nuclei" (real sample)
+        "data_dir": "",  # cityscapes: the folder holding leftImg8bit/ and gtFine/; shapes, nuclei: where to write
+        "scale": (2048, 1024),  # (long, short): train rescale base and whole-image test size
+        "ratio_range": (0.5, 2.0),  # train: scale x U(ratio_range)
+        "crop_size": (512, 1024),  # (H, W) of the training crops
+        "cat_max_ratio": 0.75,  # redraw a crop while one class holds this share of it
+        "flip_prob": 0.5,
+        "photometric": True,  # mmseg's PhotoMetricDistortion
+        "num_workers": 8,
+        "num_threads": 4,
+        # shapes only
+        "num_train": 1000,
+        "num_val": 200,
+        "image_size": 128,
+        "shapes_seed": 0,
+        # nuclei only
+        "wheel": "",  # a local stardist-0.9.2 wheel; empty: pip downloads it
+    })
+    config.dtype = "float32"
+    config.seed = 0
+    config.batch_size = 8  # global (mmseg: 4 GPUs x 2)
+    config.num_epochs = 0.0
+    config.num_train_steps = 80000  # > 0 overrides num_epochs
+    config.base_lr = 0.01  # not scaled with the batch, as mmseg
+    config.min_lr = 1e-4
+    config.lr_power = 0.9  # poly decay
+    config.momentum = 0.9
+    config.weight_decay = 5e-4  # every parameter, as mmseg
+    config.log_every_steps = 50
+    config.eval_every_steps = 8000
+    config.checkpoint_every_steps = 8000
+    config.keep_checkpoints = 3  # the latest ones; the best by eval mIoU is kept too
+    config.expected_miou = PUBLISHED_MIOU.get((decode_head, backbone, neck_op), -1.0)
+    return config

@@ -1,0 +1,301 @@
+"""Semantic segmentation input through grain: mmseg's training pipeline and whole-image eval.
+
+    dataset = semantic.load_split(config.data, workdir, "train")    # records + class names
+    stream = semantic.train_stream(dataset, config.data, batch_size=4, seed=0, process_index=0,
+                                   process_count=1)
+    batch = next(iter(stream))   # {"image": f32 [b, h, w, 3], "label": u8 [b, h, w], "mask": f32 [b], ...}
+
+Datasets, by `config.name`:
+  cityscapes  the user's download in its official layout under `data_dir` (`cityscapes.py`), 19 classes
+  shapes      the synthetic shapes (`shapes.py`, written on first use): background + rectangle,
+              ellipse, triangle, each object's visible mask painted with its class
+  nuclei      the real nuclei sample (`nuclei.py`, written on first use): background + nucleus; crowd
+              fragments (nuclei cut to slivers by a tile border) are ignored (255)
+
+Training, per image (mmseg's Cityscapes pipeline, host side): resize keeping the aspect ratio to
+`scale` x a ratio drawn from `ratio_range` (image bilinear, label nearest), a random crop of
+`crop_size` re-drawn up to 10 times while one class fills more than `cat_max_ratio` of it
+(ignored pixels not counted), horizontal flip, photometric distortion, ImageNet normalisation,
+padding to `crop_size` (image 0, label 255). So every training batch has one static shape.
+
+Evaluation (mmseg's whole-image test): the image resized keeping its ratio to `scale`, normalised,
+padded to the eval input size; the label stays at the original resolution, and the model's
+prediction is resized back to it (`EncoderDecoder.predict`). Every eval image must therefore have
+one original size and one resized size (checked, with the sizes found named).
+
+`batch_size` is per process, as in `pipeline.py`; a slot with `mask` 0 is padding or an image that
+failed to decode (`corrupt` 1), its label all 255.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Sequence
+
+import grain
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from cvolution_jax.data import cityscapes, coco_datasets, transforms
+from cvolution_jax.data.coco import rescale_size
+from cvolution_jax.data.pipeline import Examples, to_iter_dataset, train_stream as _train_stream
+from cvolution_jax.data.semantic_records import IGNORE, SemanticRecord, read_label
+
+log = logging.getLogger(__name__)
+
+NAMES = ("cityscapes", "shapes", "nuclei")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SemanticSet:
+    """One split: its records and the class names (class i is `class_names[i]`)."""
+
+    records: tuple[SemanticRecord, ...]
+    class_names: tuple[str, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def class_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The classes of dataset `config.name` (the `data` sub-config), known without reading it."""
+    if config.name == "cityscapes":
+        return cityscapes.CLASSES
+    if config.name == "shapes":
+        from cvolution_jax.data import shapes
+
+        return ("background", *shapes.CATEGORIES)
+    if config.name == "nuclei":
+        return ("background", "nucleus")
+    raise ValueError(f"config.data.name must be one of {', '.join(NAMES)} for segmentation; got {config.name!r}.")
+
+
+def load_split(config: ml_collections.ConfigDict, workdir: str, split: str) -> SemanticSet:
+    """The `split` ("train" or "val") of dataset `config.name`, writing shapes / nuclei first if needed."""
+    names = class_names(config)
+    if config.name == "cityscapes":
+        return SemanticSet(tuple(cityscapes.find_records(config.data_dir, split)), names)
+    paths = coco_datasets.dataset_paths(config, workdir)[split]
+    return SemanticSet(from_coco(**paths), names)
+
+
+def from_coco(annotation_file: str, image_dir: str) -> tuple[SemanticRecord, ...]:
+    """Records of a COCO instances file whose label maps are painted from its segmentations:
+    category ids in sorted order become classes 1, 2, ... (0 is background), crowds 255."""
+    with open(annotation_file) as f:
+        content = json.load(f)
+    class_of = {c["id"]: i + 1 for i, c in enumerate(sorted(content["categories"], key=lambda c: c["id"]))}
+    objects = {image["id"]: [] for image in content["images"]}
+    for annotation in content["annotations"]:
+        objects[annotation["image_id"]].append(
+            (class_of[annotation["category_id"]], annotation["segmentation"], bool(annotation.get("iscrowd", 0))))
+    return tuple(SemanticRecord(os.path.join(image_dir, image["file_name"]), objects=tuple(objects[image["id"]]),
+                                height=int(image["height"]), width=int(image["width"]))
+                 for image in content["images"])
+
+
+# ------------------------------------------------------------------------------ transforms
+
+
+def random_crop_box(label: np.ndarray, crop_size: tuple[int, int], cat_max_ratio: float,
+                    rng: np.random.Generator) -> tuple[int, int]:
+    """mmseg's `RandomCrop` corner `(top, left)`: uniform in the margins; while one class holds
+    `cat_max_ratio` or more of the crop's non-ignored pixels (or the crop has fewer than two
+    classes), redrawn, up to 10 times (the 11th draw is taken as it is)."""
+    def draw():
+        return (int(rng.integers(0, max(label.shape[0] - crop_size[0], 0) + 1)),
+                int(rng.integers(0, max(label.shape[1] - crop_size[1], 0) + 1)))
+
+    top, left = draw()
+    if cat_max_ratio < 1:
+        for _ in range(10):
+            crop = label[top:top + crop_size[0], left:left + crop_size[1]]
+            classes, counts = np.unique(crop, return_counts=True)
+            counts = counts[classes != IGNORE]
+            if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
+                break
+            top, left = draw()
+    return top, left
+
+
+def photometric_distortion(image: np.ndarray, rng: np.random.Generator, brightness: float = 32,
+                           contrast: tuple[float, float] = (0.5, 1.5), saturation: tuple[float, float] = (0.5, 1.5),
+                           hue: int = 18) -> np.ndarray:
+    """mmseg's `PhotoMetricDistortion` on float `[H, W, 3]` RGB in 0..255, each step with probability
+    1/2: brightness + U(-32, 32); contrast x U(0.5, 1.5), before or after the HSV steps (a coin);
+    saturation x U(0.5, 1.5); hue + an int in [-18, 18] of OpenCV's 8-bit units (2 degrees each).
+    Clipped to 0..255 after each step."""
+    from matplotlib.colors import hsv_to_rgb, rgb_to_hsv
+
+    image = np.asarray(image, np.float32)
+    if rng.integers(2):
+        image = np.clip(image + rng.uniform(-brightness, brightness), 0, 255)
+    contrast_first = bool(rng.integers(2))
+
+    def contrast_step(image):
+        return np.clip(image * rng.uniform(*contrast), 0, 255) if rng.integers(2) else image
+
+    if contrast_first:
+        image = contrast_step(image)
+    hsv = rgb_to_hsv(image / 255.0)
+    if rng.integers(2):
+        hsv[..., 1] = np.clip(hsv[..., 1] * rng.uniform(*saturation), 0, 1)
+    if rng.integers(2):
+        hsv[..., 0] = (hsv[..., 0] + rng.integers(-hue, hue + 1) / 180.0) % 1.0
+    image = np.clip(hsv_to_rgb(hsv) * 255.0, 0, 255).astype(np.float32)
+    if not contrast_first:
+        image = contrast_step(image)
+    return image
+
+
+def _resize(image: Image.Image, label: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(h, w): image bilinear, label nearest."""
+    height, width = size
+    if (image.height, image.width) == (height, width):
+        return np.asarray(image), label
+    return (np.asarray(image.resize((width, height), Image.BILINEAR)),
+            np.asarray(Image.fromarray(label).resize((width, height), Image.NEAREST)))
+
+
+def _empty(image_shape: tuple[int, int], label_shape: tuple[int, int]) -> dict:
+    return {"image": np.zeros((*image_shape, 3), np.float32), "label": np.full(label_shape, IGNORE, np.uint8),
+            "image_size": np.zeros(2, np.int32), "corrupt": np.int32(0)}
+
+
+def _decode(record: SemanticRecord):
+    """(PIL RGB image, uint8 label) or None when the image or its label fails to decode (logged)."""
+    try:
+        image = transforms.decode_rgb(record.image_path)
+        return image, read_label(record, image.height, image.width)
+    except (OSError, SyntaxError) as error:  # a damaged file never stops a run; a size mismatch does
+        log.warning("Skipping %s: it or its label could not be decoded (%s: %s). Its slot has mask 0 and corrupt 1.",
+                    record.image_path, type(error).__name__, error)
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainTransform:
+    """(record, rng) -> {"image": float32 [h, w, 3], "label": uint8 [h, w], "image_size": int32 [2],
+    "corrupt": int32 []} with (h, w) = `crop_size`; see the module docstring."""
+
+    scale: tuple[int, int]
+    ratio_range: tuple[float, float]
+    crop_size: tuple[int, int]
+    cat_max_ratio: float = 0.75
+    flip_prob: float = 0.5
+    photometric: bool = True
+
+    def __call__(self, record: SemanticRecord, rng: np.random.Generator) -> dict:
+        decoded = _decode(record)
+        if decoded is None:
+            return {**_empty(self.crop_size, self.crop_size), "corrupt": np.int32(1)}
+        image, label = decoded
+        ratio = rng.uniform(*self.ratio_range)
+        target = (int(self.scale[0] * ratio), int(self.scale[1] * ratio))
+        pixels, label = _resize(image, label, rescale_size(image.height, image.width, target))
+        top, left = random_crop_box(label, self.crop_size, self.cat_max_ratio, rng)
+        pixels = pixels[top:top + self.crop_size[0], left:left + self.crop_size[1]]
+        label = label[top:top + self.crop_size[0], left:left + self.crop_size[1]]
+        if rng.random() < self.flip_prob:
+            pixels, label = pixels[:, ::-1], label[:, ::-1]
+        pixels = photometric_distortion(pixels, rng) if self.photometric else pixels
+        out = _empty(self.crop_size, self.crop_size)
+        height, width = label.shape
+        out["image"][:height, :width] = transforms.normalize(pixels, transforms.IMAGENET_MEAN, transforms.IMAGENET_STD)
+        out["label"][:height, :width] = label
+        out["image_size"][:] = (height, width)
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalTransform:
+    """record -> {"image": float32 [*input_size, 3] (resized to `scale` keeping the ratio, padded),
+    "label": uint8 `label_size` (original resolution), "image_size": int32 [2] (resized), "corrupt"}."""
+
+    scale: tuple[int, int]
+    input_size: tuple[int, int]
+    label_size: tuple[int, int]
+
+    def __call__(self, record: SemanticRecord, rng=None) -> dict:
+        decoded = _decode(record)
+        if decoded is None:
+            return {**_empty(self.input_size, self.label_size), "corrupt": np.int32(1)}
+        image, label = decoded
+        if label.shape != self.label_size:
+            raise ValueError(f"Eval image {record.image_path} is {label.shape[0]}x{label.shape[1]}; the eval set was "
+                             f"planned for {self.label_size[0]}x{self.label_size[1]} from its first image.")
+        height, width = rescale_size(image.height, image.width, self.scale)
+        pixels = np.asarray(image.resize((width, height), Image.BILINEAR) if (height, width) != label.shape else image)
+        out = _empty(self.input_size, self.label_size)
+        out["image"][:height, :width] = transforms.normalize(pixels, transforms.IMAGENET_MEAN, transforms.IMAGENET_STD)
+        out["label"][:] = label
+        out["image_size"][:] = (height, width)
+        return out
+
+
+def eval_sizes(dataset: SemanticSet, scale: tuple[int, int], stride: int = 32) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(input size, label size) of the eval pass: the resized size padded up to a multiple of
+    `stride`, and the original size. ValueError naming two images of different sizes."""
+    sizes = {}
+    for record in dataset.records:
+        size = (record.height, record.width)
+        if not all(size):
+            with Image.open(record.image_path) as image:  # reads the header only
+                size = (image.height, image.width)
+        sizes.setdefault(size, record.image_path)
+        if len(sizes) > 1:
+            (a, path_a), (b, path_b) = sizes.items()
+            raise ValueError(
+                f"Whole-image evaluation batches images of one size, but {path_a} is {a[0]}x{a[1]} and {path_b} is "
+                f"{b[0]}x{b[1]}. Evaluate a set of one image size (Cityscapes: 1024x2048).")
+    (height, width), = sizes
+    resized = rescale_size(height, width, tuple(scale))
+    return tuple(-(-n // stride) * stride for n in resized), (height, width)
+
+
+def train_stream(dataset: SemanticSet, config: ml_collections.ConfigDict, *, batch_size: int, seed: int,
+                 process_index: int, process_count: int) -> grain.IterDataset:
+    """Infinite augmented batches (`pipeline.train_stream`'s order, sharding and resumability) of
+    `TrainTransform` with the `data` sub-config's `scale`, `ratio_range`, `crop_size`,
+    `cat_max_ratio`, `flip_prob`, `photometric`."""
+    transform = TrainTransform(tuple(config.scale), tuple(config.ratio_range), tuple(config.crop_size),
+                               config.cat_max_ratio, config.flip_prob, config.photometric)
+    examples = Examples(dataset.records, transform, dataset.num_classes, (*transform.crop_size, 3))
+    return _train_stream(examples, batch_size=batch_size, seed=seed, process_index=process_index,
+                         process_count=process_count, num_workers=config.num_workers, num_threads=config.num_threads)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _EvalSlot:
+    """Position in this process's padded pass -> example with mask (padding past the shard)."""
+
+    records: Sequence[SemanticRecord]
+    transform: EvalTransform
+    process_index: int
+    process_count: int
+
+    def __call__(self, position: int) -> dict:
+        index = self.process_index + position * self.process_count
+        if index >= len(self.records):
+            return {**_empty(self.transform.input_size, self.transform.label_size), "mask": np.float32(0)}
+        example = self.transform(self.records[index])
+        return {**example, "mask": np.float32(1 - example["corrupt"])}
+
+
+def eval_pass(dataset: SemanticSet, config: ml_collections.ConfigDict, *, batch_size: int, process_index: int,
+              process_count: int) -> grain.IterDataset:
+    """One unaugmented pass: process p gets images p, p + P, ..., every process the same number of
+    batches, slots past its share padded (label 255, mask 0). Sizes from `eval_sizes`."""
+    input_size, label_size = eval_sizes(dataset, tuple(config.scale))
+    transform = EvalTransform(tuple(config.scale), input_size, label_size)
+    per_process = -(-len(dataset.records) // process_count)
+    num_batches = -(-per_process // batch_size)
+    ds = grain.MapDataset.range(num_batches * batch_size).map(
+        _EvalSlot(dataset.records, transform, process_index, process_count))
+    return to_iter_dataset(ds.batch(batch_size, drop_remainder=True), num_workers=config.num_workers,
+                           num_threads=config.num_threads)
