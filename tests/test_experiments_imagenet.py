@@ -92,8 +92,19 @@ def test_bad_mode_is_reported(tmp_path):
     assert "--config.mode must be 'train' or 'eval'; got 'predict'" in result.stderr
 
 
-# Detection configs (experiments.coco) are checked in test_experiments_coco.py.
-@pytest.mark.parametrize("path", [p for p in CONFIGS if not os.path.basename(p).startswith(("_", "common", "coco", "faster_rcnn", "mask_rcnn", "nuclei"))], ids=os.path.basename)
+# The classification configs: those whose model is a registry name. Detection configs
+# (experiments.coco) are checked in test_experiments_coco.py, segmentation ones (experiments.cityscapes)
+# in test_experiments_cityscapes.py.
+CLASSIFICATION_CONFIGS = [p for p in CONFIGS if "def get_config" in open(p).read() and "name" in load_config(p).model]
+
+
+def test_the_classification_configs_are_found():
+    names = {os.path.basename(p) for p in CLASSIFICATION_CONFIGS}
+    assert {"default.py", "fashion_mnist.py", "cednet50.py", "resnet50.py"} <= names
+    assert not any(name.startswith(("coco", "faster_rcnn", "mask_rcnn", "fpn_", "upernet_", "segmentation")) for name in names)
+
+
+@pytest.mark.parametrize("path", CLASSIFICATION_CONFIGS, ids=os.path.basename)
 def test_every_config_loads_and_names_a_registered_model(path):
     config = load_config(path)
     assert config.model.name in models.names()
