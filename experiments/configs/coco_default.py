@@ -10,9 +10,9 @@ nothing frozen), FPN of 64 channels with C-volution (K=7) output ops, anchors of
 fewer proposals and RoIs, a 256-wide box head, and a mask head of 4 convolutions 32 wide on 7x7
 RoIAlign features (14x14 masks) trained on 8 positive RoIs per image.
 
-Measured 2026-11-25 (jax 0.10.2, 2 CPU cores): bbox AP 0.538 (AP50 0.812), segm AP 0.593 (AP50
-0.822) on the 200 held-out images in 9 min 31 s for the whole command, dataset writing and `--vis 8`
-included (README).
+Measured 2026-12-01 (jax 0.10.2, an idle 2-core CPU machine): bbox AP 0.556 (AP50 0.828), segm AP
+0.622 (AP50 0.839) on the 200 held-out images in 7 min 9 s for the whole command (median of two
+runs from an empty workdir, dataset writing and `--vis 8` included; README, with where the time goes).
 """
 
 from experiments.configs import common

@@ -57,6 +57,18 @@ PUBLISHED_MASK_RCNN_AP = {"resnet50": (38.2, 34.7), "rednet50": (39.9, 35.7), "r
                           "cednet50": (41.0, 36.7)}
 
 
+# The data fields of the datasets written on first use, shared by detection and segmentation.
+EMBEDDED_DATA = {
+    # shapes only
+    "num_train": 1000,
+    "num_val": 200,
+    "image_size": 128,
+    "shapes_seed": 0,
+    # nuclei only
+    "wheel": "",  # a local stardist-0.9.2 wheel; empty: pip downloads it
+}
+
+
 def detection(backbone: str, neck_op: str = "conv", detector: str = "faster_rcnn",
               head_op: str = "conv") -> ml_collections.ConfigDict:
     """Every field `cvolution_jax.tasks.detection` reads, with mmdet's Faster R-CNN (or Mask R-CNN)
@@ -96,13 +108,7 @@ def detection(backbone: str, neck_op: str = "conv", detector: str = "faster_rcnn
         "flip_prob": 0.5,
         "num_workers": 8,
         "num_threads": 4,
-        # shapes only
-        "num_train": 1000,
-        "num_val": 200,
-        "image_size": 128,
-        "shapes_seed": 0,
-        # nuclei only
-        "wheel": "",  # a local stardist-0.9.2 wheel; empty: pip downloads it
+        **EMBEDDED_DATA,
     })
     config.dtype = "float32"
     config.seed = 0
@@ -169,13 +175,7 @@ def segmentation(backbone: str, decode_head: str = "fpn", neck_op: str = "conv")
         "photometric": True,  # mmseg's PhotoMetricDistortion
         "num_workers": 8,
         "num_threads": 4,
-        # shapes only
-        "num_train": 1000,
-        "num_val": 200,
-        "image_size": 128,
-        "shapes_seed": 0,
-        # nuclei only
-        "wheel": "",  # a local stardist-0.9.2 wheel; empty: pip downloads it
+        **EMBEDDED_DATA,
     })
     config.dtype = "float32"
     config.seed = 0
