@@ -49,6 +49,7 @@ def two_images():
     return batch, full
 
 
+@pytest.mark.slow  # 51 s on 2 CPU cores; the Mask R-CNN default's slow test trains it end to end too
 def test_tiny_mask_rcnn_overfits_boxes_and_masks_of_two_images():
     model, (batch, gt_masks) = tiny_detector(), two_images()
     variables = model.init(jax.random.key(0), batch)

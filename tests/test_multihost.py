@@ -57,6 +57,7 @@ def two_process_run(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow  # 96 s on 2 CPU cores with its two-process fixture (the default suite keeps under 15 min)
 def test_two_processes_match_one_process_with_four_devices(two_process_run, tmp_path):
     single = str(tmp_path / "single")
     run_all([start(single, 0, 1, None, *STEPS, devices=4)])
@@ -68,6 +69,7 @@ def test_two_processes_match_one_process_with_four_devices(two_process_run, tmp_
     assert two["top1"] == pytest.approx(one["top1"], abs=1e-6) and two["loss"] == pytest.approx(one["loss"], rel=1e-5)
 
 
+@pytest.mark.slow  # 32 s after the two-process fixture; with the test above, the whole file is slow
 def test_two_process_checkpoint_restores_and_resumes_in_one_process(two_process_run, tmp_path):
     (trained,) = eval_records(two_process_run)
     output = run_all([start(two_process_run, 0, 1, None, "--config.mode=eval", devices=4)])[0]
@@ -78,7 +80,7 @@ def test_two_process_checkpoint_restores_and_resumes_in_one_process(two_process_
     assert [r["step"] for r in eval_records(two_process_run)] == [3, 5]
 
 
-@pytest.mark.slow  # 41 s; the reverse direction (two processes -> one) runs by default
+@pytest.mark.slow  # 41 s
 def test_one_process_checkpoint_resumes_in_two_processes(tmp_path):
     workdir = str(tmp_path)
     run_all([start(workdir, 0, 1, None, *STEPS, devices=4)])
