@@ -31,7 +31,8 @@ from cvolution_jax.detection import config_checks, evaluation, visualize
 from cvolution_jax.detection.faster_rcnn import FasterRCNN, Settings, frozen
 from cvolution_jax.detection.mask_rcnn import MaskRCNN
 from cvolution_jax.layers import SpatialOp
-from cvolution_jax.train import checkpoint, optim, steps
+from cvolution_jax.tasks.pretrained import load_pretrained
+from cvolution_jax.train import optim, steps
 from cvolution_jax.train.loop import DTYPES, DataMesh, Run, report
 
 # Right panel of curves.png: the R-CNN's accuracy on its sampled RoIs and the eval AP.
@@ -124,27 +125,6 @@ def create_optimizer(config, steps_per_epoch: int, params) -> optax.GradientTran
                         weight_decay=config.weight_decay, grad_clip_norm=config.grad_clip_norm)
     return optax.multi_transform({"trained": trained, "frozen": optax.set_to_zero()},
                                  frozen_mask(params, config.model.frozen_stages))
-
-
-def load_pretrained(variables: dict, path: str, step: int | None = None) -> dict:
-    """`variables` with the backbone's replaced by those of an `experiments.imagenet` checkpoint.
-
-    `path` is that run's workdir (or its `checkpoints` folder). The classifier's `fc` is dropped;
-    every other array must match the backbone by name and shape (else CheckpointMismatchError).
-    """
-    directory = path if os.path.basename(os.path.normpath(path)) == "checkpoints" else os.path.join(path, "checkpoints")
-    ckpt = checkpoint.Checkpointer(directory, best_metric="top1")
-    try:
-        saved = ckpt.restore_variables(step)
-    finally:
-        ckpt.close()
-    out = {collection: dict(tree) for collection, tree in variables.items()}
-    for collection in ("params", "batch_stats"):
-        backbone = {k: v for k, v in saved.get(collection, {}).items() if k != "fc"}
-        checkpoint.check_compatible(backbone, variables[collection]["backbone"], f"{directory} ({collection})")
-        out[collection]["backbone"] = jax.tree.map(jnp.asarray, backbone)
-    report(f"Backbone initialised from {directory}.")
-    return out
 
 
 # -------------------------------------------------------------------------------------- steps

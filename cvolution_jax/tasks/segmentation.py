@@ -31,7 +31,7 @@ from cvolution_jax.segmentation import metrics as seg_metrics
 from cvolution_jax.segmentation import visualize
 from cvolution_jax.segmentation.encoder_decoder import EncoderDecoder, init_variables
 from cvolution_jax.segmentation.heads import FCNHead, FPNHead, UPerHead
-from cvolution_jax.tasks.detection import load_pretrained
+from cvolution_jax.tasks.pretrained import load_pretrained
 from cvolution_jax.train import config_checks, optim, steps
 from cvolution_jax.train.loop import DTYPES, DataMesh, Run, report
 
