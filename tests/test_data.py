@@ -2,6 +2,7 @@
 
 import gzip
 import io
+import itertools
 import json
 import logging
 import os
@@ -407,6 +408,37 @@ def test_fashion_mnist_sizes_labels_and_statistics():
         batch["image"][:8, ..., 0], (fashion_mnist.load(FASHION_MNIST, False)[0][:8] - fashion_mnist.MEAN) / fashion_mnist.STD,
         atol=1e-5,
     )
+
+
+def _write_idx(path, array):
+    magic = 2051 if array.ndim == 3 else 2049
+    header = magic.to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_validation_split_holds_out_training_images(tmp_path):
+    # 50 training images whose pixels are their index; 5 test images of 255s that validation never reads.
+    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", np.broadcast_to(np.arange(50)[:, None, None], (50, 28, 28)))
+    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.arange(50) % 10)
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", np.full((5, 28, 28), 255))
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.zeros(5))
+
+    def indices(name, seed):
+        """(examples, the images' indices) of split `name`; train: two epochs of its 40 images."""
+        cfg = config(name="fashion_mnist", path=str(tmp_path), image_size=28, validation_size=10)
+        train = name == "train"
+        split = data.create_split(cfg, train=train, batch_size=10, seed=seed, process_index=0, process_count=1)
+        batches = itertools.islice(iter(split.dataset), 8) if train else iter(split.dataset)
+        pixels = np.concatenate([b["image"][b["mask"] > 0, 14, 14, 0] for b in batches])  # centre: never cropped off
+        return split.num_examples, set(np.rint(pixels * fashion_mnist.STD + fashion_mnist.MEAN).astype(int).tolist())
+
+    (num_val, val), (num_train, train) = indices("validation", 0), indices("train", 0)
+    assert (num_val, num_train) == (10, 40) and len(val) == 10 and not val & train and val | train == set(range(50))
+    assert indices("validation", 7)[1] == val  # the training seed never moves an image between the splits
+    assert sorted(val) == fashion_mnist.validation_indices(50, 10)[1].tolist()
+    with pytest.raises(ValueError, match=r"data.validation_size must be in \[0, 50\)"):
+        fashion_mnist.validation_indices(50, 50)
 
 
 def test_fashion_mnist_missing_files_name_the_debian_package(tmp_path):

@@ -14,7 +14,7 @@ from cvolution_jax.convert import torch_rednet
 from cvolution_jax.detection.config_checks import check_detection
 from cvolution_jax.tasks.classification import check_classification
 from cvolution_jax.train.config_checks import ConfigError, check_workdir
-from experiments.configs import coco_default
+from experiments.configs import coco_default, common
 from tests import tiny_config
 from tests.conftest import CONFIGS, load_config
 
@@ -128,6 +128,9 @@ def test_every_shipped_config_passes(path, tmp_path):
     config = load_config(path)
     if os.path.basename(path).startswith(DETECTION):
         check_detection(config, str(tmp_path), train=True)
+    elif os.path.basename(path).startswith("ablation_"):  # a study: each row's run is a classification run
+        for row in config.rows:
+            check_classification(common.study_run(config, row, 0), str(tmp_path), train=True)
     elif os.path.basename(path).startswith(("fpn_", "upernet_", "segmentation_")):
         from cvolution_jax.tasks.segmentation import check_segmentation
 

@@ -94,8 +94,9 @@ def test_bad_mode_is_reported(tmp_path):
 
 # The classification configs: those whose model is a registry name. Detection configs
 # (experiments.coco) are checked in test_experiments_coco.py, segmentation ones (experiments.cityscapes)
-# in test_experiments_cityscapes.py.
-CLASSIFICATION_CONFIGS = [p for p in CONFIGS if "def get_config" in open(p).read() and "name" in load_config(p).model]
+# in test_experiments_cityscapes.py, studies (experiments.ablation, a config per row) in test_errors.py
+# and test_experiments_ablation.py.
+CLASSIFICATION_CONFIGS = [p for p in CONFIGS if "def get_config" in open(p).read() and "name" in load_config(p).get("model", {})]
 
 
 def test_the_classification_configs_are_found():

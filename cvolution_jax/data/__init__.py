@@ -73,6 +73,8 @@ def default_config() -> ml_collections.ConfigDict:
     config.test_fraction = 0.2  # share of the 1797 images in the fixed stratified test split
     # fashion_mnist
     config.path = "/usr/share/datasets/fashion-mnist"  # folder of the four *-ubyte.gz idx files
+    config.translate_pixels = 4  # train augmentation: random translation by up to this many pixels (and flips)
+    config.validation_size = 0  # > 0: train on 60000 - N images, evaluate on the N held out (not the test set)
     # imagenet
     config.source = "imagefolder"  # "imagefolder" (data_dir/{train,val}/<wnid>/*.JPEG) or "tfds"
     config.data_dir = ""  # imagefolder: the tree's root; tfds: its data_dir ("" = tfds default)

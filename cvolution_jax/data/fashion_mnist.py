@@ -23,7 +23,7 @@ SIZE = 28
 # Pixel mean and std of the 60000 training images on the 0..255 scale.
 MEAN = 72.94035
 STD = 90.02118
-TRANSLATE_PIXELS = 4  # train augmentation: random translation by up to this, at output size
+VALIDATION_SEED = 0  # fixes which training images `validation_size` holds out, whatever the run's seed
 
 _FILES = {
     True: ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -74,25 +74,53 @@ def load(path: str, train: bool) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
-    """(image uint8 [28, 28], label) -> example with image float32 [size, size, 1], normalised."""
+    """(image uint8 [28, 28], label) -> example with image float32 [size, size, 1], normalised;
+    training examples are translated at random by up to `translate_pixels` (at output size) and
+    flipped left-right with probability 1/2."""
 
     image_size: int
+    translate_pixels: int = 4
 
     def __call__(self, record: tuple[np.ndarray, int], rng: np.random.Generator | None) -> Example:
         image, label = record
         image = transforms.resize_bilinear(image, self.image_size)[..., None]
         if rng is not None:
-            image = transforms.random_flip(transforms.pad_and_random_crop(image, TRANSLATE_PIXELS, rng), rng)
+            image = transforms.random_flip(transforms.pad_and_random_crop(image, self.translate_pixels, rng), rng)
         return example(transforms.normalize(image, MEAN, STD), label)
 
 
+def validation_indices(num_train: int, validation_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, validation indices) of the `num_train` training images: `validation_size`
+    of them drawn at random (fixed by `VALIDATION_SEED`) form the validation split, the rest train.
+    Both sorted."""
+    if not 0 <= validation_size < num_train:
+        raise ValueError(
+            f"data.validation_size must be in [0, {num_train}) (training images held out for validation; 0 "
+            f"evaluates on the test set); got {validation_size}.")
+    held_out = np.zeros(num_train, bool)
+    held_out[np.random.default_rng(VALIDATION_SEED).permutation(num_train)[:validation_size]] = True
+    return np.flatnonzero(~held_out), np.flatnonzero(held_out)
+
+
 def create(config: ml_collections.ConfigDict, *, train: bool, seed: int) -> Examples:
-    """The train or test split from `config.path`, resized to `config.image_size` if not 28."""
+    """The train or test split from `config.path`, resized to `config.image_size` if not 28.
+
+    With `config.validation_size` N > 0, N training images (`validation_indices`) are held out:
+    training reads the other 60000 - N and evaluation reads those N instead of the test set, so a
+    recipe can be chosen without looking at the test images.
+    """
     del seed  # the data does not depend on the training seed
-    images, labels = load(os.path.expanduser(config.path), train)
+    translate_pixels = config.get("translate_pixels", 4)
+    if not isinstance(translate_pixels, int) or translate_pixels < 0:
+        raise ValueError(f"data.translate_pixels must be an int >= 0 (0: flips only); got {translate_pixels!r}.")
+    validation_size = config.get("validation_size", 0)
+    images, labels = load(os.path.expanduser(config.path), train or validation_size > 0)
+    if validation_size > 0:
+        kept = validation_indices(len(labels), validation_size)[0 if train else 1]
+        images, labels = images[kept], labels[kept]
     return Examples(
         records=ArrayRecords(images, labels),
-        preprocess=Preprocess(config.image_size),
+        preprocess=Preprocess(config.image_size, translate_pixels),
         num_classes=NUM_CLASSES,
         image_shape=(config.image_size, config.image_size, 1),
     )

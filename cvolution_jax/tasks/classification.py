@@ -63,6 +63,17 @@ def create_optimizer(config, steps_per_epoch: int, total_steps: int) -> optax.Gr
                      nesterov=config.nesterov, weight_decay=config.weight_decay, decay_mask=decay_mask)
 
 
+def schedule_length(config: ml_collections.ConfigDict, num_train_examples: int) -> tuple[int, int]:
+    """(steps per epoch, total training steps) of a run of `config` on `num_train_examples` images:
+    whole global batches per epoch; `config.num_train_steps` if > 0, else `config.num_epochs` epochs."""
+    steps_per_epoch = num_train_examples // config.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"config.batch_size={config.batch_size} exceeds the {num_train_examples} training examples; lower it.")
+    total_steps = config.num_train_steps if config.num_train_steps > 0 else int(config.num_epochs * steps_per_epoch)
+    return steps_per_epoch, total_steps
+
+
 def check_classification(config: ml_collections.ConfigDict, workdir: str, *, train: bool) -> None:
     """Every field the classification task (`cvolution_jax.tasks.classification`) reads before it builds
     anything, then the workdir."""
@@ -170,12 +181,7 @@ class Classification:
         train_split = split(train=True) if train else None
         eval_split = split(train=False)
         if train:
-            steps_per_epoch = train_split.num_examples // config.batch_size
-            if steps_per_epoch == 0:
-                raise ValueError(
-                    f"config.batch_size={config.batch_size} exceeds the {train_split.num_examples} training examples; "
-                    f"lower it.")
-            total_steps = config.num_train_steps if config.num_train_steps > 0 else int(config.num_epochs * steps_per_epoch)
+            steps_per_epoch, total_steps = schedule_length(config, train_split.num_examples)
         else:
             # The schedule's lengths are no part of the state a checkpoint is restored into.
             steps_per_epoch, total_steps = 1, 1

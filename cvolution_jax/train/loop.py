@@ -37,6 +37,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
+from cvolution_jax import files
 from cvolution_jax.train import checkpoint
 from cvolution_jax.train.metrics import MetricWriter, plot_curves
 
@@ -68,7 +69,7 @@ def _flatten(tree, prefix: tuple = ()) -> dict:
     return {path: leaf for key, value in tree.items() for path, leaf in _flatten(value, (*prefix, str(key))).items()}
 
 
-def _config_differences(saved: dict, current: dict) -> list[str]:
+def config_differences(saved: dict, current: dict) -> list[str]:
     """`"base_lr: 0.1 -> 0.2"` per field that differs (absent fields shown as `-`)."""
     saved, current = _flatten(saved), _flatten(current)
     return [f"{path}: {saved.get(path, '-')} -> {current.get(path, '-')}"
@@ -97,7 +98,7 @@ def save_config(config: ml_collections.ConfigDict, workdir: str, *, step: int = 
     else:
         try:
             with open(original) as f:
-                differences = _config_differences(json.load(f), json.loads(text))
+                differences = config_differences(json.load(f), json.loads(text))
         except (OSError, ValueError) as error:
             differences = [f"{original} cannot be read ({error})"]
         if not differences:
@@ -191,7 +192,8 @@ def fit(config, *, state, train_iter, step_fn, total_steps: int, eval_every: int
     """The training loop of every task: steps, logging, evaluation, checkpoints, SIGTERM and Ctrl-C.
 
     SIGTERM or SIGINT (Ctrl-C) finishes the current step, saves a checkpoint and returns; a second
-    Ctrl-C raises KeyboardInterrupt at once, without saving.
+    Ctrl-C raises KeyboardInterrupt at once, without saving. A Python handler of the signal installed
+    before `fit` is called with it after the save.
 
     Args:
       state: the (restored) train state; training continues from `state.step`.
@@ -260,6 +262,11 @@ def fit(config, *, state, train_iter, step_fn, total_steps: int, eval_every: int
             signal.signal(signum, handler)
         ckpt.close()
         writer.close()
+    outer = previous_handlers.get(stop["signal"])
+    if callable(outer) and outer is not signal.default_int_handler:
+        # A caller that handles the signal itself (a grid of runs, `experiments.ablation`) learns of it
+        # too; Python's own Ctrl-C handler would raise KeyboardInterrupt after the save, so it is not called.
+        outer(stop["signal"], None)
     return eval_metrics
 
 
@@ -304,6 +311,6 @@ def evaluate(task: Task, config: ml_collections.ConfigDict, workdir: str, step: 
     restored = int(state.step)
     metrics = run.evaluate(state, restored)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, f"eval_{restored}.json"), "w") as f:
+        with files.atomic_open(os.path.join(workdir, f"eval_{restored}.json")) as f:
             json.dump({"step": restored, **metrics}, f, indent=1)
     return metrics

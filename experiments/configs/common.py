@@ -193,3 +193,14 @@ def segmentation(backbone: str, decode_head: str = "fpn", neck_op: str = "conv")
     config.keep_checkpoints = 3  # the latest ones; the best by eval mIoU is kept too
     config.expected_miou = PUBLISHED_MIOU.get((decode_head, backbone, neck_op), -1.0)
     return config
+
+
+def study_run(study: ml_collections.ConfigDict, row: str, seed: int) -> ml_collections.ConfigDict:
+    """The config of one run of a study (`experiments.ablation`): `study.recipe` with the model of
+    row `row` (`study.models[row]`) and `seed`."""
+    if row not in study.models:
+        raise ValueError(f"Unknown ablation row {row!r}; the rows are {', '.join(study.models)}.")
+    config = study.recipe.copy_and_resolve_references()
+    config.model = study.models[row].copy_and_resolve_references()
+    config.seed = seed
+    return config
