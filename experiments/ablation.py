@@ -40,7 +40,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from scipy import stats
 
-from cvolution_jax import count, data, files
+from cvolution_jax import count, data, files, layers
 from cvolution_jax.tasks import classification
 from cvolution_jax.train import checkpoint, loop
 from cvolution_jax.train.metrics import read_metrics
@@ -149,14 +149,12 @@ def images_per_sec(workdir: str) -> float:
 
 
 def describe(model: ml_collections.ConfigDict) -> dict:
-    """The op and switches of a row's model config, for the table."""
-    switches = dict(model.overrides.get("op_kwargs", ()))
+    """The op of a row's model config and, for C-volution, its two switches, for the table."""
     kind = model.name.rstrip("0123456789")
-    op = {"resnet": "conv3x3", "rednet": "involution", "cednet": "cvolution"}.get(kind, kind)
-    if op == "cvolution":
-        return {"op": op, "context": switches.get("context", "dilated3x3"),
-                "channel_branch": bool(switches.get("channel_branch", True))}
-    return {"op": op, "context": "-", "channel_branch": False}
+    if kind == "cednet":
+        op = layers.SpatialOp.named("cvolution", model.overrides.get("op_kwargs", ()))
+        return {"op": "cvolution", "context": op.context, "channel_branch": op.channel_branch}
+    return {"op": {"resnet": "conv3x3", "rednet": "involution"}.get(kind, kind), "context": "-", "channel_branch": False}
 
 
 def holm(p_values: list[float]) -> list[float]:

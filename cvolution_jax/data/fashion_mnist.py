@@ -115,7 +115,7 @@ def create(config: ml_collections.ConfigDict, *, train: bool, seed: int) -> Exam
         raise ValueError(f"data.translate_pixels must be an int >= 0 (0: flips only); got {translate_pixels!r}.")
     validation_size = config.get("validation_size", 0)
     images, labels = load(os.path.expanduser(config.path), train or validation_size > 0)
-    if validation_size > 0:
+    if validation_size:  # a negative size is refused by validation_indices
         kept = validation_indices(len(labels), validation_size)[0 if train else 1]
         images, labels = images[kept], labels[kept]
     return Examples(
