@@ -13,7 +13,10 @@ the study runs it (`get_config("cednet")` is that row's run config with seed 0):
 
 The recipe was chosen on a validation split (`--config.recipe.data.validation_size=10000`: 10000
 training images held out and evaluated instead of the test set); the test images were only
-evaluated by the final grid. Expected and measured: README, "Does C-volution help?".
+evaluated by the final grid. Expected (measured 2026-12-01/02, 2-core CPU, 1 h 46 min for the grid; README,
+"Does C-volution help?"): test top-1 mean ± std over seeds 0-2, resnet 89.34 ± 0.44, resnet_matched
+89.11 ± 0.26, rednet 88.58 ± 0.21, cednet_context 88.98 ± 0.19, cednet_channel 89.09 ± 0.63, cednet
+88.93 ± 0.34; no difference exceeds the seeds' spread.
 """
 
 import ml_collections
