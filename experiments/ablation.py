@@ -28,7 +28,6 @@ import json
 import logging
 import math
 import os
-import signal
 import sys
 import time
 
@@ -40,7 +39,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from scipy import stats
 
-from cvolution_jax import count, data, files, layers
+from cvolution_jax import count, data, files, models
 from cvolution_jax.tasks import classification
 from cvolution_jax.train import checkpoint, loop
 from cvolution_jax.train.metrics import read_metrics
@@ -87,6 +86,14 @@ def _read_json(path: str) -> dict | None:
         return None
 
 
+def _latest_step(workdir: str) -> int | None:
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+    try:
+        return ckpt.latest_step()
+    finally:
+        ckpt.close()
+
+
 class RunMismatchError(ValueError):
     """A run's workdir holds a run of another config than the study's."""
 
@@ -112,11 +119,7 @@ def train_and_test(config: ml_collections.ConfigDict, workdir: str) -> dict | No
     task = classification.Classification()
     task.check_config(config, workdir, train=True)
     last = total_steps(config)
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
-    try:
-        trained = ckpt.latest_step()
-    finally:
-        ckpt.close()
+    trained = _latest_step(workdir)
     _check_same_run(config, workdir, trained, last)
     eval_path = os.path.join(workdir, f"eval_{last}.json")
     if trained == last and (metrics := _read_json(eval_path)) is not None:
@@ -131,12 +134,8 @@ def train_and_test(config: ml_collections.ConfigDict, workdir: str) -> dict | No
                       "invocations": timing["invocations"] + 1}
             with files.atomic_open(os.path.join(workdir, TIMING_FILE)) as f:
                 json.dump(timing, f)
-        ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
-        try:
-            if ckpt.latest_step() != last:
-                return None
-        finally:
-            ckpt.close()
+        if _latest_step(workdir) != last:
+            return None
     loop.evaluate(task, config, workdir, last)
     return _read_json(eval_path)
 
@@ -149,12 +148,14 @@ def images_per_sec(workdir: str) -> float:
 
 
 def describe(model: ml_collections.ConfigDict) -> dict:
-    """The op of a row's model config and, for C-volution, its two switches, for the table."""
-    kind = model.name.rstrip("0123456789")
-    if kind == "cednet":
-        op = layers.SpatialOp.named("cvolution", model.overrides.get("op_kwargs", ()))
-        return {"op": "cvolution", "context": op.context, "channel_branch": op.channel_branch}
-    return {"op": {"resnet": "conv3x3", "rednet": "involution"}.get(kind, kind), "context": "-", "channel_branch": False}
+    """The op of a row's model config (its registry family's, with the row's switches) and, for
+    C-volution, its two switches, for the table."""
+    family = models.FAMILIES[model.name.rstrip("0123456789")][1]
+    op = family["op"].with_switches(model.overrides.get("op_kwargs", ()))
+    if op.kind == "cvolution":
+        return {"op": op.kind, "context": op.context, "channel_branch": op.channel_branch}
+    name = f"conv{op.kernel_size}x{op.kernel_size}" if op.kind == "conv" else op.kind
+    return {"op": name, "context": "-", "channel_branch": False}
 
 
 def holm(p_values: list[float]) -> list[float]:
@@ -271,16 +272,8 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, command: str = "")
     evaluation); a second Ctrl-C raises KeyboardInterrupt at once.
     """
     check_study(study)
-    stop = {"signal": None}
-
-    def request_stop(signum, frame):
-        if signum == signal.SIGINT and stop["signal"] is not None:
-            raise KeyboardInterrupt
-        stop["signal"] = signum
-
-    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     results = {}
-    try:
+    with loop.stop_requests() as stop:
         # Seed by seed, so a grid run in parts has whole tables of the first seeds early.
         for seed, row in itertools.product(study.seeds, study.rows):
             loop.report(f"ablation: {row}, seed {seed}")
@@ -293,9 +286,6 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, command: str = "")
                 loop.report(f"ablation: stopped at {row}, seed {seed}; rerun the same command to resume the grid.")
                 return None
             results.setdefault(row, {})[seed] = metrics
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
     summary = summarize(study, workdir, results, command)
     with files.atomic_open(os.path.join(workdir, "results.json")) as f:
         json.dump(summary, f, indent=1)

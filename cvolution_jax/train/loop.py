@@ -20,6 +20,7 @@ stops the run before anything is saved, so the last checkpoint on disk is a good
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -187,6 +188,32 @@ def _check_finite(history: list[dict], ckpt: checkpoint.Checkpointer) -> dict:
     return {k: float(np.mean([r[k] for r in history])) for k in history[0] if k != "examples"}
 
 
+@contextlib.contextmanager
+def stop_requests():
+    """`with stop_requests() as stop:` SIGTERM or SIGINT (Ctrl-C) set `stop["signal"]` instead of
+    ending the process, so the loop inside can save and return; a second Ctrl-C raises
+    KeyboardInterrupt at once. On leaving, the previous handlers come back and, when a signal
+    arrived, a Python handler among them (a caller's own: a grid of runs, `experiments.ablation`)
+    is called with it too. Python's default Ctrl-C handler is not: it would raise KeyboardInterrupt
+    after the save."""
+    stop = {"signal": None}
+
+    def request_stop(signum, frame):
+        if signum == signal.SIGINT and stop["signal"] is not None:
+            raise KeyboardInterrupt  # pressed again: the user wants out now, not after the save
+        stop["signal"] = signum
+
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    outer = previous.get(stop["signal"])
+    if callable(outer) and outer is not signal.default_int_handler:
+        outer(stop["signal"], None)
+
+
 def fit(config, *, state, train_iter, step_fn, total_steps: int, eval_every: int, ckpt: checkpoint.Checkpointer,
         writer: MetricWriter, evaluate, learning_rate) -> dict:
     """The training loop of every task: steps, logging, evaluation, checkpoints, SIGTERM and Ctrl-C.
@@ -209,64 +236,50 @@ def fit(config, *, state, train_iter, step_fn, total_steps: int, eval_every: int
       The last evaluation's metrics.
     """
     start = int(state.step)
-    stop = {"signal": None}
-
-    def request_stop(signum, frame):
-        if signum == signal.SIGINT and stop["signal"] is not None:
-            raise KeyboardInterrupt  # pressed again: the user wants out now, not after the save
-        stop["signal"] = signum
-
-    previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     history, eval_metrics = [], {}
-    progress = tqdm(total=total_steps, initial=start, desc="train", unit="step", disable=jax.process_index() != 0)
-    tick, tick_step = time.perf_counter(), start
-    try:
-        if total_steps < 1:
-            raise ValueError(
-                f"The run has {total_steps} training steps: config.num_epochs={config.num_epochs} of this dataset's "
-                f"steps per epoch rounds down to 0. Raise config.num_epochs or set config.num_train_steps."
-            )
-        for step in range(start + 1, total_steps + 1):
-            state, metrics = step_fn(state, next(train_iter), step)
-            history.append(metrics)
-            progress.update(1)
-            # Read once: a signal arriving later in this iteration is handled at the next step.
-            stopping = stop["signal"] is not None
-            last = step == total_steps
-            evaluate_now = step % eval_every == 0 or last
-            save_now = evaluate_now or step % config.checkpoint_every_steps == 0 or stopping
-            if step % config.log_every_steps == 0 or save_now:
-                # Every checkpoint is preceded by this check, so none holds a diverged state.
-                summary = _check_finite(history, ckpt)
-                history = []
-                now = time.perf_counter()
-                summary["images_per_sec"] = (step - tick_step) * config.batch_size / (now - tick)
-                summary["learning_rate"] = float(learning_rate(step - 1))
-                tick, tick_step = now, step
-                writer.write(step, "train", summary)
-                progress.set_postfix(loss=f"{summary['loss']:.3f}", img_s=f"{summary['images_per_sec']:.1f}")
-            if evaluate_now:
-                eval_metrics = evaluate(state, step)
-                if eval_metrics:
-                    writer.write(step, "eval", eval_metrics)
-            if save_now:
-                ckpt.save(step, state, train_iter, eval_metrics if evaluate_now else None)
-            if stopping:
-                name = signal.Signals(stop["signal"]).name
-                report(f"Received signal {stop['signal']} ({name}): saved the checkpoint of step {step}; rerun the same "
-                       f"command to resume.")
-                break
-    finally:
-        progress.close()
-        for signum, handler in previous_handlers.items():
-            signal.signal(signum, handler)
-        ckpt.close()
-        writer.close()
-    outer = previous_handlers.get(stop["signal"])
-    if callable(outer) and outer is not signal.default_int_handler:
-        # A caller that handles the signal itself (a grid of runs, `experiments.ablation`) learns of it
-        # too; Python's own Ctrl-C handler would raise KeyboardInterrupt after the save, so it is not called.
-        outer(stop["signal"], None)
+    with stop_requests() as stop:
+        progress = tqdm(total=total_steps, initial=start, desc="train", unit="step", disable=jax.process_index() != 0)
+        tick, tick_step = time.perf_counter(), start
+        try:
+            if total_steps < 1:
+                raise ValueError(
+                    f"The run has {total_steps} training steps: config.num_epochs={config.num_epochs} of this dataset's "
+                    f"steps per epoch rounds down to 0. Raise config.num_epochs or set config.num_train_steps."
+                )
+            for step in range(start + 1, total_steps + 1):
+                state, metrics = step_fn(state, next(train_iter), step)
+                history.append(metrics)
+                progress.update(1)
+                # Read once: a signal arriving later in this iteration is handled at the next step.
+                stopping = stop["signal"] is not None
+                last = step == total_steps
+                evaluate_now = step % eval_every == 0 or last
+                save_now = evaluate_now or step % config.checkpoint_every_steps == 0 or stopping
+                if step % config.log_every_steps == 0 or save_now:
+                    # Every checkpoint is preceded by this check, so none holds a diverged state.
+                    summary = _check_finite(history, ckpt)
+                    history = []
+                    now = time.perf_counter()
+                    summary["images_per_sec"] = (step - tick_step) * config.batch_size / (now - tick)
+                    summary["learning_rate"] = float(learning_rate(step - 1))
+                    tick, tick_step = now, step
+                    writer.write(step, "train", summary)
+                    progress.set_postfix(loss=f"{summary['loss']:.3f}", img_s=f"{summary['images_per_sec']:.1f}")
+                if evaluate_now:
+                    eval_metrics = evaluate(state, step)
+                    if eval_metrics:
+                        writer.write(step, "eval", eval_metrics)
+                if save_now:
+                    ckpt.save(step, state, train_iter, eval_metrics if evaluate_now else None)
+                if stopping:
+                    name = signal.Signals(stop["signal"]).name
+                    report(f"Received signal {stop['signal']} ({name}): saved the checkpoint of step {step}; rerun the same "
+                           f"command to resume.")
+                    break
+        finally:
+            progress.close()
+            ckpt.close()
+            writer.close()
     return eval_metrics
 
 
