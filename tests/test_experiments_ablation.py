@@ -144,6 +144,18 @@ def test_compare_is_welchs_t_test():
     assert not pairs["a", "c"]["exceeds_spread"]
 
 
+def test_compare_rows_without_spread_and_with_one_seed():
+    # Ties: rows whose seeds all agree have no spread, so Welch's t is undefined (scipy gives NaN);
+    # equal means then differ by nothing and unequal ones always. One seed: no spread at all.
+    same = {"row": "a", "top1": [90.0, 90.0], "mean": 90.0}
+    equal, higher = dict(same, row="b"), {"row": "c", "top1": [91.0, 91.0], "mean": 91.0}
+    pairs = {(p["a"], p["b"]): p for p in ablation.compare([same, equal, higher])}
+    assert (pairs["a", "b"]["p"], pairs["a", "b"]["exceeds_spread"]) == (1.0, False)
+    assert (pairs["a", "c"]["p"], pairs["a", "c"]["exceeds_spread"]) == (0.0, True)
+    (single,) = ablation.compare([{"row": "a", "top1": [90.0], "mean": 90.0}, {"row": "b", "top1": [91.0], "mean": 91.0}])
+    assert math.isnan(single["p"]) and math.isnan(single["p_holm"]) and not single["exceeds_spread"]
+
+
 def test_study_config_rows_and_one_run_alone():
     study = ablation_fashion_mnist.get_config()
     assert set(study.rows) >= {"resnet", "rednet", "cednet", "cednet_context", "cednet_channel", "resnet_matched"}
