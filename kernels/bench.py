@@ -220,11 +220,14 @@ def run_fused(name: str, op: Op, dtype, *, with_static: bool, interpret: bool, i
     return rows
 
 
-# The XLA path on CPU: small enough for a 2-core machine, one stride-2 op and the stem's K=3.
+# The XLA path on CPU: small enough for a 2-core machine, one stride-2 op and the stem's K=3, and
+# the Fashion-MNIST ablation backbone's two 7x7 ops at its batch of 128 (many images, few channels).
 XLA_BACKWARD_OPS = {
     "c128_k7": Op(8, 28, 128, 7, 1),
     "c128_k7_s2": Op(8, 28, 128, 7, 2),
     "stem_c32_k3": Op(8, 56, 32, 3, 1),
+    "fmnist_c16_k7": Op(128, 14, 16, 7, 1),
+    "fmnist_c32_k7_s2": Op(128, 14, 32, 7, 2),
 }
 XLA_BACKWARD_IMPLS = ("xla", "xla_autodiff", "depthwise_conv", "torch_involution_naive")
 TORCH_NOT_RUN = "not run (torch / involution code not available)"

@@ -199,20 +199,23 @@ def _dynamic_grad(x, dout, *, k: int, s: int, d: int):
 def _static_grad(x, dout, *, k: int, s: int, d: int):
     """`dS: [K*K, C]`: per tap, `dout * x_tap` summed over batch and space.
 
-    Each tap's loop adds the batch's B images into a buffer `[K*K, Ho, Wo, C]` (K*K / B outputs'
-    worth), and one reduction finishes all taps: K*K separate full reductions run far slower on
-    XLA's CPU backend.
+    One variadic `lax.reduce` makes all K*K sums in a single pass over the pixels, with the K*K
+    products fused into it: K*K separate reductions each copy their window out first, and adding
+    the images one by one per tap grew with the batch (at B=128, 14x14, C=16, K=7: 34 ms and a
+    10 s compile, against 2 ms and 0.2 s). Space is summed per image and the images afterwards,
+    which keeps float32 round-off near the per-tap sums' (one pass over all B*Ho*Wo terms
+    lost ~10x more).
     """
-    b = x.shape[0]
-    ho, wo, c = dout.shape[1:]
+    ho, wo = dout.shape[1:3]
     x_phases = _phase_split(x, k=k, s=s, d=d, out_size=(ho, wo))  # [B, s, s, Hs, Ws, C]
-    partials = jnp.zeros((k * k, ho, wo, c), dout.dtype)
+    products = []
     for kh in range(k):
         for kw in range(k):
             (oh, rh), (ow, rw) = divmod(kh * d, s), divmod(kw * d, s)
-            window = x_phases[:, rh, rw, oh : oh + ho, ow : ow + wo]
-            partials = partials.at[kh * k + kw].set(functools.reduce(jnp.add, (dout[i] * window[i] for i in range(b))))
-    return partials.sum(axis=(1, 2))
+            products.append(dout * x_phases[:, rh, rw, oh : oh + ho, ow : ow + wo])
+    zeros = (jnp.zeros((), dout.dtype),) * len(products)
+    per_image = lax.reduce(tuple(products), zeros, lambda a, b: tuple(u + v for u, v in zip(a, b)), (1, 2))  # K*K x [B, C]
+    return jnp.stack(per_image).sum(axis=1)
 
 
 def _aggregate_bwd(kernel_size, stride, dilation, residuals, dout):

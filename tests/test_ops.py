@@ -114,6 +114,23 @@ def test_gradients_match_closed_form():
         np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-4)
 
 
+def test_static_kernel_gradient_of_a_large_batch_keeps_float32_round_off_small():
+    """dS sums B*Ho*Wo = 12544 products per tap. With inputs of non-zero mean, one running float32
+    sum over all of them drifts ~4e-6 of the result; the backward sums each image's pixels first,
+    then the images (~1e-7). Against a float64 numpy sum of the spec's formula, K=7, stride 1."""
+    b, size, c, k = 64, 14, 16, 7
+    x = np.asarray(jax.random.normal(jax.random.key(11), (b, size, size, c))) + 0.5
+    dout = np.asarray(jax.random.normal(jax.random.key(12), (b, size, size, c))) + 0.5
+    dynamic = jnp.zeros((b, size, size, 1, k * k))
+    static = jnp.zeros((k * k, c))
+    _, vjp = jax.vjp(lambda st: reference.aggregate(x, dynamic, st, kernel_size=k, stride=1, dilation=1), static)
+    (dstatic,) = vjp(jnp.asarray(dout))
+    pad = (k - 1) // 2
+    x_pad = np.pad(x.astype(np.float64), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    expected = np.stack([(x_pad[:, kh : kh + size, kw : kw + size] * dout).sum((0, 1, 2)) for kh in range(k) for kw in range(k)])
+    assert np.abs(np.asarray(dstatic, np.float64) - expected).max() <= 5e-7 * np.abs(expected).max()
+
+
 def vjp_all(fn, args, cotangent, **config):
     out, vjp = jax.vjp(lambda *a: fn(*a, **config), *args)
     return (out, *vjp(cotangent))
