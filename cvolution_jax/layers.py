@@ -122,6 +122,18 @@ class KernelGenerator(nn.Module):
         return u, params["kernel"].reshape(reduced, -1).astype(self.dtype), params["bias"].astype(self.dtype)
 
 
+# The static kernel's initialisers. "fan_in" (the spec's): as a depthwise conv's, variance 1/(K*K);
+# "zeros": C-volution starts as involution and the channel branch grows from there (an ablation).
+STATIC_INITS = {"fan_in": nn.initializers.variance_scaling(1.0, "fan_in", "normal"), "zeros": nn.initializers.zeros}
+
+
+def static_initializer(name: str):
+    """The initialiser `STATIC_INITS[name]`, or a ValueError naming the choices."""
+    if name not in STATIC_INITS:
+        raise ValueError(f"static_init must be one of {', '.join(map(repr, STATIC_INITS))}; got {name!r}.")
+    return STATIC_INITS[name]
+
+
 class CVolution(nn.Module):
     """C-volution: `[B, H, W, C] -> [B, ceil(H/s), ceil(W/s), C]`.
 
@@ -136,6 +148,7 @@ class CVolution(nn.Module):
     stride: int = 1
     context: str = "dilated3x3"
     channel_branch: bool = True
+    static_init: str = "fan_in"  # S's initialiser, a key of STATIC_INITS
     dilation: int = 1
     dtype: Any = jnp.float32
     impl: str = "auto"
@@ -150,8 +163,7 @@ class CVolution(nn.Module):
         generated = generator(x, train, fused=fused)
         static = None
         if self.channel_branch:
-            # Initialised as a depthwise conv would be: variance 1/fan_in with fan_in = K*K.
-            static = self.param("static_kernel", nn.initializers.variance_scaling(1.0, "fan_in", "normal"), (self.kernel_size**2, self.channels))
+            static = self.param("static_kernel", static_initializer(self.static_init), (self.kernel_size**2, self.channels))
         config = dict(kernel_size=self.kernel_size, stride=self.stride, dilation=self.dilation)
         if not fused:
             return ops.aggregate(x, generated, static, **config, impl=self.impl)
@@ -185,10 +197,12 @@ class SpatialOp:
         involution and C-volution.
       context, channel_branch: C-volution's switches (its ablations); `kind="involution"` turns
         both off whatever they say.
+      static_init: the static kernel's initialiser, a key of `STATIC_INITS` (C-volution with the
+        channel branch only).
       impl, fuse_generator: the aggregation's implementation (`ops.aggregate`) and whether the
         generator's span conv is fused into it (`kernels.fused`).
 
-    A convolution ignores the last four. Configs hold an op as plain data, its kind and its
+    A convolution ignores the last five. Configs hold an op as plain data, its kind and its
     switches as (key, value) pairs; `SpatialOp.named` is where they become one.
     """
 
@@ -196,12 +210,14 @@ class SpatialOp:
     kernel_size: int | None = None
     context: str = "dilated3x3"
     channel_branch: bool = True
+    static_init: str = "fan_in"
     impl: str = "auto"
     fuse_generator: bool | None = None
 
     def __post_init__(self):
         if self.kind not in SPATIAL_OPS:
             raise ValueError(f"spatial op must be one of {SPATIAL_OPS}; got {self.kind!r}.")
+        static_initializer(self.static_init)  # a bad name fails here, where the config is read
         if self.kernel_size is None:
             object.__setattr__(self, "kernel_size", 3 if self.kind == "conv" else 7)
         k = self.kernel_size
@@ -241,6 +257,6 @@ def spatial_op(op: SpatialOp | str, channels: int, stride: int = 1, *, name: str
     if op.kind == "involution":
         return Involution(channels, op.kernel_size, stride, dtype=dtype, impl=op.impl, fuse_generator=op.fuse_generator, name=name)
     return CVolution(
-        channels, op.kernel_size, stride, context=op.context, channel_branch=op.channel_branch, dtype=dtype, impl=op.impl,
-        fuse_generator=op.fuse_generator, name=name,
+        channels, op.kernel_size, stride, context=op.context, channel_branch=op.channel_branch, static_init=op.static_init,
+        dtype=dtype, impl=op.impl, fuse_generator=op.fuse_generator, name=name,
     )

@@ -98,11 +98,24 @@ class RunMismatchError(ValueError):
     """A run's workdir holds a run of another config than the study's."""
 
 
+def _with_defaults(saved: dict, defaults: dict) -> dict:
+    """`saved` with the fields it lacks taken from `defaults`, at any depth."""
+    merged = dict(defaults)
+    for key, value in saved.items():
+        nested = isinstance(value, dict) and isinstance(defaults.get(key), dict)
+        merged[key] = _with_defaults(value, defaults[key]) if nested else value
+    return merged
+
+
 def _check_same_run(config: ml_collections.ConfigDict, workdir: str, trained: int | None, last: int) -> None:
-    """RunMismatchError when `workdir` was trained with another config, or past this run's last step."""
+    """RunMismatchError when `workdir` was trained with another config, or past this run's last step.
+
+    A field added to the configs after the run was trained counts at its default
+    (`common.base_config`), with which the run did train: a grid survives new config fields."""
     saved = _read_json(os.path.join(workdir, "config.json"))
     current = json.loads(config.to_json_best_effort())
-    differences = [] if saved is None else loop.config_differences(saved, current)
+    defaults = json.loads(common.base_config().to_json_best_effort())
+    differences = [] if saved is None else loop.config_differences(_with_defaults(saved, defaults), current)
     if differences or (trained or 0) > last:
         found = "; ".join(differences) if differences else f"a checkpoint of step {trained}, past the run's {last} steps"
         raise RunMismatchError(

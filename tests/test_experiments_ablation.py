@@ -122,6 +122,16 @@ def test_a_workdir_of_another_recipe_is_refused(tmp_path):
     study.recipe.base_lr = 0.8
     with pytest.raises(ValueError, match=r"ablation run resnet/seed_0: .* holds a run of another recipe \(base_lr: 0.4 -> 0.8\)"):
         ablation.run_study(study, str(tmp_path))
+    # A run trained before a config field existed trained at its default: still the same recipe.
+    saved_path = tmp_path / "resnet" / "seed_0" / "config.json"
+    saved = json.loads(saved_path.read_text())
+    del saved["static_kernel_lr_mult"]
+    saved_path.write_text(json.dumps(saved))
+    ablation.run_study(tiny_study(rows=("resnet",), seeds=(0,)), str(tmp_path))
+    saved["static_kernel_lr_mult"] = 0.5
+    saved_path.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"another recipe \(static_kernel_lr_mult: 0.5 -> 1.0\)"):
+        ablation.run_study(tiny_study(rows=("resnet",), seeds=(0,)), str(tmp_path))
 
 
 def test_holm_adjustment():

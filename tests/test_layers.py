@@ -65,6 +65,20 @@ def test_channel_branch_adds_a_depthwise_convolution(stride):
     np.testing.assert_allclose(difference, depthwise, atol=1e-5)
 
 
+def test_static_init_zeros_starts_cvolution_as_the_same_layer_without_channel_branch():
+    """`static_init="zeros"`: S is 0 at init, so the layer's output is that of its dynamic part alone
+    (the same generator weights with `channel_branch=False`); the default S has variance 1/(K*K)."""
+    k, c = 7, 32
+    x = jax.random.normal(jax.random.key(5), (2, 9, 9, c))
+    zero_init = CVolution(c, k, static_init="zeros")
+    variables = init(zero_init, x)
+    assert not np.any(variables["params"]["static_kernel"])
+    dynamic_only = {"params": {n: v for n, v in variables["params"].items() if n != "static_kernel"}, "batch_stats": variables["batch_stats"]}
+    np.testing.assert_array_equal(zero_init.apply(variables, x), CVolution(c, k, channel_branch=False).apply(dynamic_only, x))
+    default_s = init(CVolution(c, k), x)["params"]["static_kernel"]
+    assert 0.5 / k**2 < float(jnp.var(default_s)) < 2.0 / k**2
+
+
 @pytest.mark.parametrize("context,offsets", [("none", [0]), ("dilated3x3", [-2, 0, 2])])
 def test_kernel_generator_sees_its_context_window(context, offsets):
     """Perturbing one input pixel changes the generated kernels at the context taps around it only:
@@ -127,8 +141,10 @@ def test_spatial_op_is_hashable_and_equal_by_value():
 def test_spatial_op_rejects_unknown_kinds_and_switches():
     with pytest.raises(ValueError, match=r"spatial op must be one of \('conv', 'involution', 'cvolution'\); got 'deformable'"):
         SpatialOp("deformable")
-    with pytest.raises(ValueError, match=r"Unknown spatial op switch\(es\) contxt in op_kwargs; valid: kernel_size, context, channel_branch, impl, fuse_generator"):
+    with pytest.raises(ValueError, match=r"Unknown spatial op switch\(es\) contxt in op_kwargs; valid: kernel_size, context, channel_branch, static_init, impl, fuse_generator"):
         SpatialOp.named("cvolution", {"contxt": "none"})
+    with pytest.raises(ValueError, match=r"static_init must be one of 'fan_in', 'zeros'; got 'ones'"):
+        SpatialOp.named("cvolution", {"static_init": "ones"})
 
 
 @pytest.mark.parametrize("kernel_size", [4, 0, -3, True, 3.0, "7"])

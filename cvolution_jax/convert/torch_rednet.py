@@ -255,7 +255,8 @@ def train_state(model: ResNet, variables: dict) -> steps.TrainState:
     numbers below are not part of that state; only its structure is.
     """
     recipe = ml_collections.ConfigDict(
-        dict(base_lr=0.1, batch_size=256, warmup_epochs=0.0, warmup_factor=1.0, momentum=0.9, nesterov=True, weight_decay=1e-4)
+        dict(base_lr=0.1, batch_size=256, warmup_epochs=0.0, warmup_factor=1.0, momentum=0.9, nesterov=True, weight_decay=1e-4,
+             static_kernel_lr_mult=1.0)
     )
     tx = classification.create_optimizer(recipe, steps_per_epoch=1, total_steps=1)
     state = steps.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx, batch_stats=variables["batch_stats"])

@@ -56,11 +56,21 @@ def decay_mask(params):
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
+def static_kernel_mask(params):
+    """True for C-volution's static kernels `S` (parameters named `static_kernel`), False elsewhere."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) == "static_kernel", params)
+
+
 def create_optimizer(config, steps_per_epoch: int, total_steps: int) -> optax.GradientTransformation:
     """The involution / CedNet ImageNet optimizer: SGD (`config.momentum`, `config.nesterov`) on
-    `learning_rate_schedule`, weight decay `config.weight_decay` on kernels only (`decay_mask`)."""
-    return optim.sgd(learning_rate_schedule(config, steps_per_epoch, total_steps), momentum=config.momentum,
-                     nesterov=config.nesterov, weight_decay=config.weight_decay, decay_mask=decay_mask)
+    `learning_rate_schedule`, weight decay `config.weight_decay` on kernels only (`decay_mask`);
+    C-volution's static kernels step `config.static_kernel_lr_mult` times as far (mmcv's `lr_mult`)."""
+    tx = optim.sgd(learning_rate_schedule(config, steps_per_epoch, total_steps), momentum=config.momentum,
+                   nesterov=config.nesterov, weight_decay=config.weight_decay, decay_mask=decay_mask)
+    if config.static_kernel_lr_mult == 1.0:
+        return tx
+    # Scaling the final SGD step is scaling the learning rate: momentum and decay are linear in it.
+    return optax.chain(tx, optax.masked(optax.scale(config.static_kernel_lr_mult), static_kernel_mask))
 
 
 def schedule_length(config: ml_collections.ConfigDict, num_train_examples: int) -> tuple[int, int]:

@@ -31,6 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.momentum = 0.9
     config.nesterov = True
     config.weight_decay = 1e-4  # kernels only; BatchNorm and biases are not decayed
+    config.static_kernel_lr_mult = 1.0  # C-volution's static kernels S train at this x the lr
     config.label_smoothing = 0.1
     config.log_every_steps = 100
     config.eval_every_steps = -1  # -1: once per epoch
