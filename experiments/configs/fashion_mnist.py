@@ -5,9 +5,8 @@
 
 The default config's network (C-volution, K=3 in the "small" stem and K=7 in three
 single-block stages of widths 16/32/64) at the native 28x28, pad-4 random crops and flips.
-Expected: 90.92% test top-1 after 8 epochs (measured 2026-12-01, README); steps 651-3744 of the
-run and their evaluations took 13 min 17 s on an idle 2-core CPU machine (a whole run there is
-not measured yet).
+Expected: 90.65% test top-1 after 8 epochs, 14 min 11 s on an idle 2-core CPU machine (measured
+2026-12-02, README).
 """
 
 from experiments.configs import default
