@@ -48,9 +48,9 @@ def test_weight_decay_skips_batchnorm_and_biases():
     assert not flat["['layer1_0']['conv2']['generator']['span_conv']['bias']"]
 
 
-def two_steps(tx: optax.GradientTransformation, grads: dict) -> dict:
-    """A kernel [[1, -2]] and a bias [0.5] after two updates of `tx` with the same `grads`."""
-    params = {"kernel": jnp.array([[1.0, -2.0]]), "bias": jnp.array([0.5])}
+def two_steps(tx: optax.GradientTransformation, grads: dict, params: dict | None = None) -> dict:
+    """`params` (default: a kernel [[1, -2]] and a bias [0.5]) after two updates of `tx` with the same `grads`."""
+    params = params or {"kernel": jnp.array([[1.0, -2.0]]), "bias": jnp.array([0.5])}
     opt_state = tx.init(params)
     for _ in range(2):
         updates, opt_state = tx.update(grads, opt_state, params)
@@ -58,48 +58,42 @@ def two_steps(tx: optax.GradientTransformation, grads: dict) -> dict:
     return params
 
 
+def torch_nesterov_steps(p, grad, lrs, weight_decay):
+    """`p` after one torch.optim.SGD step per lr (momentum 0.9, Nesterov, weight decay added to the gradient)."""
+    p, buf = np.asarray(p, np.float64), 0.0
+    for lr in lrs:
+        g = np.asarray(grad) + weight_decay * p
+        buf = 0.9 * buf + g
+        p = p - lr * (g + 0.9 * buf)
+    return p
+
+
+# The classification recipe's optimizer fields, no warm-up: lr(0) = 0.1, lr(1) = 0.1*(1+cos(pi/1000))/2.
+SGD_FIELDS = dict(base_lr=0.1, batch_size=256, warmup_epochs=0.0, warmup_factor=1.0, weight_decay=0.01, momentum=0.9, nesterov=True)
+SGD_LRS = [0.1, 0.1 * (1 + math.cos(math.pi * 1 / 1000)) / 2]
+
+
 def test_sgd_step_matches_pytorch_update_rule():
     """One step of the optimizer against torch.optim.SGD's formulas written out (nesterov, wd in grad)."""
-    config = ml_collections.ConfigDict(dict(base_lr=0.1, batch_size=256, warmup_epochs=0.0, warmup_factor=1.0, weight_decay=0.01, momentum=0.9, nesterov=True, static_kernel_lr_mult=1.0))
+    config = ml_collections.ConfigDict(dict(SGD_FIELDS, static_kernel_lr_mult=1.0))
     tx = classification.create_optimizer(config, steps_per_epoch=10, total_steps=1000)
     params = two_steps(tx, {"kernel": jnp.array([[0.3, 0.1]]), "bias": jnp.array([0.2])})
-    # Two steps by hand: lr(0)=0.1, lr(1)=0.1*(1+cos(pi/1000))/2.
-    lr = [0.1, 0.1 * (1 + math.cos(math.pi * 1 / 1000)) / 2]
-    p, buf = np.array([1.0, -2.0]), np.zeros(2)
-    b, bbuf = np.array([0.5]), np.zeros(1)
-    for step in range(2):
-        g = np.array([0.3, 0.1]) + 0.01 * p
-        buf = 0.9 * buf + g
-        p = p - lr[step] * (g + 0.9 * buf)
-        gb = np.array([0.2])
-        bbuf = 0.9 * bbuf + gb
-        b = b - lr[step] * (gb + 0.9 * bbuf)
-    np.testing.assert_allclose(params["kernel"][0], p, rtol=1e-6)
-    np.testing.assert_allclose(params["bias"], b, rtol=1e-6)
+    np.testing.assert_allclose(params["kernel"][0], torch_nesterov_steps([1.0, -2.0], [0.3, 0.1], SGD_LRS, 0.01), rtol=1e-6)
+    np.testing.assert_allclose(params["bias"], torch_nesterov_steps([0.5], [0.2], SGD_LRS, 0.0), rtol=1e-6)
 
 
 def test_static_kernel_lr_mult_scales_only_the_static_kernels_steps():
     """With `static_kernel_lr_mult` 0.1, S moves 0.1x as far over two Nesterov steps with decay
     (its lr scaled: momentum and decay are linear in the step); every other parameter as with 1."""
-    fields = dict(base_lr=0.1, batch_size=256, warmup_epochs=0.0, warmup_factor=1.0, weight_decay=0.01, momentum=0.9, nesterov=True)
     start = {"conv2": {"static_kernel": jnp.array([[1.0, -2.0]]), "kernel": jnp.array([[1.0, -2.0]])}, "bias": jnp.array([0.5])}
     grads = {"conv2": {"static_kernel": jnp.array([[0.3, 0.1]]), "kernel": jnp.array([[0.3, 0.1]])}, "bias": jnp.array([0.2])}
     ends = {}
     for mult in (1.0, 0.1):
-        tx = classification.create_optimizer(ml_collections.ConfigDict(dict(fields, static_kernel_lr_mult=mult)), 10, 1000)
-        params, opt_state = start, tx.init(start)
-        for _ in range(2):
-            updates, opt_state = tx.update(grads, opt_state, params)
-            params = optax.apply_updates(params, updates)
-        ends[mult] = params
-    # S's own decay sees S's own (smaller) first step; by hand, torch's rule at 0.1x the lr:
-    lr = [0.01, 0.01 * (1 + math.cos(math.pi / 1000)) / 2]
-    p, buf = np.array([1.0, -2.0]), np.zeros(2)
-    for step in range(2):
-        g = np.array([0.3, 0.1]) + 0.01 * p
-        buf = 0.9 * buf + g
-        p = p - lr[step] * (g + 0.9 * buf)
-    np.testing.assert_allclose(ends[0.1]["conv2"]["static_kernel"][0], p, rtol=1e-6)
+        tx = classification.create_optimizer(ml_collections.ConfigDict(dict(SGD_FIELDS, static_kernel_lr_mult=mult)), 10, 1000)
+        ends[mult] = two_steps(tx, grads, start)
+    # S's own decay sees S's own (smaller) first step: torch's rule at 0.1x the lr.
+    expected = torch_nesterov_steps([1.0, -2.0], [0.3, 0.1], [0.1 * lr for lr in SGD_LRS], 0.01)
+    np.testing.assert_allclose(ends[0.1]["conv2"]["static_kernel"][0], expected, rtol=1e-6)
     np.testing.assert_allclose(ends[0.1]["conv2"]["kernel"], ends[1.0]["conv2"]["kernel"], rtol=0)
     np.testing.assert_allclose(ends[0.1]["bias"], ends[1.0]["bias"], rtol=0)
 
