@@ -131,6 +131,18 @@ def test_static_kernel_gradient_of_a_large_batch_keeps_float32_round_off_small()
     assert np.abs(np.asarray(dstatic, np.float64) - expected).max() <= 5e-7 * np.abs(expected).max()
 
 
+def test_gradients_of_an_empty_batch_are_empty_and_zero():
+    """B=0 (e.g. a last shard with no images): dx and dHd are empty, dS is zeros of its shape, as
+    autodiff gives (the image-by-image sum of the previous dS could not start without an image)."""
+    x, dynamic, static = make_inputs(13, 0, 7, 6, 32, 3, 2, True)
+    _, vjp = jax.vjp(lambda *a: reference.aggregate(*a, kernel_size=3, stride=2, dilation=1), x, dynamic, static)
+    dx, ddyn, dstatic = vjp(jnp.zeros((0, 4, 3, 32)))
+    assert dx.shape == x.shape and ddyn.shape == dynamic.shape
+    np.testing.assert_array_equal(dstatic, np.zeros((9, 32), np.float32))
+    _, oracle = jax.vjp(lambda *a: reference.aggregate_autodiff(*a, kernel_size=3, stride=2, dilation=1), x, dynamic, static)
+    np.testing.assert_array_equal(oracle(jnp.zeros((0, 4, 3, 32)))[2], dstatic)
+
+
 def vjp_all(fn, args, cotangent, **config):
     out, vjp = jax.vjp(lambda *a: fn(*a, **config), *args)
     return (out, *vjp(cotangent))
