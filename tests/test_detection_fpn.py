@@ -56,7 +56,7 @@ def test_top_down_pathway_with_identity_weights():
 
 def test_unknown_op_is_rejected():
     with pytest.raises(ValueError, match="op must be one of"):
-        FPN(op="deformable").init(jax.random.key(0), stages(32, 32))
+        jax.eval_shape(FPN(op="deformable").init, jax.random.key(0), stages(32, 32))
 
 
 @pytest.mark.parametrize("op, taps", [("conv", 9), ("involution", 49), ("cvolution", 49), (SpatialOp("cvolution", 5), 25)])
