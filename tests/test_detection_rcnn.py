@@ -120,10 +120,15 @@ def test_frozen_follows_mmdets_frozen_stages(path, frozen_stages, expected):
     assert frozen(path, frozen_stages) is expected
 
 
-def test_frozen_parameters_do_not_move():
-    # Faster R-CNN: the mask branch adds compile time and no backbone parameter.
-    model, (batch, _) = tiny_detector(cls=FasterRCNN), two_images()
-    variables = jax.jit(model.init)(jax.random.key(0), batch)  # jitted: 7 s, against 25 s op by op
+@pytest.fixture(scope="module")
+def faster_rcnn_variables():
+    """The tiny Faster R-CNN's variables on `two_images` (Faster R-CNN: the mask branch adds compile
+    time and no backbone parameter; jitted: 7 s, against 25 s op by op)."""
+    return jax.jit(tiny_detector(cls=FasterRCNN).init)(jax.random.key(0), two_images()[0])
+
+
+def test_frozen_parameters_do_not_move(faster_rcnn_variables):
+    model, (batch, _), variables = tiny_detector(cls=FasterRCNN), two_images(), faster_rcnn_variables
     config = loop_config()
     tx = loop.create_optimizer(config, steps_per_epoch=10, params=variables["params"])
     state = steps.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx, batch_stats=variables["batch_stats"])
@@ -132,6 +137,23 @@ def test_frozen_parameters_do_not_move():
     for name in before:
         moved = any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before[name]), jax.tree.leaves(after[name])))
         assert moved == (not (name.startswith("stem_") or name.startswith("layer1_"))), name
+
+
+def test_a_damaged_image_adds_nothing_to_the_losses(faster_rcnn_variables):
+    """The data pipeline's slot for an image that failed to decode (zero image, image size 0, no
+    ground truth) adds no anchor and no RoI: with frozen BatchNorm (the detection configs'
+    norm_eval) the losses equal those of the other image alone."""
+    model, (batch, _), variables = tiny_detector(cls=FasterRCNN).clone(norm_eval=True), two_images(), faster_rcnn_variables
+    losses = jax.jit(lambda b: model.apply(variables, b, jax.random.key(1), method=FasterRCNN.losses,
+                                           mutable=["batch_stats"])[0])
+    damaged = {**batch, "image": batch["image"].at[1].set(0.0), "image_size": batch["image_size"].at[1].set(0),
+               "labels": batch["labels"].at[1].set(-1), "gt_valid": batch["gt_valid"].at[1].set(False)}
+    alone = losses({k: v[:1] for k, v in batch.items()})
+    with_damaged = losses(damaged)
+    assert alone.keys() == with_damaged.keys()
+    for name in alone:
+        np.testing.assert_allclose(with_damaged[name], alone[name], rtol=1e-6, err_msg=name)
+    assert float(losses(batch)["rpn_reg"]) != float(alone["rpn_reg"])  # the second image, undamaged, does count
 
 
 def loop_config():

@@ -416,7 +416,8 @@ class Preprocess:
 
     A file that fails to decode (truncated, empty, not an image) never stops a run: its slot is
     a zero image without ground truth, mask 0, corrupt 1 and its own image_id, and a warning
-    names the file.
+    names the file. With image size 0 no anchor of the slot is valid, so it adds nothing to the
+    detector's losses (`test_a_damaged_image_adds_nothing_to_the_losses`).
 
     `rng` is a `np.random.Generator` for training (flip with it) and None for evaluation.
     A module-level dataclass so grain's workers can unpickle it.
