@@ -376,3 +376,28 @@ def test_mask_training_on_a_file_without_a_wellformed_segmentation_says_so(tmp_p
     with pytest.raises(ValueError, match="none of its 1 usable annotations has a well-formed segmentation"):
         coco.train_stream(dataset, batch_size=1, seed=0, scale=(8, 8), buckets=((8, 8),), max_gt=2, flip_prob=0.0,
                           process_index=0, process_count=1, mask_size=4, **STREAM)
+
+
+def test_an_eval_file_with_malformed_segmentations_is_refused_for_mask_rcnn(tmp_path):
+    (path, image_dir), cases = _segmentation_file(tmp_path)
+    with pytest.raises(ValueError, match=r"instances.json: 9 annotations have a segmentation that COCOeval cannot "
+                                         r"evaluate \(first: annotations\[3\] \(id 4\): polygon 0 has 4 coordinates.*\)\. Mask R-CNN's segm AP"):
+        detection_task.check_segm_ground_truth(coco.load_coco(path, image_dir))
+    (path, image_dir), _ = _segmentation_file(tmp_path / "valid", valid_only=True)
+    detection_task.check_segm_ground_truth(coco.load_coco(path, image_dir))  # no error
+
+
+def test_mask_rcnn_refuses_such_an_eval_file_before_it_builds_the_model(tmp_path, monkeypatch):
+    from tests.conftest import tiny_detection_config
+
+    (path, image_dir), _ = _segmentation_file(tmp_path)
+    split = {"annotation_file": path, "image_dir": image_dir}
+    monkeypatch.setattr(detection_task.coco_datasets, "dataset_paths", lambda data, workdir: {"train": split, "val": split})
+    monkeypatch.setattr(detection_task, "create_detector", lambda *args: pytest.fail("the model was built"))
+    config = tiny_detection_config(tmp_path / "unused")
+    assert config.model.detector == "mask_rcnn"
+    with pytest.raises(ValueError, match="9 annotations have a segmentation that COCOeval cannot evaluate"):
+        detection_task.Detection().build(config, str(tmp_path / "run"), loop.DataMesh(config.batch_size), train=True)
+    config.model.detector = "faster_rcnn"  # box AP only: the boxes are evaluated, the masks never read
+    with pytest.raises(pytest.fail.Exception, match="the model was built"):
+        detection_task.Detection().build(config, str(tmp_path / "run"), loop.DataMesh(config.batch_size), train=True)

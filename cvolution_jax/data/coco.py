@@ -105,6 +105,7 @@ class CocoDataset:
       skipped: number of annotations left out of the targets, by reason (`SKIP_*`).
       invalid_segmentations: number of used annotations whose segmentation is malformed (their
         boxes are targets, their masks are not).
+      segmentation_problems: one line per such annotation, naming it and what is wrong.
     """
 
     annotation_file: str
@@ -114,6 +115,7 @@ class CocoDataset:
     category_names: tuple[str, ...]
     skipped: dict[str, int]
     invalid_segmentations: int = 0
+    segmentation_problems: tuple[str, ...] = ()
 
     @property
     def num_classes(self) -> int:
@@ -274,6 +276,7 @@ def load_coco(annotation_file: str | os.PathLike, image_dir: str | os.PathLike) 
         category_names=tuple(names_by_id[i] for i in category_ids),
         skipped=dict(skipped),
         invalid_segmentations=len(invalid_segmentations),
+        segmentation_problems=tuple(invalid_segmentations),
     )
 
 
