@@ -11,7 +11,8 @@ in `<workdir>/<row>/seed_<seed>`: its checkpoints, metrics and resume work as us
 its final checkpoint is evaluated (`eval_<step>.json`, as `--config.mode=eval` writes it).
 
 Rerunning the command resumes the grid: a run with its eval file is read, not retrained; a run
-stopped part-way resumes from its checkpoint. SIGTERM or Ctrl-C stops the grid after the current
+stopped part-way resumes from its checkpoint; a run whose final checkpoint is damaged is retrained
+from its newest good one, the damaged one set aside in `checkpoints_damaged/`. SIGTERM or Ctrl-C stops the grid after the current
 run saves. When every run of `rows` x `seeds` is done the study writes, in `<workdir>`:
 - `results.json`: per row its model, op switches, params and MACs (`cvolution_jax.count`, on one
   image of the dataset's shape), test top-1 per seed, mean and sample standard deviation, CPU
@@ -137,20 +138,33 @@ def train_and_test(config: ml_collections.ConfigDict, workdir: str) -> dict | No
     eval_path = os.path.join(workdir, f"eval_{last}.json")
     if trained == last and (metrics := _read_json(eval_path)) is not None:
         return metrics
-    if trained != last:
-        start = time.perf_counter()
-        try:
-            loop.train_and_evaluate(task, config, workdir)
-        finally:  # the time of a run stopped part-way counts when it resumes
-            timing = _read_json(os.path.join(workdir, TIMING_FILE)) or {"train_seconds": 0.0, "invocations": 0}
-            timing = {"train_seconds": timing["train_seconds"] + time.perf_counter() - start,
-                      "invocations": timing["invocations"] + 1}
-            with files.atomic_open(os.path.join(workdir, TIMING_FILE)) as f:
-                json.dump(timing, f)
-        if _latest_step(workdir) != last:
+    if trained != last and not _train(task, config, workdir, last):
+        return None
+    try:
+        loop.evaluate(task, config, workdir, last)
+    except checkpoint.DamagedCheckpointError as error:
+        # Training restores the newest good checkpoint and sets the damaged ones aside
+        # (checkpoints_damaged/), so retraining the steps after it replaces the final checkpoint.
+        log.warning("Ablation run %s: %s Retraining it from its newest good checkpoint instead.", workdir, error)
+        if not _train(task, config, workdir, last):
             return None
-    loop.evaluate(task, config, workdir, last)
+        loop.evaluate(task, config, workdir, last)
     return _read_json(eval_path)
+
+
+def _train(task, config: ml_collections.ConfigDict, workdir: str, last: int) -> bool:
+    """Trains (or resumes) the run in `workdir`, adding the time to its timing file; whether it
+    reached step `last` (False: stopped by a signal, resumed next time)."""
+    start = time.perf_counter()
+    try:
+        loop.train_and_evaluate(task, config, workdir)
+    finally:  # the time of a run stopped part-way counts when it resumes
+        timing = _read_json(os.path.join(workdir, TIMING_FILE)) or {"train_seconds": 0.0, "invocations": 0}
+        timing = {"train_seconds": timing["train_seconds"] + time.perf_counter() - start,
+                  "invocations": timing["invocations"] + 1}
+        with files.atomic_open(os.path.join(workdir, TIMING_FILE)) as f:
+            json.dump(timing, f)
+    return _latest_step(workdir) == last
 
 
 def images_per_sec(workdir: str) -> float:

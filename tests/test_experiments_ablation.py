@@ -134,6 +134,23 @@ def test_a_workdir_of_another_recipe_is_refused(tmp_path):
         ablation.run_study(tiny_study(rows=("resnet",), seeds=(0,)), str(tmp_path))
 
 
+def test_a_damaged_final_checkpoint_is_retrained_from_the_newest_good_one(tmp_path, monkeypatch):
+    study = tiny_study(rows=("resnet",), seeds=(0,))
+    study.recipe.checkpoint_every_steps = 1
+    ablation.run_study(study, str(tmp_path))
+    run = tmp_path / "resnet" / "seed_0"
+    os.remove(run / "eval_3.json")  # killed during its evaluation, and its final checkpoint unreadable
+    os.remove(run / "checkpoints" / "3" / "state" / "_METADATA")
+    trained = []
+    real = loop.train_and_evaluate
+    monkeypatch.setattr(loop, "train_and_evaluate", lambda *args: trained.append(args) or real(*args))
+    summary = ablation.run_study(study, str(tmp_path))
+    assert len(trained) == 1
+    assert (run / "checkpoints_damaged" / "3").is_dir()
+    assert checkpoint.Checkpointer(str(run / "checkpoints")).latest_step() == 3
+    assert summary["rows"][0]["top1"][0] == pytest.approx(100 * json.loads((run / "eval_3.json").read_text())["top1"])
+
+
 def test_holm_adjustment():
     # Holm by hand: sorted 0.01, 0.02, 0.04 -> 3 * 0.01, max(0.03, 2 * 0.02), max(0.04, 1 * 0.04).
     assert ablation.holm([0.04, 0.01, float("nan"), 0.02]) == pytest.approx([0.04, 0.03, float("nan"), 0.04], nan_ok=True)
