@@ -145,7 +145,8 @@ def train_and_test(config: ml_collections.ConfigDict, workdir: str) -> dict | No
     except checkpoint.DamagedCheckpointError as error:
         # Training restores the newest good checkpoint and sets the damaged ones aside
         # (checkpoints_damaged/), so retraining the steps after it replaces the final checkpoint.
-        log.warning("Ablation run %s: %s Retraining it from its newest good checkpoint instead.", workdir, error)
+        log.warning("Ablation run %s: its final checkpoint cannot be restored (%s). The study retrains the run from "
+                    "its newest good checkpoint instead.", workdir, error)
         if not _train(task, config, workdir, last):
             return None
         loop.evaluate(task, config, workdir, last)

@@ -20,6 +20,7 @@ from pycocotools import mask as mask_utils
 from cvolution_jax import data
 from cvolution_jax.data import coco, imagenet
 from cvolution_jax.tasks import classification
+from cvolution_jax.detection import evaluation
 from cvolution_jax.tasks import detection as detection_task
 from cvolution_jax.train import checkpoint, loop
 from experiments.configs import coco_default
@@ -378,16 +379,39 @@ def test_mask_training_on_a_file_without_a_wellformed_segmentation_says_so(tmp_p
                           process_index=0, process_count=1, mask_size=4, **STREAM)
 
 
-def test_an_eval_file_with_malformed_segmentations_is_refused_for_mask_rcnn(tmp_path):
+def test_the_segm_ground_truth_check_refuses_what_pycocotools_cannot_read(tmp_path):
+    """Oracle: `COCO.annToRLE`, what COCOeval calls on every ground truth, raises exactly on the
+    polygons the check names; RLE whose runs do not cover the image (which pycocotools' C code
+    would overrun, so it cannot be the oracle there) and a missing segmentation are named too."""
+    from pycocotools.coco import COCO
+
     (path, image_dir), cases = _segmentation_file(tmp_path)
-    with pytest.raises(ValueError, match=r"instances.json: 9 annotations have a segmentation that COCOeval cannot "
-                                         r"evaluate \(first: annotations\[3\] \(id 4\): polygon 0 has 4 coordinates.*\)\. Mask R-CNN's segm AP"):
-        detection_task.check_segm_ground_truth(coco.load_coco(path, image_dir))
-    (path, image_dir), _ = _segmentation_file(tmp_path / "valid", valid_only=True)
-    detection_task.check_segm_ground_truth(coco.load_coco(path, image_dir))  # no error
+    content = json.loads(open(path).read())
+    content["annotations"].append(annotation(len(cases) + 1, 1, 7, [2, 2, 5, 5], iscrowd=1,
+                                             segmentation={"size": [20, 20], "counts": [50, 360]}))
+    content["annotations"].append(annotation(len(cases) + 2, 1, 7, [2, 2, 5, 5]))  # no segmentation
+    open(path, "w").write(json.dumps(content))
+    named = {int(line.split("(id ")[1].split(")")[0]) for line in evaluation.segm_ground_truth_problems(path)}
+    ground_truth = COCO(path)
+    expected = {len(cases) + 1, len(cases) + 2}
+    for k, (name, segmentation, valid) in enumerate(cases):
+        if isinstance(segmentation, dict):
+            readable = valid
+        else:
+            try:
+                ground_truth.annToRLE(ground_truth.anns[k + 1])
+                readable = True
+            except Exception:
+                readable = False
+        if not readable:
+            expected.add(k + 1)
+    assert named == expected
+    # pycocotools reads a polygon with an odd number of coordinates (the last one unused): not refused.
+    assert {name for k, (name, _, _) in enumerate(cases) if k + 1 not in named} == {
+        "triangle", "compressed RLE", "uncompressed RLE", "odd coordinates"}
 
 
-def test_mask_rcnn_refuses_such_an_eval_file_before_it_builds_the_model(tmp_path, monkeypatch):
+def test_mask_rcnn_refuses_an_eval_file_pycocotools_cannot_read_before_it_builds_the_model(tmp_path, monkeypatch):
     from tests.conftest import tiny_detection_config
 
     (path, image_dir), _ = _segmentation_file(tmp_path)
@@ -396,8 +420,10 @@ def test_mask_rcnn_refuses_such_an_eval_file_before_it_builds_the_model(tmp_path
     monkeypatch.setattr(detection_task, "create_detector", lambda *args: pytest.fail("the model was built"))
     config = tiny_detection_config(tmp_path / "unused")
     assert config.model.detector == "mask_rcnn"
-    with pytest.raises(ValueError, match="9 annotations have a segmentation that COCOeval cannot evaluate"):
-        detection_task.Detection().build(config, str(tmp_path / "run"), loop.DataMesh(config.batch_size), train=True)
-    config.model.detector = "faster_rcnn"  # box AP only: the boxes are evaluated, the masks never read
+    for train in (True, False):
+        with pytest.raises(ValueError, match=r"instances.json: 8 annotations have a segmentation that COCOeval cannot "
+                                             r"evaluate \(first: annotations\[3\] \(id 4\): pycocotools cannot read it"):
+            detection_task.Detection().build(config, str(tmp_path / "run"), loop.DataMesh(config.batch_size), train=train)
+    config.model.detector = "faster_rcnn"  # box AP only: the segmentations are never read
     with pytest.raises(pytest.fail.Exception, match="the model was built"):
         detection_task.Detection().build(config, str(tmp_path / "run"), loop.DataMesh(config.batch_size), train=True)

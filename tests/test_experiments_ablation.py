@@ -3,6 +3,7 @@ a half-finished grid resumes by training only the missing runs."""
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import signal
@@ -134,7 +135,7 @@ def test_a_workdir_of_another_recipe_is_refused(tmp_path):
         ablation.run_study(tiny_study(rows=("resnet",), seeds=(0,)), str(tmp_path))
 
 
-def test_a_damaged_final_checkpoint_is_retrained_from_the_newest_good_one(tmp_path, monkeypatch):
+def test_a_damaged_final_checkpoint_is_retrained_from_the_newest_good_one(tmp_path, monkeypatch, caplog):
     study = tiny_study(rows=("resnet",), seeds=(0,))
     study.recipe.checkpoint_every_steps = 1
     ablation.run_study(study, str(tmp_path))
@@ -144,8 +145,10 @@ def test_a_damaged_final_checkpoint_is_retrained_from_the_newest_good_one(tmp_pa
     trained = []
     real = loop.train_and_evaluate
     monkeypatch.setattr(loop, "train_and_evaluate", lambda *args: trained.append(args) or real(*args))
-    summary = ablation.run_study(study, str(tmp_path))
+    with caplog.at_level(logging.INFO):
+        summary = ablation.run_study(study, str(tmp_path))
     assert len(trained) == 1
+    assert f"Resumed from {run / 'checkpoints'} at step 2." in caplog.text  # not from scratch
     assert (run / "checkpoints_damaged" / "3").is_dir()
     assert checkpoint.Checkpointer(str(run / "checkpoints")).latest_step() == 3
     assert summary["rows"][0]["top1"][0] == pytest.approx(100 * json.loads((run / "eval_3.json").read_text())["top1"])

@@ -78,7 +78,7 @@ def test_eval_mode_uses_running_statistics():
 
 def test_bfloat16_compute_keeps_float32_parameters():
     images = jax.random.normal(jax.random.key(4), (2, 33, 33, 3))
-    # One block per stage (every kind of layer, compiled 2x faster than CedNet-26's 1-2-4-1).
+    # One block per stage: the same layers in bfloat16, compiled 2x faster than CedNet-26's 1-2-4-1.
     f32 = models.create("cednet26", num_classes=10, stage_sizes=(1, 1, 1, 1))
     bf16 = models.create("cednet26", num_classes=10, stage_sizes=(1, 1, 1, 1), dtype=jnp.bfloat16)
     variables = jax.jit(f32.init)(jax.random.key(5), images)

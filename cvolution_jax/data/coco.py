@@ -105,7 +105,6 @@ class CocoDataset:
       skipped: number of annotations left out of the targets, by reason (`SKIP_*`).
       invalid_segmentations: number of used annotations whose segmentation is malformed (their
         boxes are targets, their masks are not).
-      segmentation_problems: one line per such annotation, naming it and what is wrong.
     """
 
     annotation_file: str
@@ -115,7 +114,6 @@ class CocoDataset:
     category_names: tuple[str, ...]
     skipped: dict[str, int]
     invalid_segmentations: int = 0
-    segmentation_problems: tuple[str, ...] = ()
 
     @property
     def num_classes(self) -> int:
@@ -276,7 +274,6 @@ def load_coco(annotation_file: str | os.PathLike, image_dir: str | os.PathLike) 
         category_names=tuple(names_by_id[i] for i in category_ids),
         skipped=dict(skipped),
         invalid_segmentations=len(invalid_segmentations),
-        segmentation_problems=tuple(invalid_segmentations),
     )
 
 
@@ -420,7 +417,8 @@ class Preprocess:
     A file that fails to decode (truncated, empty, not an image) never stops a run: its slot is
     a zero image without ground truth, mask 0, corrupt 1 and its own image_id, and a warning
     names the file. With image size 0 no anchor of the slot is valid, so it adds nothing to the
-    detector's losses (`test_a_damaged_image_adds_nothing_to_the_losses`).
+    detector's losses (`test_a_damaged_image_adds_nothing_to_the_losses`); with `norm_eval=False`
+    its zero image still enters the backbone's BatchNorm statistics.
 
     `rng` is a `np.random.Generator` for training (flip with it) and None for evaluation.
     A module-level dataclass so grain's workers can unpickle it.

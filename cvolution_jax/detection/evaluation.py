@@ -32,6 +32,7 @@ import os
 
 import numpy as np
 
+from cvolution_jax.data import coco as coco_data
 from cvolution_jax.data import masks as masks_lib
 from cvolution_jax.files import atomic_open
 
@@ -48,6 +49,41 @@ def _import_pycocotools():
             "COCO evaluation needs pycocotools; install it with `pip install pycocotools`."
         ) from error
     return coco, cocoeval, mask
+
+
+def segm_ground_truth_problems(annotation_file: str | os.PathLike) -> list[str]:
+    """The annotations of a COCO file whose segmentation COCOeval's segm evaluation cannot read,
+    one line each naming the annotation and what is wrong; empty if there are none.
+
+    COCOeval turns every ground-truth segmentation of the evaluated images, crowds included,
+    into RLE (``COCO.annToRLE``). A missing segmentation raises a KeyError there; polygons that
+    pycocotools' ``frPyObjects`` cannot take (none, a first part of fewer than 4 numbers, parts
+    that are not numbers) raise; RLE runs covering more pixels than the image make its C code
+    write past the mask. Polygons are tried with ``frPyObjects`` itself, so whatever the
+    official evaluation reads passes (a first part of 4 numbers is read as a box, short or odd
+    later parts are kept); RLE is checked in Python by ``coco.segmentation_error``.
+    """
+    _, _, mask_utils = _import_pycocotools()
+    with open(annotation_file) as f:
+        content = json.load(f)
+    sizes = {image["id"]: (image["height"], image["width"]) for image in content["images"]}
+    problems = []
+    for index, annotation in enumerate(content["annotations"]):
+        height, width = sizes[annotation["image_id"]]
+        segmentation = annotation.get("segmentation")
+        if segmentation is None:
+            problem = "it has no segmentation"
+        elif isinstance(segmentation, dict):
+            problem = coco_data.segmentation_error(segmentation, height, width)
+        else:
+            try:
+                mask_utils.frPyObjects(segmentation, height, width)
+                problem = None
+            except Exception as error:  # pycocotools raises bare Exceptions, IndexError, ValueError...
+                problem = f"pycocotools cannot read it ({type(error).__name__}: {error})"
+        if problem is not None:
+            problems.append(f"annotations[{index}] (id {annotation.get('id')}): {problem}")
+    return problems
 
 
 def to_coco_results(image_ids, boxes, scores, labels, valid, scale, category_ids, masks=None, image_shapes=None,

@@ -173,7 +173,7 @@ class Detection:
         paths = coco_datasets.dataset_paths(config.data, workdir)
         eval_data = coco.load_coco(**paths["val"])
         if DETECTORS[config.model.detector] is MaskRCNN:
-            check_segm_ground_truth(eval_data)  # before training, not at its first evaluation
+            check_segm_ground_truth(eval_data.annotation_file)  # before training, not at its first evaluation
         train_data = coco.load_coco(**paths["train"]) if train else None
         steps_per_epoch = max(len(train_data.records) // config.batch_size, 1) if train else 1
         total_steps = config.num_train_steps if config.num_train_steps > 0 else int(config.num_epochs * steps_per_epoch)
@@ -290,23 +290,18 @@ def run_eval(run: Evaluation, state, workdir: str, step: int, vis: int = 0) -> d
     return {k: float(v) for k, v in zip(keys, values)}
 
 
-def check_segm_ground_truth(dataset: coco.CocoDataset) -> None:
-    """Raises a ValueError if an annotation of the eval file has a segmentation COCOeval cannot read.
-
-    COCOeval's segm evaluation turns every ground-truth segmentation into RLE with pycocotools,
-    which raises on a polygon of fewer than 3 points, reads a 4-number polygon as a box, and
-    writes past its buffer for RLE runs longer than the image. A training file may hold such
-    annotations (the object is left out of the mask targets); the eval file may not, since the
-    segm AP would fail or be wrong.
-    """
-    if not dataset.invalid_segmentations:
-        return
-    raise ValueError(
-        f"{dataset.annotation_file}: {dataset.invalid_segmentations} annotations have a segmentation that COCOeval "
-        f"cannot evaluate (first: {'; '.join(dataset.segmentation_problems[:3])}). Mask R-CNN's segm AP reads "
-        f"every segmentation of the eval file with pycocotools, which raises on these or reads them wrongly. Fix "
-        f"or remove them in the eval file (a training file may keep them: those objects are left out of the mask "
-        f"targets).")
+def check_segm_ground_truth(annotation_file: str) -> None:
+    """Raises a ValueError naming the annotations of the eval file whose segmentation COCOeval's
+    segm evaluation cannot read (`evaluation.segm_ground_truth_problems`): without this check
+    pycocotools fails at the first evaluation, after training. A training file may hold such
+    annotations (the object is left out of the mask targets); the eval file may not."""
+    problems = evaluation.segm_ground_truth_problems(annotation_file)
+    if problems:
+        raise ValueError(
+            f"{annotation_file}: {len(problems)} annotations have a segmentation that COCOeval cannot evaluate "
+            f"(first: {'; '.join(problems[:3])}). Mask R-CNN's segm AP reads every segmentation of the eval file, "
+            f"crowds included, with pycocotools. Fix or remove them in the eval file (a training file may keep "
+            f"them: those objects are left out of the mask targets).")
 
 
 def _check_eval_coverage(dataset, evaluated: list[int], skipped: list[int]) -> None:
