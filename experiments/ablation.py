@@ -13,7 +13,8 @@ its final checkpoint is evaluated (`eval_<step>.json`, as `--config.mode=eval` w
 Rerunning the command resumes the grid: a run with its eval file is read, not retrained; a run
 stopped part-way resumes from its checkpoint; a run whose final checkpoint is damaged is retrained
 from its newest good one, the damaged one set aside in `checkpoints_damaged/`. SIGTERM or Ctrl-C
-stops the grid after the current run saves. When every run of `rows` x `seeds` is done the study writes, in `<workdir>`:
+stops the grid after the current run saves. When every run of `rows` x `seeds` is done the study
+writes, in `<workdir>`:
 - `results.json`: per row its model, op switches, params and MACs (`cvolution_jax.count`, on one
   image of the dataset's shape), test top-1 per seed, mean and sample standard deviation, CPU
   training images/s and minutes per run; and every pair of rows compared (Welch's t-test);

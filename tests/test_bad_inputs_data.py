@@ -19,8 +19,8 @@ from pycocotools import mask as mask_utils
 
 from cvolution_jax import data
 from cvolution_jax.data import coco, imagenet
-from cvolution_jax.tasks import classification
 from cvolution_jax.detection import evaluation
+from cvolution_jax.tasks import classification
 from cvolution_jax.tasks import detection as detection_task
 from cvolution_jax.train import checkpoint, loop
 from experiments.configs import coco_default
