@@ -8,6 +8,11 @@ Pallas kernels, `kernels.fused`, on a GPU). The smoke run leaves the fused varia
     python -m experiments.bench_train                  # on a GPU: batch 128, bfloat16, 224x224
     python -m experiments.bench_train --smoke --out-dir /tmp   # anywhere: narrow nets, 32x32, batch 8
     python -m experiments.bench_train --config experiments/configs/default.py   # CPU: the default's net
+    python -m experiments.bench_train --batch 64 --impls pallas,xla --models resnet50,rednet50,cednet50
+
+`--only NAME` times one variant in this process and prints its row as one JSON line.
+`--impls` times RedNet and CedNet once per aggregation implementation (`ops.aggregate`'s `impl`:
+"auto", "pallas", "xla"); ResNet, which has none, runs once. `--models` picks the variants.
 
 With `--config`, the config's network (its `model.overrides`: stem, widths, stage sizes) is timed
 three times, with a 3x3 convolution (`resnet`), involution (`rednet`) and C-volution (`cednet`)
@@ -64,15 +69,21 @@ def load_config(path: str):
     return module.get_config()
 
 
+IMPLS = ("auto", "pallas", "xla")
+
+
 def measure(name: str, *, batch: int, image_size: int, dtype: str, warmup: int, timed: int, smoke: bool,
-            config_path: str | None = None) -> dict:
-    """Images/s and peak bytes of variant `name`'s train step (one process, one model)."""
+            config_path: str | None = None, impl: str = "auto") -> dict:
+    """Images/s and peak bytes of variant `name`'s train step (one process, one model), its
+    aggregations run by `impl` (ignored by ResNet, which has none)."""
     if config_path:
         model_name, overrides = CONFIG_VARIANTS[name], dict(load_config(config_path).model.overrides)
     else:
         model_name, overrides = VARIANTS[name]
         if smoke:
             overrides = {**overrides, **SMOKE_OVERRIDES, "op_kwargs": (*overrides.get("op_kwargs", ()), *SMOKE_OP)}
+    if impl != "auto" and not model_name.startswith("resnet"):
+        overrides = {**overrides, "op_kwargs": (*overrides.get("op_kwargs", ()), ("impl", impl))}
     model = models.create(model_name, dtype=jnp.dtype(dtype), **overrides)
     tx = optax.sgd(0.1, momentum=0.9, nesterov=True)
     state = jax.jit(functools.partial(steps.create_train_state, model, tx, (image_size, image_size, 3)))(jax.random.key(0))
@@ -93,7 +104,7 @@ def measure(name: str, *, batch: int, image_size: int, dtype: str, warmup: int, 
     seconds = (time.perf_counter() - start) / timed
     stats = jax.devices()[0].memory_stats() or {}
     params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
-    return {"model": name, "step_ms": seconds * 1e3, "images_per_sec": batch / seconds, "peak_bytes": stats.get("peak_bytes_in_use"),
+    return {"model": name, "impl": "none" if model_name.startswith("resnet") else impl, "step_ms": seconds * 1e3, "images_per_sec": batch / seconds, "peak_bytes": stats.get("peak_bytes_in_use"),
             "params": int(params)}
 
 
@@ -109,13 +120,13 @@ def _markdown(result: dict) -> str:
         f"- batch {result['batch']}, {result['dtype']}, {result['image_size']}x{result['image_size']} synthetic images, "
         f"{result['warmup']} warm-up + {result['steps']} timed steps",
         "",
-        f"| model | params | step (ms) | images/s | x {base} | peak memory (GiB) | x {base} |",
-        "|---|---|---|---|---|---|---|",
+        f"| model | aggregation | params | step (ms) | images/s | x {base} | peak memory (GiB) | x {base} |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         peak = "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**30:.2f}"
         memory_ratio = "n/a" if r["memory_vs_conv"] is None else f"{r['memory_vs_conv']:.2f}"
-        lines.append(f"| {r['model']} | {r['params']:,} | {r['step_ms']:.1f} | {r['images_per_sec']:.0f} | {r['speed_vs_conv']:.2f} | {peak} | {memory_ratio} |")
+        lines.append(f"| {r['model']} | {r.get('impl', 'auto')} | {r['params']:,} | {r['step_ms']:.1f} | {r['images_per_sec']:.0f} | {r['speed_vs_conv']:.2f} | {peak} | {memory_ratio} |")
     return "\n".join(lines) + "\n"
 
 
@@ -128,18 +139,34 @@ def main(argv: list[str] | None = None) -> list[pathlib.Path]:
     parser.add_argument("--dtype", default=None, choices=("bfloat16", "float32"), help="default bfloat16 (--config: the config's)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20; smoke 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5; smoke 1)")
-    parser.add_argument("--only", help=argparse.SUPPRESS)  # one model, JSON on stdout (a child run)
+    parser.add_argument("--models", default=None, help=f"comma-separated, from {', '.join(VARIANTS)} (default: all; smoke "
+                        "and --config: their own)")
+    parser.add_argument("--impls", default="auto", help=f"comma-separated aggregation implementations, from {', '.join(IMPLS)}")
+    parser.add_argument("--only", default=None, help="one variant, timed in this process; prints its row as one JSON line and "
+                        "writes no file (what the full run starts once per row; --impls then names one)")
     args = parser.parse_args(argv)
+    impls = args.impls.split(",")
+    if set(impls) - set(IMPLS) or not impls:
+        parser.error(f"--impls {args.impls!r}: choose from {', '.join(IMPLS)}, comma-separated.")
+    if args.steps is not None and args.steps < 1 or args.warmup is not None and args.warmup < 0:
+        parser.error(f"--steps must be >= 1 and --warmup >= 0; got --steps={args.steps}, --warmup={args.warmup}.")
+    if args.only and (args.only not in (CONFIG_VARIANTS if args.config else VARIANTS) or len(impls) > 1):
+        parser.error(f"--only {args.only!r} with --impls {args.impls!r}: one variant, from "
+                     f"{', '.join(CONFIG_VARIANTS if args.config else VARIANTS)}, and one implementation.")
+    if args.models and (args.config or set(args.models.split(",")) - set(VARIANTS)):
+        parser.error(f"--models {args.models!r}: choose from {', '.join(VARIANTS)}, comma-separated (not with --config, "
+                     f"which times its own network with each op).")
     if args.config and args.smoke:
         parser.error("--config and --smoke exclude each other: --config times a config's network, --smoke the narrow test nets.")
     config = load_config(args.config) if args.config else None
     batch = args.batch or (config.batch_size if config else 8 if args.smoke else 128)
     image_size = config.data.image_size if config else 32 if args.smoke else 224
     dtype = args.dtype or (config.dtype if config else "bfloat16")
-    timed, warmup = args.steps or (2 if args.smoke else 20), args.warmup or (1 if args.smoke else 5)
+    timed = args.steps or (2 if args.smoke else 20)
+    warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 5)
     if args.only:
         print(json.dumps(measure(args.only, batch=batch, image_size=image_size, dtype=dtype, warmup=warmup, timed=timed, smoke=args.smoke,
-                                 config_path=args.config)))
+                                 config_path=args.config, impl=impls[0])))
         return []
     if jax.default_backend() != "gpu" and not (args.smoke or config):
         parser.error(f"no GPU (backend {jax.default_backend()!r}): run on a GPU machine, pass --config to time a config's "
@@ -151,9 +178,14 @@ def main(argv: list[str] | None = None) -> list[pathlib.Path]:
         names, child = tuple(CONFIG_VARIANTS), [*child, f"--config={args.config}"]
     else:
         names, child = MODELS + (() if args.smoke else ("cednet50_fused",)), [*child, *(["--smoke"] if args.smoke else [])]
-    for name in names:  # each in its own process, so each peak memory is its own
-        output = subprocess.run([*child, f"--only={name}"], check=True, capture_output=True, text=True).stdout
-        rows.append(json.loads(output.strip().splitlines()[-1]))
+    if args.models:
+        names = tuple(args.models.split(","))
+    runs = [(name, impl) for name in names for impl in (impls[:1] if name.startswith("resnet") else impls)]
+    for name, impl in runs:  # each in its own process, so each peak memory is its own
+        proc = subprocess.run([*child, f"--only={name}", f"--impls={impl}"], capture_output=True, text=True)
+        if proc.returncode:
+            sys.exit(f"error: timing {name} (aggregation {impl}) failed in its own process, which said:\n{proc.stderr.strip()[-3000:]}")
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     base = rows[0]  # the convolution
     for row in rows:
         row["speed_vs_conv"] = row["images_per_sec"] / base["images_per_sec"]
@@ -161,7 +193,7 @@ def main(argv: list[str] | None = None) -> list[pathlib.Path]:
     device = jax.devices()[0]
     date = datetime.date.today().isoformat()
     result = dict(
-        device=device.device_kind, date=date, versions=versions(), smoke=args.smoke, config=args.config, batch=batch, dtype=dtype,
+        device=device.device_kind, date=date, versions=versions(), smoke=args.smoke, config=args.config, batch=batch, dtype=dtype, impls=impls,
         image_size=image_size, steps=timed, warmup=warmup,
         command="python -m experiments.bench_train " + " ".join(sys.argv[1:] if argv is None else argv), rows=rows,
     )

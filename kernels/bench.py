@@ -109,7 +109,7 @@ def traffic_bytes(op: Op, itemsize: int, pass_: str, with_static: bool = True) -
     return itemsize * (forward if pass_ == "forward" else forward + backward)
 
 
-def _time(fn, args, *, iters: int, warmup: int, repeats: int) -> float:
+def time_calls(fn, args, *, iters: int, warmup: int, repeats: int) -> float:
     """Median over `repeats` of the mean seconds per call over `iters` back-to-back calls."""
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))
@@ -152,10 +152,10 @@ def run_op(name: str, op: Op, dtype, *, with_static: bool, interpret: bool, iter
         nbytes = traffic_bytes(op, itemsize, pass_, with_static)
         times = {}
         for impl in ("pallas", "xla"):
-            times[impl] = _time(_jitted(impl, op, pass_, interpret), (x, hd, s, g), iters=iters, warmup=warmup, repeats=repeats)
+            times[impl] = time_calls(_jitted(impl, op, pass_, interpret), (x, hd, s, g), iters=iters, warmup=warmup, repeats=repeats)
         # Half the bytes in, half out: the same traffic as the model, at the best the chip does.
         buffer = jnp.zeros((nbytes // 2 // itemsize,), dtype)
-        times["copy"] = _time(jax.jit(lambda a: a + 1), (buffer,), iters=iters, warmup=warmup, repeats=repeats)
+        times["copy"] = time_calls(jax.jit(lambda a: a + 1), (buffer,), iters=iters, warmup=warmup, repeats=repeats)
         del buffer
         for impl in IMPLS:
             gb_per_s = nbytes / times[impl] / 1e9
@@ -209,7 +209,7 @@ def run_fused(name: str, op: Op, dtype, *, with_static: bool, interpret: bool, i
                 fn = jax.jit(forward_backward)
             args = (x, v, w2, bias, s, g)
             temps[impl] = _temp_bytes(fn, args)
-            times[impl] = _time(fn, args, iters=iters, warmup=warmup, repeats=repeats)
+            times[impl] = time_calls(fn, args, iters=iters, warmup=warmup, repeats=repeats)
         for impl in ("unfused", "fused"):
             rows.append(dict(
                 op=name, shape=dict(dataclasses.asdict(op), out_size=op.out_size), dtype=jnp.dtype(dtype).name,
@@ -308,7 +308,7 @@ def _time_torch(op: Op, involution_cls, pass_: str, *, iters: int, warmup: int, 
     return statistics.median(times)
 
 
-def _depthwise_conv(op: Op):
+def depthwise_conv(op: Op):
     """A depthwise KxK convolution of the op's shape (PyTorch's symmetric padding), `(x, w) -> y`."""
     pad = (op.kernel_size - 1) // 2
     return lambda x, w: jax.lax.conv_general_dilated(
@@ -317,7 +317,7 @@ def _depthwise_conv(op: Op):
     )
 
 
-def _jitted_pass(fn, pass_: str):
+def jitted_pass(fn, pass_: str):
     if pass_ == "forward":
         return jax.jit(lambda *args: fn(*args[:-1]))
 
@@ -344,14 +344,14 @@ def run_xla_backward(name: str, op: Op, dtype, *, with_static: bool, involution_
     candidates = {
         "xla": (lambda x, hd, s: reference.aggregate(x, hd, s, **config), (x, hd, s, g)),
         "xla_autodiff": (lambda x, hd, s: reference.aggregate_autodiff(x, hd, s, **config), (x, hd, s, g)),
-        "depthwise_conv": (_depthwise_conv(op), (x, depthwise, g)),
+        "depthwise_conv": (depthwise_conv(op), (x, depthwise, g)),
     }
     times = {}
     for pass_ in PASSES:
         for impl, (fn, args) in candidates.items():
             # The autodiff oracle's backward is the slow path this replaces: a few calls suffice.
             n = min(iters, 2) if impl == "xla_autodiff" and pass_ != "forward" else iters
-            times[impl, pass_] = _time(_jitted_pass(fn, pass_), args, iters=n, warmup=warmup, repeats=repeats)
+            times[impl, pass_] = time_calls(jitted_pass(fn, pass_), args, iters=n, warmup=warmup, repeats=repeats)
         if involution_cls is not None:
             times["torch_involution_naive", pass_] = _time_torch(op, involution_cls, pass_, iters=iters, warmup=warmup, repeats=repeats)
     rows = []

@@ -10,6 +10,7 @@ columns, axis 2 the channels.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import NamedTuple
 
 import jax.numpy as jnp
@@ -19,6 +20,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels import reference
+
+# jax 0.11 deprecated the Pallas Triton backend these kernels lower through (README, "Pallas on
+# Triton"). It warns at every kernel's lowering, dozens of times for one network, and Python's
+# default filters hide it, as it comes from jax's own module. Shown once per process instead:
+# this message only, so every other deprecation is shown as before.
+TRITON_DEPRECATION = "The Pallas Triton backend is deprecated"
+warnings.filterwarnings("once", message=TRITON_DEPRECATION, category=DeprecationWarning)
 
 GROUP_CHANNELS = reference.GROUP_CHANNELS
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))

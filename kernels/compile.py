@@ -1,13 +1,14 @@
 """Compiles every Pallas kernel for a GPU this machine does not have, and reads its registers.
 
-    pip install -e ".[compile]"        # jax's CUDA plugin at jax's version + ptxas (~1.2 GB, no GPU needed)
+    pip install -e ".[compile-cuda13]" # jax's CUDA plugin at jax's version + ptxas (~1.2 GB, no GPU needed)
     python -m kernels.compile          # every kernel at every kernels.bench shape, fp32 and bf16
     python -m kernels.compile --ci     # three shapes, every kernel and dtype; exit 1 on a compile error or a spill
 
 XLA compiles the whole jitted forward + backward program, Triton kernels included, for a
 compile-only CUDA device described by a `GpuTargetConfigProto` (`kernels/specs/h100_sxm.txtpb`,
 copied from openxla/xla; `--target-config` takes any other). With `xla_dump_to` XLA leaves a
-thunk sequence (grid, threads, shared memory per launch), and ptxas, which XLA runs on each
+thunk sequence (grid, threads, shared memory per launch; read in jax 0.10's and 0.12.1's
+formats), and ptxas, which XLA runs on each
 kernel's PTX, keeps a copy of that PTX (`ptxas_spy`); `ptxas -v` on it prints registers, spill
 stores/loads and stack per kernel. From these and the target's limits the theoretical occupancy
 follows (the CUDA occupancy calculator's rules). The default run writes
@@ -49,8 +50,14 @@ from kernels import bench, fused, pallas, reference  # noqa: E402
 
 SPECS = pathlib.Path(__file__).resolve().parent / "specs"
 DEFAULT_TARGET = SPECS / "h100_sxm.txtpb"
-INSTALL_HINT = 'pip install -e ".[compile]" (jax\'s CUDA 12 plugin at jax\'s version and ptxas; no GPU needed)'
-PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin")  # either compiles for CUDA
+INSTALL_HINT = (
+    'pip install -e ".[compile-cuda13]" (jax\'s CUDA 13 plugin at jax\'s version and ptxas; no GPU needed; '
+    '".[compile-cuda12]" for CUDA 12 on jax <= 0.12.0.1)'
+)
+PLUGINS = ("jax_cuda13_plugin", "jax_cuda12_plugin")  # either compiles for CUDA
+# Where the CUDA wheels put ptxas, under the `nvidia` namespace package: nvidia-cuda-nvcc-cu12
+# in `cuda_nvcc/bin`, CUDA 13's nvidia-cuda-nvcc in `cu13/bin`.
+PTXAS_IN_WHEELS = ("cu13/bin/ptxas", "cuda_nvcc/bin/ptxas")
 # Per thread, unfused kernels: at 128 an SM keeps 16 of its 64 warps resident (25% occupancy)
 # on sm_80 to sm_100, enough to keep loads in flight; above it 12 or fewer.
 REGISTER_BUDGET = 128
@@ -95,8 +102,13 @@ class Launch:
 _ENTRY = re.compile(r"Compiling entry function '([^']+)'")
 _FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _REGS = re.compile(r"Used (\d+) registers")
+# jax 0.10 to 0.12.0.1: `kCustomKernel [..] NAME grid: [X, Y, Z] threads: [X, Y, Z]  shared_memory: N bytes`.
 _THUNK = re.compile(
     r"kCustomKernel\b.*?\]\s+(\S+)\s+grid: \[(\d+), (\d+), (\d+)\]\s+threads: \[(\d+), (\d+), (\d+)\]\s+shared_memory: (\d+) bytes"
+)
+# jax 0.12.1: `kernel=NAME, ..., launch dimensions=blocks: {X, Y, Z}, threads/block: {X, Y, Z}, ..., shmem_bytes=N`.
+_THUNK_0121 = re.compile(
+    r"\bkernel=([^,\s]+),.*?launch dimensions=blocks: \{(\d+), (\d+), (\d+)\}, threads/block: \{(\d+), (\d+), (\d+)\}.*?shmem_bytes=(\d+)"
 )
 
 
@@ -119,9 +131,9 @@ def parse_ptxas(text: str) -> dict[str, PtxasInfo]:
 
 
 def parse_thunks(text: str) -> dict[str, Launch]:
-    """XLA's `*thunk_sequence.txt` -> {kernel name: its launch}."""
+    """XLA's `*thunk_sequence.txt` -> {kernel name: its launch}, in either format (see `_THUNK`)."""
     launches = {}
-    for m in _THUNK.finditer(text):
+    for m in (*_THUNK.finditer(text), *_THUNK_0121.finditer(text)):
         name, *dims = m.groups()
         grid, threads = tuple(int(d) for d in dims[:3]), math.prod(int(d) for d in dims[3:6])
         launches[name] = Launch(grid, threads, int(dims[6]))
@@ -211,13 +223,19 @@ class Target:
 # --- the tools --------------------------------------------------------------------------------
 
 
+def nvidia_roots() -> list[str]:
+    """The folders of the `nvidia` namespace package the CUDA wheels install into (none without them)."""
+    spec = importlib.util.find_spec("nvidia")
+    return list(spec.submodule_search_locations or []) if spec else []
+
+
 def find_ptxas() -> str | None:
-    """ptxas from `nvidia-cuda-nvcc-cu12` (the `compile` extra), else from PATH."""
-    spec = importlib.util.find_spec("nvidia.cuda_nvcc") if importlib.util.find_spec("nvidia") else None
-    for root in (spec.submodule_search_locations or []) if spec else []:
-        candidate = pathlib.Path(root) / "bin" / "ptxas"
-        if candidate.is_file():
-            return str(candidate)
+    """ptxas from the CUDA 13 or CUDA 12 nvcc wheel (the `compile-cuda*` extras), else from PATH."""
+    for root in nvidia_roots():
+        for relative in PTXAS_IN_WHEELS:
+            candidate = pathlib.Path(root) / relative
+            if candidate.is_file():
+                return str(candidate)
     return shutil.which("ptxas")
 
 
@@ -225,9 +243,9 @@ def missing_tools() -> str | None:
     """What is missing to compile for CUDA here, with the command that installs it; None if nothing."""
     missing = []
     if not any(importlib.util.find_spec(m) for m in PLUGINS):
-        missing.append("jax's CUDA plugin (jax-cuda12-plugin)")
+        missing.append("jax's CUDA plugin (jax-cuda13-plugin or jax-cuda12-plugin)")
     if find_ptxas() is None:
-        missing.append("ptxas (nvidia-cuda-nvcc-cu12)")
+        missing.append("ptxas (nvidia-cuda-nvcc or nvidia-cuda-nvcc-cu12)")
     if not missing:
         return None
     return f"{' and '.join(missing)} not installed; install with: {INSTALL_HINT}"
@@ -330,7 +348,7 @@ def _program(family: str, variant: str, op: bench.Op, dtype, device):
     """
     b, h, c, k, s = op.batch, op.size, op.channels, op.kernel_size, op.stride
     ho, groups = op.out_size, c // reference.GROUP_CHANNELS
-    sharding = jax.sharding.SingleDeviceSharding(device)
+    sharding = jax.sharding.make_single_device_sharding(device)
 
     def arg(*shape):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
@@ -380,7 +398,7 @@ def compile_kernels(family: str, variant: str, op_name: str, op: bench.Op, dtype
     if not infos:
         raise RuntimeError(
             f"{what}: compiled, but XLA (jax {jax.__version__}) neither ran {ptxas} nor dumped PTX, so there are no "
-            f"registers to read; kernels.compile reads them with jax 0.10.2 and 0.12.0.1"
+            f"registers to read; kernels.compile reads them with jax 0.10.2, 0.12.0.1 and 0.12.1"
         )
     reports = []
     for kernel in FAMILIES[family]:
@@ -402,7 +420,8 @@ def compile_kernels(family: str, variant: str, op_name: str, op: bench.Op, dtype
 
 
 def _versions() -> str:
-    names = ("jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda12-pjrt", "nvidia-cuda-nvcc-cu12")
+    names = ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda13-pjrt", "nvidia-cuda-nvcc", "jax-cuda12-plugin", "jax-cuda12-pjrt",
+             "nvidia-cuda-nvcc-cu12")
     found = []
     for dist in names:
         try:

@@ -299,3 +299,33 @@ def fused_aggregate(x, features, span_kernel, span_bias, static_kernel, *, kerne
     """
     hd = dynamic_kernel(features, span_kernel, span_bias, kernel_size=kernel_size)
     return aggregate(x, hd, static_kernel, kernel_size=kernel_size, stride=stride, dilation=dilation)
+
+
+# How close a kernel's result must be to this reference, computed in float32 on the same input
+# values: float32 within 1e-5 relative, element by element (plus 1e-5 of the result's largest
+# magnitude, for values near zero); bfloat16 within 1e-2 of that largest magnitude, as single
+# bf16 values near zero have no relative precision. The tests and `kernels.gpu_check` both hold
+# the kernels to it.
+TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2}
+
+
+def compare(got, expected, dtype) -> tuple[float, bool]:
+    """`(max |got - expected| / max |expected|, within TOLERANCE[dtype])` of a kernel's result.
+
+    Computed in float32 where the arrays are (a device's result is not copied to the host).
+    """
+    dtype = jnp.dtype(dtype).name
+    if dtype not in TOLERANCE:
+        raise ValueError(f"compare: dtype {dtype}; the kernels' tolerances are for {sorted(TOLERANCE)}.")
+    got, expected = jnp.asarray(got, jnp.float32), jnp.asarray(expected, jnp.float32)
+    if got.shape != expected.shape:
+        raise ValueError(f"compare: shapes differ, got {got.shape}, expected {expected.shape}.")
+    if not expected.size:
+        return 0.0, True
+    tol, scale, error = TOLERANCE[dtype], jnp.abs(expected).max(), jnp.abs(got - expected)
+    if dtype == "float32":
+        ok = jnp.all(error <= tol * scale + tol * jnp.abs(expected))
+    else:
+        ok = error.max() <= tol * scale
+    relative = error.max() / jnp.where(scale > 0, scale, 1.0)
+    return float(relative), bool(ok) and bool(jnp.isfinite(relative))

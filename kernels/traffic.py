@@ -18,7 +18,8 @@ its spec). The fused kernels also multiply: per tap a `[TW, Rp] @ [Rp, TC]` dot 
 channel-expanded span weight (16x the span conv's work), so their floor is also FLOPs over the
 peak: fp32 dots at Precision.HIGHEST run on the CUDA cores (67 TFLOP/s on an H100 SXM), bf16 on
 the tensor cores (989 TFLOP/s dense); the table gives that compute floor beside the bandwidth
-times. A "measured" column is left for the first GPU run (`python -m kernels.bench`).
+times. Its "measured" column is empty here; `python -m kernels.gpu_check` fills it on a GPU with
+each kernel's device time from a profile.
 """
 
 from __future__ import annotations
@@ -114,6 +115,27 @@ def _us(nbytes: float, rate: float) -> str:
     return f"{nbytes / rate * 1e6:.1f}"
 
 
+def table(rows: list[Traffic], measured: dict[tuple[str, str, str], float] | None = None) -> list[str]:
+    """The model's markdown table; `measured`: `{(kernel, op, dtype): microseconds}` for its last column."""
+    measured = measured or {}
+    lines = [
+        "| kernel | op | dtype | one pass (MB) | taps from HBM (MB) | H100 one pass (us) | H100 taps (us) "
+        "| H200 one pass (us) | H200 taps (us) | dot GFLOP | compute floor (us) | measured (us) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    h100, h200 = BANDWIDTHS["H100"], BANDWIDTHS["H200"]
+    for r in rows:
+        gflop = f"{r.flops / 1e9:.1f}" if r.flops else ""
+        compute = f"{r.flops / PEAK_FLOPS[r.dtype] * 1e6:.1f}" if r.flops else ""
+        seen = measured.get((r.kernel, r.op, r.dtype))
+        lines.append(
+            f"| {r.kernel} | {r.op} | {r.dtype} | {r.one_pass / 1e6:.1f} | {r.taps_from_hbm / 1e6:.1f} "
+            f"| {_us(r.one_pass, h100)} | {_us(r.taps_from_hbm, h100)} | {_us(r.one_pass, h200)} "
+            f"| {_us(r.taps_from_hbm, h200)} | {gflop} | {compute} | {'' if seen is None else f'{seen:.1f}'} |"
+        )
+    return lines
+
+
 def markdown(rows: list[Traffic]) -> str:
     """The table of `benchmarks/kernel_bytes_model.md`."""
     lines = [
@@ -127,21 +149,10 @@ def markdown(rows: list[Traffic]) -> str:
         "(see `kernels/traffic.py`)",
         "- time = bytes / bandwidth at 3.0 TB/s (H100 SXM, measured copy) and 4.8 TB/s (H200 spec); compute floor "
         "(fused kernels' dots) = FLOPs / peak: fp32 67 TFLOP/s (CUDA cores), bf16 989 TFLOP/s (tensor cores)",
-        "- measured: empty until the first GPU run (`python -m kernels.bench`, then `nsys`/`ncu` per kernel)",
+        "- measured: empty until the first GPU run; `python -m kernels.gpu_check` fills it in its report",
         "",
-        "| kernel | op | dtype | one pass (MB) | taps from HBM (MB) | H100 one pass (us) | H100 taps (us) "
-        "| H200 one pass (us) | H200 taps (us) | dot GFLOP | compute floor (us) | measured (us) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *table(rows),
     ]
-    h100, h200 = BANDWIDTHS["H100"], BANDWIDTHS["H200"]
-    for r in rows:
-        gflop = f"{r.flops / 1e9:.1f}" if r.flops else ""
-        compute = f"{r.flops / PEAK_FLOPS[r.dtype] * 1e6:.1f}" if r.flops else ""
-        lines.append(
-            f"| {r.kernel} | {r.op} | {r.dtype} | {r.one_pass / 1e6:.1f} | {r.taps_from_hbm / 1e6:.1f} "
-            f"| {_us(r.one_pass, h100)} | {_us(r.taps_from_hbm, h100)} | {_us(r.one_pass, h200)} "
-            f"| {_us(r.taps_from_hbm, h200)} | {gflop} | {compute} |  |"
-        )
     return "\n".join(lines) + "\n"
 
 

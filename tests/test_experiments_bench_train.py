@@ -72,7 +72,45 @@ def test_config_mode_times_the_configs_network_with_each_op(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--config=no/such/config.py"], "is not a config file"),
     (["--config=experiments/configs/default.py", "--smoke"], "exclude each other"),
+    (["--smoke", "--impls=pallas,cuda"], "choose from auto, pallas, xla"),
+    (["--smoke", "--models=resnet50,vgg16"], "choose from resnet50"),
+    (["--config=experiments/configs/default.py", "--models=resnet50"], "not with --config"),
+    (["--smoke", "--steps=-1"], "--steps must be >= 1"),
+    (["--smoke", "--warmup=-2"], "--warmup >= 0"),
+    (["--smoke", "--only=vgg16"], "one variant, from resnet50"),
+    (["--smoke", "--only=rednet50", "--impls=pallas,xla"], "and one implementation"),
 ])
-def test_config_mode_errors(argv, message):
-    result = subprocess.run([sys.executable, "-m", "experiments.bench_train", *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+def test_bad_arguments_end_in_one_sentence(argv, message, capsys, monkeypatch):
+    from experiments import bench_train
+
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as exit_:
+        bench_train.main(argv)
+    said = capsys.readouterr().err + (exit_.value.code if isinstance(exit_.value.code, str) else "")
+    assert exit_.value.code != 0 and message in said, said
+
+
+class _Built(Exception):
+    pass
+
+
+@pytest.mark.parametrize("name, impl, expected", [
+    ("cednet50", "xla", ("impl", "xla")),
+    ("rednet50", "pallas", ("impl", "pallas")),
+    ("rednet50", "auto", None),  # the layers' own default
+    ("resnet50", "xla", None),  # no aggregation to choose for
+])
+def test_impl_reaches_the_networks_aggregations(monkeypatch, name, impl, expected):
+    from experiments import bench_train
+
+    built = {}
+
+    def create(model_name, **kwargs):
+        built.update(kwargs, model=model_name)
+        raise _Built
+
+    monkeypatch.setattr(bench_train.models, "create", create)
+    with pytest.raises(_Built):
+        bench_train.measure(name, batch=2, image_size=16, dtype="float32", warmup=0, timed=1, smoke=True, impl=impl)
+    impls = [kv for kv in built.get("op_kwargs", ()) if kv[0] == "impl"]
+    assert built["model"] == name and impls == ([expected] if expected else [])

@@ -114,3 +114,15 @@ def test_every_config_loads_and_names_a_registered_model(path):
         assert (config.batch_size, config.base_lr, config.num_epochs, config.warmup_epochs) == (2048, 0.1, 130.0, 5.0)
         assert (config.momentum, config.nesterov, config.weight_decay, config.label_smoothing) == (0.9, True, 1e-4, 0.1)
         assert config.data.image_size == 224
+
+
+def test_the_synthetic_config_is_imagenet_shaped_and_its_smoke_size_is_tiny():
+    """`kernels.gpu_check` trains `imagenet_synthetic.py` on a GPU and its `:smoke` size on CPU."""
+    from experiments.configs import imagenet_synthetic
+
+    full, smoke = imagenet_synthetic.get_config(), imagenet_synthetic.get_config("smoke")
+    assert (full.data.name, full.data.image_size, full.data.num_classes, full.num_train_steps) == ("synthetic", 224, 1000, 50)
+    assert full.checkpoint_every_steps == full.num_train_steps == full.eval_every_steps
+    assert (smoke.data.image_size, smoke.data.num_classes, smoke.num_train_steps) == (16, 10, 4)
+    with pytest.raises(ValueError, match="unknown size 'huge'"):
+        imagenet_synthetic.get_config("huge")

@@ -1,8 +1,8 @@
 """`kernels.compile`: its readers of ptxas and XLA output, the occupancy rules, and one real compile.
 
 The parsers and the occupancy arithmetic run everywhere, against text captured from ptxas 12.9
-and XLA (jax 0.10.2) and against occupancies worked out by hand from the CUDA occupancy
-calculator's rules. The compile itself needs `pip install -e ".[compile]"` and skips without it.
+and XLA (jax 0.10.2 and 0.12.1) and against occupancies worked out by hand from the CUDA occupancy
+calculator's rules. The compile itself needs `pip install -e ".[compile-cuda13]"` (or `compile-cuda12`) and skips without it.
 """
 
 import dataclasses
@@ -62,6 +62,27 @@ def test_parse_thunks_reads_every_launch():
     assert launches["input_reduce_fusion_2"] == kcompile.Launch((49, 1, 1), 1024, 0)
     assert launches["cvolution_forward"] == kcompile.Launch((28, 1, 1), 64, 256)
     assert len(launches) == 4
+
+
+# The same dump from jax 0.12.1 (stage4_c512, bf16, unfused): one `key=value` line per launch.
+THUNK_SEQUENCE_0121 = """\
+001: kCustomKernel [source       | next=002 (1)] kernel=cvolution_weight_grads, profile_annotation=pallas_call.7, launch dimensions=blocks: {64, 1, 8}, threads/block: {64, 1, 1}, cluster_dim=nullopt, shmem_bytes=256, use_pdl=true
+002: kCustomKernel [prev=001 (1) | sink        ] kernel=input_reduce_fusion, profile_annotation=input_reduce_fusion, launch dimensions=blocks: {392, 1, 1}, threads/block: {1024, 1, 1}, cluster_dim=nullopt, shmem_bytes=0, use_pdl=true
+003: kCustomKernel [source       | sink        ] kernel=cvolution_forward, profile_annotation=pallas_call.5, launch dimensions=blocks: {448, 1, 2}, threads/block: {128, 1, 1}, cluster_dim=nullopt, shmem_bytes=512, use_pdl=true
+004: kCustomKernel [source       | sink        ] kernel=cvolution_dx, profile_annotation=pallas_call.6, launch dimensions=blocks: {448, 1, 4}, threads/block: {256, 1, 1}, cluster_dim=nullopt, shmem_bytes=0, use_pdl=true
+"""
+
+
+def test_parse_thunks_reads_jax_0121s_launch_format():
+    launches = kcompile.parse_thunks(THUNK_SEQUENCE_0121)
+    assert launches == {
+        "cvolution_weight_grads": kcompile.Launch((64, 1, 8), 64, 256),
+        "input_reduce_fusion": kcompile.Launch((392, 1, 1), 1024, 0),
+        "cvolution_forward": kcompile.Launch((448, 1, 2), 128, 512),
+        "cvolution_dx": kcompile.Launch((448, 1, 4), 256, 0),
+    }
+    # Both formats in one file (a dump from several programs) are read alike.
+    assert kcompile.parse_thunks(THUNK_SEQUENCE + THUNK_SEQUENCE_0121).keys() == launches.keys() | kcompile.parse_thunks(THUNK_SEQUENCE).keys()
 
 
 def test_target_reads_the_shipped_h100_spec():
@@ -128,10 +149,31 @@ def test_without_the_plugin_the_command_says_what_to_install(monkeypatch, capsys
     monkeypatch.setattr(kcompile, "PLUGINS", ("no_such_cuda_plugin",))
     monkeypatch.setattr(kcompile, "find_ptxas", lambda: None)
     reason = kcompile.missing_tools()
-    assert "jax-cuda12-plugin" in reason and "ptxas" in reason and 'pip install -e ".[compile]"' in reason
+    assert "jax-cuda13-plugin" in reason and "ptxas" in reason and 'pip install -e ".[compile-cuda13]"' in reason
     assert kcompile.main(["--ci"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and 'pip install -e ".[compile]"' in err
+    assert err.count("\n") == 1 and 'pip install -e ".[compile-cuda13]"' in err
+
+
+@pytest.mark.parametrize("relative", ["cu13/bin/ptxas", "cuda_nvcc/bin/ptxas"], ids=["cuda13-wheel", "cuda12-wheel"])
+def test_find_ptxas_in_either_cuda_wheel(tmp_path, monkeypatch, relative):
+    """nvidia-cuda-nvcc (CUDA 13) installs nvidia/cu13/bin/ptxas; nvidia-cuda-nvcc-cu12 nvidia/cuda_nvcc/bin/ptxas."""
+    ptxas = tmp_path / "nvidia" / relative
+    ptxas.parent.mkdir(parents=True)
+    ptxas.write_text("#!/bin/sh\n")
+    (tmp_path / "nvidia" / "cublas" / "bin").mkdir(parents=True)  # another wheel's folder, no ptxas
+    monkeypatch.setattr(kcompile, "nvidia_roots", lambda: [str(tmp_path / "nvidia")])
+    assert kcompile.find_ptxas() == str(ptxas)
+
+
+def test_find_ptxas_falls_back_to_path(tmp_path, monkeypatch):
+    (tmp_path / "ptxas").write_text("#!/bin/sh\n")
+    (tmp_path / "ptxas").chmod(0o755)
+    monkeypatch.setattr(kcompile, "nvidia_roots", lambda: [])
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert kcompile.find_ptxas() == str(tmp_path / "ptxas")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert kcompile.find_ptxas() is None
 
 
 def test_ptxas_spy_copies_the_ptx_it_is_given_and_runs_the_real_ptxas(tmp_path):

@@ -6,6 +6,10 @@ against numpy loops and finite differences in `tests/test_ops.py`.
 
 import json
 import logging
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +21,7 @@ from kernels import bench, common, pallas, reference
 
 from tests.conftest import TRITON_CALL, assert_results_close, export_for_cuda, interpret_tests, pallas_grids
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 NAMES = ("out", "dx", "dHd", "dS")
 
 
@@ -217,6 +222,27 @@ def test_lowers_for_cuda(op, with_static, dtype, verified_triton_modules):
     # Forward, dx and the dHd/dS kernel: three Triton calls, nothing left to autodiff.
     assert text.count(f"@{TRITON_CALL}(") == 3, text.count(f"@{TRITON_CALL}(")
     assert verified_triton_modules == [True] * 3
+
+
+LOWER_TWICE = """
+import jax, jax.numpy as jnp
+from kernels import bench
+from tests.test_kernels_pallas import export_aggregate_for_cuda
+for dtype in (jnp.float32, jnp.bfloat16):  # two programs, six kernels lowered
+    export_aggregate_for_cuda(bench.SMOKE_OPS["smoke_c32_k7_s2"], True, dtype)
+print("lowered")
+"""
+
+
+def test_triton_deprecation_is_shown_once_per_process():
+    """jax >= 0.11 warns at every Pallas Triton lowering (DeprecationWarning `jax-pallas-triton`);
+    Python's default filters would hide it (it comes from jax's module), and without `kernels.common`'s
+    filter a user who shows it would see it at every kernel. Once per process, as a user sees it."""
+    proc = subprocess.run([sys.executable, "-c", LOWER_TWICE], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0 and "lowered" in proc.stdout, proc.stderr[-3000:]
+    deprecated = jax.__version_info__ >= (0, 11)
+    assert proc.stderr.count(common.TRITON_DEPRECATION) == (1 if deprecated else 0), proc.stderr[-3000:]
 
 
 # --- on a GPU -------------------------------------------------------------------------------

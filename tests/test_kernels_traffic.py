@@ -56,3 +56,12 @@ def test_markdown_leaves_the_measured_column_empty(tmp_path):
     table = [line for line in path.read_text().splitlines() if line.startswith("| ") and "kernel" not in line]
     assert len(table) == 8 * 2 * 7  # ops x dtypes x kernels
     assert all(line.endswith("|  |") for line in table)
+
+
+def test_table_fills_the_measured_column_where_a_time_is_given():
+    rows = traffic.kernel_traffic("stage4_c512", bench.REDNET50_OPS["stage4_c512"], 2, "bfloat16")
+    lines = traffic.table(rows, {("forward", "stage4_c512", "bfloat16"): 12.345, ("dx", "stage4_c512", "float32"): 9.0})
+    cells = {line.split(" | ")[0][2:]: line.rsplit("|", 2)[1].strip() for line in lines[2:]}
+    assert cells["forward"] == "12.3"  # its kernel, op and dtype
+    assert cells["dx"] == ""  # a float32 time does not fill the bfloat16 row
+    assert len(lines) == 2 + len(rows)

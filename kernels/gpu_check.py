@@ -1,0 +1,624 @@
+"""The first command to run on a GPU: every question about the kernels and the training on it, in one go.
+
+    python -m kernels.gpu_check --out benchmarks                # one NVIDIA GPU: at most 8 minutes on an H100
+    python -m kernels.gpu_check --smoke --out /tmp/gpu_check    # anywhere: CPU, interpret mode, tiny shapes
+
+GPU time is scarce, so one prepared command answers everything the first minutes on a GPU must
+answer, and writes `DIR/gpu_check_<device>_<date>.md` and `.json` again as soon as each section
+ends: a run cut short keeps what it finished. A section that fails is recorded with its error,
+and the next one runs. Sections:
+
+1. environment: the device, its memory, the driver, CUDA, and the versions of jax, jaxlib, the
+   CUDA plugin and Triton;
+2. correctness: every Pallas kernel against the XLA path on the same device, at the
+   `kernels.bench` RedNet-50 shapes (strides 1 and 2), float32 and bfloat16: the forward, dx, dHd
+   and dS of the unfused kernels (`kernels.pallas`), and the forward, dx, dv, dW2, db and dS of the
+   fused ones (`kernels.fused`). The XLA path runs in float32 (HIGHEST matmul precision) on the
+   same input values; each result's max error relative to its largest magnitude is held to the
+   tests' tolerance (`reference.TOLERANCE`);
+3. kernels: the forward and forward + backward times of the Pallas and XLA paths, a copy moving
+   the same bytes (the bandwidth reference, measured in the same run: `kernels.bench`), a
+   depthwise convolution of the same shape, and the fused kernels against the unfused ones; then
+   each kernel's own time from a profile of the Pallas programs, beside the bytes model
+   (`kernels.traffic`) whose "measured" column it fills;
+4. network: `experiments.bench_train` for ResNet-50, RedNet-50 and CedNet-50 at 224x224, batch
+   64, bfloat16, with the Pallas and the XLA aggregation: images/s and peak device memory;
+5. training: 50 steps of `experiments.imagenet` on the ImageNet-shaped random data of
+   `experiments/configs/imagenet_synthetic.py`, sharded over every local device; the loss must
+   stay finite, and the checkpoint it saves is restored and evaluated by a second process.
+
+Sections 4 and 5 run the entry points as commands, in processes of their own (each peak memory is
+its own, and `kernels/` imports nothing of `cvolution_jax` or `experiments`).
+
+The run keeps to `--budget-s` (default 450 s): each section has a share of it, and time a section
+leaves unused passes to the next. Work that does not fit in its share is recorded as skipped, so
+the command ends in time on a slower GPU too. Exit status: 0 when every section passed, 1 when a
+section failed or a result was out of tolerance, 2 on bad arguments (no GPU without `--smoke`).
+`--smoke` runs the same code on the CPU (kernels in Pallas's interpreter, one tiny op, the narrow
+test networks) in under a minute: its numbers check the command, not the hardware.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import glob
+import importlib
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+
+from kernels import bench, fused, pallas, reference, traffic
+
+SECTIONS = ("environment", "correctness", "kernels", "network", "training")
+# Each section's share of the budget. A section may run until the sum of the shares up to it has
+# passed, so time an earlier section leaves unused goes to the later ones.
+SHARES = {"environment": 0.02, "correctness": 0.20, "kernels": 0.28, "network": 0.28, "training": 0.22}
+DEFAULT_BUDGET_S = 450  # the whole run within 8 minutes, with room for starting and writing
+UNFUSED_OUTPUTS = ("out", "dx", "dHd", "dS")
+FUSED_OUTPUTS = ("out", "dx", "dv", "dW2", "db", "dS")
+# (bench_train variant, aggregation) per network row, the most wanted first.
+NETWORK_ROWS = (("resnet50", "none"), ("cednet50", "pallas"), ("rednet50", "pallas"), ("cednet50", "xla"), ("rednet50", "xla"))
+TRAINING_CONFIG = "configs/imagenet_synthetic.py"  # inside the `experiments` package
+
+
+class OutOfTime(Exception):
+    """A section's share of the budget ran out before it could finish its one piece of work."""
+
+
+@dataclasses.dataclass
+class Clock:
+    """The run's budget. A section may run until the shares of it and the sections before it
+    have passed; a piece of work that would start later is skipped and named (`skipped`)."""
+
+    budget: float
+    start: float = dataclasses.field(default_factory=time.monotonic)
+    deadline: float = 0.0
+    skipped: list = dataclasses.field(default_factory=list)
+    started: int = 0  # pieces of work the current section was allowed to start
+
+    def enter(self, section: str) -> None:
+        spent = sum(SHARES[s] for s in SECTIONS[: SECTIONS.index(section) + 1])
+        self.deadline = self.start + spent * self.budget
+        self.skipped, self.started = [], 0
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def allows(self, what: str) -> bool:
+        """Whether `what` may start; if not, it is recorded as skipped."""
+        if self.left() > 0:
+            self.started += 1
+            return True
+        self.skipped.append(what)
+        return False
+
+
+@dataclasses.dataclass
+class Report:
+    """The results so far, written as markdown and JSON after every section."""
+
+    out_dir: pathlib.Path
+    command: str
+    smoke: bool
+    budget: float
+    device: str = ""
+    date: str = ""
+    sections: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def stem(self) -> str:
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", self.device).strip("-").lower() or "unknown-device"
+        return f"gpu_check_{slug}_{self.date[:10]}{'_smoke' if self.smoke else ''}"
+
+    def write(self) -> list[pathlib.Path]:
+        """Both files, each replaced in one step (a kill never leaves half a file)."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        paths = [self.out_dir / f"{self.stem}.json", self.out_dir / f"{self.stem}.md"]
+        contents = [json.dumps(dataclasses.asdict(self) | {"out_dir": str(self.out_dir)}, indent=1) + "\n", markdown(self)]
+        for path, text in zip(paths, contents):
+            partial = path.with_name(path.name + ".partial")
+            partial.write_text(text)
+            os.replace(partial, path)
+        return paths
+
+
+# --- 1. environment ---------------------------------------------------------------------------
+
+
+def _nvidia_smi() -> dict:
+    """Driver version, the driver's CUDA version and the GPU's name and memory from `nvidia-smi`."""
+    if shutil.which("nvidia-smi") is None:
+        return {"nvidia_smi": "not found"}
+    found = {}
+    query = subprocess.run(
+        ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,compute_cap", "--format=csv,noheader"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    if query.returncode == 0 and query.stdout.strip():
+        name, driver, memory, capability = (f.strip() for f in query.stdout.splitlines()[0].split(",")[:4])
+        found.update(gpu=name, driver=driver, gpu_memory=memory, compute_capability=capability)
+    header = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30, check=False).stdout
+    if m := re.search(r"CUDA Version:\s*([\d.]+)", header):
+        found["driver_cuda"] = m.group(1)
+    return found
+
+
+def _cuda_runtime() -> dict:
+    """The CUDA runtime and cuDNN versions the jax CUDA plugin loaded, where it says."""
+    for plugin in ("jax_cuda13_plugin", "jax_cuda12_plugin"):
+        try:
+            versions = importlib.import_module(f"{plugin}._versions")
+        except ImportError:
+            continue
+        found = {}
+        for key, fn in (("cuda_runtime", "cuda_runtime_get_version"), ("cudnn", "cudnn_get_version")):
+            try:
+                found[key] = str(getattr(versions, fn)())
+            except Exception as e:  # noqa: BLE001 -- a missing library is reported, not fatal
+                found[key] = f"unknown ({type(e).__name__})"
+        return {"cuda_plugin": plugin, **found}
+    return {"cuda_plugin": "none"}
+
+
+def environment(clock: Clock, smoke: bool) -> dict:
+    del clock, smoke
+    device = jax.devices()[0]
+    stats = device.memory_stats() or {}
+    return {
+        "device": device.device_kind,
+        "platform": device.platform,
+        "local_devices": jax.local_device_count(),
+        "devices": jax.device_count(),
+        "device_memory_bytes": stats.get("bytes_limit"),
+        "host": f"{platform.node()}, {os.cpu_count()} CPUs, {platform.platform()}",
+        "versions": bench.versions(),
+        **_cuda_runtime(),
+        **_nvidia_smi(),
+    }
+
+
+# --- 2. correctness ---------------------------------------------------------------------------
+
+
+def _inputs(op: bench.Op, dtype, family: str, seed: int = 0) -> tuple[tuple, jax.Array]:
+    """(arguments, output cotangent) of one op: unfused `(x, Hd, S)`, fused `(x, v, W2, b, S)`.
+
+    Hd ~ N(0, 1), and W2 scaled so the fused path's Hd is too.
+    """
+    b, h, c, k, ho = op.batch, op.size, op.channels, op.kernel_size, op.out_size
+    groups, reduced = c // reference.GROUP_CHANNELS, c // 4
+    keys = jax.random.split(jax.random.key(seed), 6)
+    x = jax.random.normal(keys[0], (b, h, h, c), dtype)
+    static = jax.random.normal(keys[1], (k * k, c), dtype)
+    cotangent = jax.random.normal(keys[2], (b, ho, ho, c), dtype)
+    if family == "unfused":
+        return (x, jax.random.normal(keys[3], (b, ho, ho, groups, k * k), dtype), static), cotangent
+    v = jax.random.normal(keys[3], (b, ho, ho, reduced), dtype)
+    w2 = (jax.random.normal(keys[4], (reduced, groups * k * k)) / math.sqrt(reduced)).astype(dtype)
+    bias = jax.random.normal(keys[5], (groups * k * k,), dtype)
+    return (x, v, w2, bias, static), cotangent
+
+
+@functools.cache
+def forward_backward(impl: str, family: str, op: bench.Op, interpret: bool):
+    """The jitted `(args, cotangent) -> (out, grads)` of one path; one per key, so the kernels
+    section times the very programs the correctness section compiled."""
+    config = dict(kernel_size=op.kernel_size, stride=op.stride, dilation=1)
+    if family == "unfused":
+        layer = (functools.partial(pallas.aggregate, interpret=interpret) if impl == "pallas" else reference.aggregate)
+    else:
+        layer = (functools.partial(fused.fused_aggregate, interpret=interpret) if impl == "pallas" else reference.fused_aggregate)
+
+    def run(args, cotangent):
+        out, vjp = jax.vjp(lambda *a: layer(*a, **config), *args)
+        return out, vjp(cotangent)
+
+    return jax.jit(run)
+
+
+def check_op(op_name: str, op: bench.Op, dtype, family: str, interpret: bool) -> list[dict]:
+    """One row per output of the Pallas kernels against the XLA path in float32 on the same values."""
+    args, cotangent = _inputs(op, dtype, family)
+    out, grads = forward_backward("pallas", family, op, interpret)(args, cotangent)
+    up = lambda tree: jax.tree.map(lambda a: a.astype(jnp.float32), tree)
+    with jax.default_matmul_precision("highest"):  # the fused reference's v @ W2 in true float32
+        expected_out, expected_grads = forward_backward("xla", family, op, False)(up(args), up(cotangent))
+    names = UNFUSED_OUTPUTS if family == "unfused" else FUSED_OUTPUTS
+    rows = []
+    for name, got, expected in zip(names, (out, *grads), (expected_out, *expected_grads), strict=True):
+        relative, ok = reference.compare(got, expected, dtype)
+        rows.append(dict(op=op_name, family=family, dtype=jnp.dtype(dtype).name, output=name, max_rel_error=relative,
+                         tolerance=reference.TOLERANCE[jnp.dtype(dtype).name], ok=ok))
+    return rows
+
+
+def correctness(clock: Clock, smoke: bool) -> dict:
+    rows, interpret = [], not on_gpu()
+    for op_name, op in ops(smoke).items():
+        for dtype in ("float32", "bfloat16"):
+            for family in ("unfused", "fused"):
+                if not clock.allows(f"{family} {op_name} {dtype}"):
+                    continue
+                found = check_op(op_name, op, jnp.dtype(dtype), family, interpret)
+                rows.extend(found)
+                for r in found:
+                    print(f"  {r['family']:8s} {r['op']:16s} {r['dtype']:9s} {r['output']:4s} max rel error {r['max_rel_error']:.2e} "
+                          f"{'ok' if r['ok'] else 'OUT OF TOLERANCE'}", flush=True)
+    failed = [f"{r['family']} {r['op']} {r['dtype']} {r['output']}: {r['max_rel_error']:.3g} > {r['tolerance']}" for r in rows if not r["ok"]]
+    return {"rows": rows, "failures": failed}
+
+
+# --- 3. kernel speed --------------------------------------------------------------------------
+
+
+def kernel_times(trace_dir: str, kernels: tuple[str, ...]) -> dict[str, float]:
+    """Median device microseconds of each kernel in `kernels`, from a jax profiler trace.
+
+    Reads the `.xplane.pb` the trace left: events on the device planes (`/device:GPU:N`) named
+    after the launched kernel. A kernel with no event is left out.
+    """
+    from jax.profiler import ProfileData
+
+    durations: dict[str, list[float]] = {}
+    for path in glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True):
+        for plane in ProfileData.from_file(path).planes:
+            if not plane.name.startswith("/device:"):
+                continue
+            for line in plane.lines:
+                for event in line.events:
+                    if event.name in kernels:
+                        durations.setdefault(event.name, []).append(event.duration_ns / 1e3)
+    return {name: statistics.median(times) for name, times in durations.items()}
+
+
+def _profile_kernels(op: bench.Op, dtype, interpret: bool, calls: int) -> dict[str, float]:
+    """Each Pallas kernel's median time (us) over `calls` calls of the fused and unfused programs."""
+    programs = [(forward_backward("pallas", family, op, interpret), *_inputs(op, dtype, family)) for family in ("unfused", "fused")]
+    for program, args, cotangent in programs:
+        jax.block_until_ready(program(args, cotangent))  # compiled outside the trace
+    names = tuple(f"cvolution_{k}" for family in traffic.FAMILIES.values() for k in family)
+    with tempfile.TemporaryDirectory(prefix="gpu-check-trace-") as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            for program, args, cotangent in programs:
+                for _ in range(calls):
+                    jax.block_until_ready(program(args, cotangent))
+        return kernel_times(trace_dir, names)
+
+
+def _depthwise_rows(op_name: str, op: bench.Op, dtype, pallas_ms: dict, **timing) -> list[dict]:
+    """Forward and forward + backward (input and kernel) of a depthwise KxK convolution of the op's shape."""
+    keys = jax.random.split(jax.random.key(2), 3)
+    x = jax.random.normal(keys[0], (op.batch, op.size, op.size, op.channels), dtype)
+    w = jax.random.normal(keys[1], (op.kernel_size, op.kernel_size, 1, op.channels), dtype)
+    g = jax.random.normal(keys[2], (op.batch, op.out_size, op.out_size, op.channels), dtype)
+    rows = []
+    for pass_ in bench.PASSES:
+        seconds = bench.time_calls(bench.jitted_pass(bench.depthwise_conv(op), pass_), (x, w, g), **timing)
+        rows.append(dict(op=op_name, dtype=jnp.dtype(dtype).name, **{"pass": pass_}, impl="depthwise_conv",
+                         time_ms=seconds * 1e3, pallas_vs_depthwise=pallas_ms[pass_] / (seconds * 1e3)))
+    return rows
+
+
+def kernel_speed(clock: Clock, smoke: bool) -> dict:
+    interpret = not on_gpu()
+    timing = dict(iters=1, warmup=1, repeats=1) if smoke else dict(iters=10, warmup=2, repeats=3)
+    rows, fused_rows, depthwise_rows, measured, profile_errors = [], [], [], {}, []
+    for op_name, op in ops(smoke).items():
+        for dtype_name in ("float32",) if smoke else ("bfloat16", "float32"):  # bf16 first: what training runs
+            dtype = jnp.dtype(dtype_name)
+            if not clock.allows(f"{op_name} {dtype_name}"):
+                continue
+            op_rows = bench.run_op(op_name, op, dtype, with_static=True, interpret=interpret, **timing)
+            rows.extend(op_rows)
+            pallas_ms = {r["pass"]: r["time_ms"] for r in op_rows if r["impl"] == "pallas"}
+            depthwise_rows.extend(_depthwise_rows(op_name, op, dtype, pallas_ms, **timing))
+            fused_rows.extend(bench.run_fused(op_name, op, dtype, with_static=True, interpret=interpret, **timing))
+            try:
+                for kernel, us in _profile_kernels(op, dtype, interpret, calls=1 if smoke else 5).items():
+                    measured[kernel.removeprefix("cvolution_"), op_name, dtype_name] = us
+            except Exception as e:  # noqa: BLE001 -- a profiler without CUPTI costs the per-kernel column only
+                profile_errors.append(f"{op_name} {dtype_name}: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+            for r in op_rows:
+                print(f"  {op_name:16s} {dtype_name:9s} {r['pass']:17s} {r['impl']:7s} {r['time_ms']:9.3f} ms "
+                      f"{r['pct_of_copy']:5.0f}% of copy", flush=True)
+    model = [
+        dataclasses.asdict(row) | {"measured_us": measured.get((row.kernel, row.op, row.dtype))}
+        for op_name, op in ops(smoke).items() for dtype, size in (("float32", 4), ("bfloat16", 2))
+        for row in traffic.kernel_traffic(op_name, op, size, dtype)
+    ]
+    if not measured and not profile_errors:
+        profile_errors.append("the profile held no device events named after the kernels (off GPU the kernels run interpreted)")
+    return {"rows": rows, "depthwise_rows": depthwise_rows, "fused_rows": fused_rows, "bytes_model": model,
+            "profile_errors": profile_errors, "timing": timing}
+
+
+# --- 4 and 5: the entry points, as commands -------------------------------------------------
+
+
+def _run(command: list[str], clock: Clock, what: str) -> subprocess.CompletedProcess:
+    """Runs an entry point until the section's share runs out; raises with its last words on failure."""
+    print(f"  $ {' '.join(command)}", flush=True)
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=clock.left(), check=False)
+    except subprocess.TimeoutExpired as e:
+        raise OutOfTime(f"{what} (stopped after {e.timeout:.0f} s)") from None
+    if proc.returncode:
+        raise RuntimeError(f"{what} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    return proc
+
+
+def network(clock: Clock, smoke: bool) -> dict:
+    """One `bench_train --only` process per row (each peak memory its own; a row past the budget is skipped)."""
+    if smoke:
+        flags, rows_wanted = ["--smoke", "--steps=1", "--warmup=1"], (("cednet50", "xla"),)
+    else:
+        flags, rows_wanted = ["--batch=64", "--dtype=bfloat16", "--steps=10", "--warmup=2"], NETWORK_ROWS
+    command = [sys.executable, "-m", "experiments.bench_train", *flags]
+    rows = []
+    for model, impl in rows_wanted:
+        what = f"{model} ({impl})"
+        if not clock.allows(what):
+            continue
+        try:
+            proc = _run([*command, f"--only={model}", f"--impls={'auto' if impl == 'none' else impl}"], clock, what)
+        except OutOfTime as e:
+            clock.skipped.append(str(e))
+            continue
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        peak = "n/a" if row["peak_bytes"] is None else f"{row['peak_bytes'] / 2**30:.2f} GiB"
+        print(f"  {row['model']:10s} {row['impl']:6s} {row['images_per_sec']:8.0f} img/s peak {peak}", flush=True)
+    base = next((r for r in rows if r["model"].startswith("resnet")), None)
+    for row in rows:
+        row["speed_vs_conv"] = None if base is None else row["images_per_sec"] / base["images_per_sec"]
+    return {"rows": rows, "command": " ".join(["python -m experiments.bench_train", *flags, "--only=MODEL --impls=IMPL"]),
+            "image_size": 32 if smoke else 224}
+
+
+def training(clock: Clock, smoke: bool, out_dir: pathlib.Path) -> dict:
+    spec = importlib.util.find_spec("experiments")
+    config = pathlib.Path(spec.submodule_search_locations[0]) / TRAINING_CONFIG
+    config_arg = f"{config}{':smoke' if smoke else ''}"
+    if not clock.allows("training"):
+        raise OutOfTime("training")
+    workdir = tempfile.mkdtemp(prefix="gpu-check-training-", dir=out_dir)
+    try:
+        base = [sys.executable, "-m", "experiments.imagenet", f"--config={config_arg}", f"--workdir={workdir}"]
+        _run(base, clock, "training")
+        _run([*base, "--config.mode=eval"], clock, "restoring and evaluating the checkpoint")
+        records = [json.loads(line) for line in pathlib.Path(workdir, "metrics.jsonl").read_text().splitlines()]
+        train = [r for r in records if r["split"] == "train"]
+        steps = sorted(int(name) for name in os.listdir(os.path.join(workdir, "checkpoints")) if name.isdigit())
+        evaluated = sorted(glob.glob(os.path.join(workdir, "eval_*.json")))
+        result = {
+            "command": " ".join(base[1:]).replace(str(workdir), "WORKDIR"),
+            "losses": [(r["step"], r["loss"]) for r in train],
+            "images_per_sec": [(r["step"], r.get("images_per_sec")) for r in train],
+            "checkpoints": steps,
+            "eval": json.loads(pathlib.Path(evaluated[-1]).read_text()) if evaluated else None,
+        }
+        problems = []
+        if not train or not all(math.isfinite(loss) for _, loss in result["losses"]):
+            problems.append(f"train losses not all finite: {result['losses']}")
+        if not steps:
+            problems.append("no checkpoint saved")
+        if result["eval"] is None or not math.isfinite(result["eval"].get("loss", math.nan)):
+            problems.append(f"the restored checkpoint's evaluation is missing or not finite: {result['eval']}")
+        result["failures"] = problems
+        print(f"  losses {[round(loss, 3) for _, loss in result['losses']]}; checkpoints {steps}; eval {result['eval']}", flush=True)
+        return result
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+
+def on_gpu() -> bool:
+    """Whether jax runs on a GPU; elsewhere (a smoke run) the kernels run in Pallas's interpreter."""
+    return jax.default_backend() == "gpu"
+
+
+def ops(smoke: bool) -> dict[str, bench.Op]:
+    return bench.SMOKE_OPS if smoke else bench.REDNET50_OPS
+
+
+def run_section(name: str, fn, report: Report, clock: Clock) -> None:
+    """Runs one section, records its result or its error, and writes the report."""
+    clock.enter(name)
+    print(f"[{name}] ({clock.left():.0f} s of budget)", flush=True)
+    tic = time.monotonic()
+    entry: dict = {}
+    try:
+        entry["result"] = fn(clock)
+        failures = entry["result"].get("failures") if isinstance(entry["result"], dict) else None
+        entry["status"] = ("failed" if failures else "out of time" if clock.skipped and not clock.started
+                           else "partial" if clock.skipped else "passed")
+        if clock.skipped:
+            key = "error" if entry["status"] == "out of time" else "skipped"
+            entry[key] = f"the section's share of --budget-s ran out before: {', '.join(clock.skipped)}"
+    except OutOfTime as e:
+        entry.update(status="out of time", error=f"the section's share of --budget-s ran out before: {e}")
+    except Exception as e:  # noqa: BLE001 -- recorded; the later sections still run
+        entry.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-4000:])
+    entry["seconds"] = round(time.monotonic() - tic, 1)
+    report.sections[name] = entry
+    paths = report.write()
+    print(f"[{name}] {entry['status']} in {entry['seconds']} s{': ' + entry['error'].splitlines()[0] if 'error' in entry else ''}; "
+          f"wrote {paths[1]}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog="python -m kernels.gpu_check", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="folder for gpu_check_<device>_<date>.md and .json (made if missing)")
+    parser.add_argument("--smoke", action="store_true", help="CPU is fine: interpret mode, tiny shapes, narrow networks (< 60 s)")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from {', '.join(SECTIONS)}")
+    parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S, help="seconds for the whole run (default %(default)s)")
+    args = parser.parse_args(argv)
+    chosen = args.sections.split(",")
+    if set(chosen) - set(SECTIONS):
+        parser.error(f"--sections {args.sections!r}: choose from {', '.join(SECTIONS)}, comma-separated.")
+    if args.budget_s <= 0:
+        parser.error(f"--budget-s must be positive; got {args.budget_s}.")
+    out = pathlib.Path(args.out)
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} is a file; give a folder (it is made if missing).")
+    if not on_gpu() and not args.smoke:
+        parser.error(
+            f"no GPU: jax's backend is {jax.default_backend()!r} (devices: {jax.devices()}). Run it on a machine with an NVIDIA "
+            'GPU and jax\'s CUDA plugin (pip install -e ".[cuda13]"), or add --smoke to check the command on this CPU.'
+        )
+
+    device = jax.devices()[0]
+    report = Report(
+        out_dir=out, command=" ".join(["python -m kernels.gpu_check", *argv]), smoke=args.smoke, budget=args.budget_s,
+        device=device.device_kind, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+    clock = Clock(args.budget_s)
+    runs = {
+        "environment": lambda c: environment(c, args.smoke),
+        "correctness": lambda c: correctness(c, args.smoke),
+        "kernels": lambda c: kernel_speed(c, args.smoke),
+        "network": lambda c: network(c, args.smoke),
+        "training": lambda c: training(c, args.smoke, out),
+    }
+    for name in SECTIONS:
+        if name in chosen:
+            run_section(name, runs[name], report, clock)
+    statuses = [s["status"] for s in report.sections.values()]
+    passed = all(s in ("passed", "partial") for s in statuses)
+    summary = "every section passed" if set(statuses) == {"passed"} else ", ".join(f"{n} {s['status']}" for n, s in report.sections.items())
+    print(f"kernels.gpu_check: {summary}; {time.monotonic() - clock.start:.0f} s; results in {out / report.stem}.md")
+    return 0 if passed else 1
+
+
+# --- the markdown -----------------------------------------------------------------------------
+
+
+def _fmt(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def markdown(report: Report) -> str:
+    lines = [
+        f"# GPU check{' (smoke run: CPU, interpret mode; the numbers check the command, not the hardware)' if report.smoke else ''}",
+        "",
+        f"- device: {report.device}",
+        f"- date: {report.date}",
+        f"- command: `{report.command}` (budget {report.budget:.0f} s)",
+        "",
+        "| section | status | seconds |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {name} | {s['status']} | {s['seconds']} |" for name, s in report.sections.items()]
+    for name, section in report.sections.items():
+        lines += ["", f"## {name}", ""]
+        if "error" in section:
+            lines += [f"**{section['status']}**: {section['error']}", ""]
+        if "skipped" in section:
+            lines += [f"**partial**: {section['skipped']}", ""]
+        result = section.get("result")
+        if not result:
+            continue
+        try:
+            lines += _SECTION_MARKDOWN[name](result)
+        except (KeyError, TypeError, ValueError) as e:  # the JSON holds the result whatever its shape
+            lines += [f"(not rendered: {type(e).__name__}: {e}; the JSON file has the result)"]
+        if result.get("failures"):
+            lines += ["", "Failures:", ""] + [f"- {f}" for f in result["failures"]]
+    return "\n".join(lines) + "\n"
+
+
+def _environment_md(result: dict) -> list[str]:
+    lines = [f"- {key}: {value}" for key, value in result.items() if key != "versions"]
+    return lines + ["- versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items())]
+
+
+def _correctness_md(result: dict) -> list[str]:
+    lines = [
+        "Pallas kernels against the XLA path in float32 (HIGHEST matmul precision) on the same input values, "
+        "same device; error = max |pallas - xla| / max |xla|.",
+        "",
+        "| family | op | dtype | output | max rel error | tolerance | ok |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(f"| {r['family']} | {r['op']} | {r['dtype']} | {r['output']} | {r['max_rel_error']:.2e} | {r['tolerance']} "
+                     f"| {'yes' if r['ok'] else '**no**'} |")
+    return lines
+
+
+def _kernels_md(result: dict) -> list[str]:
+    t = result["timing"]
+    lines = [
+        f"Median of {t['repeats']} timings of {t['iters']} calls after {t['warmup']} warm-up. `% of copy`: the copy's time over "
+        "the impl's for the same bytes (the traffic model of `kernels.bench`).",
+        "",
+        "| op | dtype | pass | impl | time (ms) | GB/s | % of copy | speedup vs xla |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(f"| {r['op']} | {r['dtype']} | {r['pass']} | {r['impl']} | {r['time_ms']:.3f} | {r['gb_per_s']:.0f} "
+                     f"| {r['pct_of_copy']:.0f} | {_fmt(r['speedup_vs_xla'], '.2f')} |")
+    lines += ["", "Depthwise KxK convolution of the same shape (`lax.conv`, input and kernel gradients):", "",
+              "| op | dtype | pass | time (ms) | pallas time / depthwise time |", "|---|---|---|---|---|"]
+    for r in result["depthwise_rows"]:
+        lines.append(f"| {r['op']} | {r['dtype']} | {r['pass']} | {r['time_ms']:.3f} | {r['pallas_vs_depthwise']:.2f} |")
+    lines += ["", "Fused span conv + aggregation (`kernels.fused`) against unfused (Hd written, then `kernels.pallas`):", "",
+              "| op | dtype | pass | impl | time (ms) | temp memory (MiB) | speedup vs unfused |", "|---|---|---|---|---|---|---|"]
+    for r in result["fused_rows"]:
+        temp = "n/a" if r["temp_bytes"] is None else f"{r['temp_bytes'] / 2**20:.1f}"
+        lines.append(f"| {r['op']} | {r['dtype']} | {r['pass']} | {r['impl']} | {r['time_ms']:.3f} | {temp} | {r['speedup_vs_unfused']:.2f} |")
+    lines += ["", "Each kernel's time (its median device time in a profile of the Pallas programs) in the bytes model's "
+              "\"measured\" column (`kernels.traffic`):", ""]
+    model = [traffic.Traffic(**{k: v for k, v in r.items() if k != "measured_us"}) for r in result["bytes_model"]]
+    lines += traffic.table(model, {(r["kernel"], r["op"], r["dtype"]): r["measured_us"] for r in result["bytes_model"] if r["measured_us"]})
+    if result["profile_errors"]:
+        lines += ["", "Per-kernel times not measured:", ""] + [f"- {e}" for e in result["profile_errors"]]
+    return lines
+
+
+def _network_md(result: dict) -> list[str]:
+    lines = [f"`{result['command']}`, one process per row; {result['image_size']}x{result['image_size']} synthetic images.", "",
+             "| model | aggregation | params | step (ms) | images/s | x resnet50 | peak memory (GiB) |", "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        peak = "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**30:.2f}"
+        lines.append(f"| {r['model']} | {r['impl']} | {r['params']:,} | {r['step_ms']:.1f} | {r['images_per_sec']:.0f} "
+                     f"| {_fmt(r['speed_vs_conv'], '.2f')} | {peak} |")
+    return lines
+
+
+def _training_md(result: dict) -> list[str]:
+    return [
+        f"- command: `{result['command']}`, then the same with `--config.mode=eval` in a new process",
+        f"- train loss by step: {', '.join(f'{s}: {loss:.4f}' for s, loss in result['losses'])}",
+        "- images/s by step: " + ", ".join(f"{s}: {_fmt(v, '.0f')}" for s, v in result["images_per_sec"]),
+        f"- checkpoints saved: {result['checkpoints']}",
+        f"- evaluation of the restored checkpoint: {result['eval']}",
+    ]
+
+
+_SECTION_MARKDOWN = {"environment": _environment_md, "correctness": _correctness_md, "kernels": _kernels_md,
+                     "network": _network_md, "training": _training_md}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
