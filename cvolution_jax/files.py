@@ -1,8 +1,10 @@
-"""Atomic file writes: a reader (or a resumed run) sees the old file or the new one, never half of one."""
+"""Atomic file writes: a reader (or a resumed run) sees the old file or the new one, never half of one;
+and strict JSON for the metrics files."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import tempfile
 
@@ -29,3 +31,16 @@ def atomic_open(path, mode: str = "w"):
         with contextlib.suppress(OSError):
             os.remove(temp)
         raise
+
+
+def strict_json(value):
+    """`value` with every NaN or infinite float replaced by None, so `json.dumps` writes strict JSON
+    (`null`, which every parser reads, instead of Python's bare `NaN`). Dicts, lists and tuples are
+    walked; a missing metric (a segmentation class absent from the eval set) reads back as None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(item) for item in value]
+    return value

@@ -10,14 +10,16 @@ to run. Run `(row, seed)` is an ordinary classification run of `common.study_run
 in `<workdir>/<row>/seed_<seed>`: its checkpoints, metrics and resume work as usual, and once trained
 its final checkpoint is evaluated (`eval_<step>.json`, as `--config.mode=eval` writes it).
 
-Rerunning the command resumes the grid: a run with its eval file is read, not retrained; a run
+Rerunning the command resumes the grid: a run with its eval file is read, not retrained (also
+once its checkpoints are deleted to save space); a run
 stopped part-way resumes from its checkpoint; a run whose final checkpoint is damaged is retrained
 from its newest good one, the damaged one set aside in `checkpoints_damaged/`. SIGTERM or Ctrl-C
 stops the grid after the current run saves. When every run of `rows` x `seeds` is done the study
 writes, in `<workdir>`:
 - `results.json`: per row its model, op switches, params and MACs (`cvolution_jax.count`, on one
   image of the dataset's shape), test top-1 per seed, mean and sample standard deviation, CPU
-  training images/s and minutes per run; and every pair of rows compared (Welch's t-test);
+  training images/s and minutes per run; and every pair of rows compared (Welch's t-test); strict
+  JSON, `null` where a value is undefined (the std of one seed, the p of two constant rows);
 - `results.md`: the same as tables;
 - `results.png`: mean top-1 with +-1 std error bars against parameters, one marker per row.
 """
@@ -43,7 +45,7 @@ from scipy import stats
 
 from cvolution_jax import count, data, files, models
 from cvolution_jax.tasks import classification
-from cvolution_jax.train import checkpoint, loop
+from cvolution_jax.train import checkpoint, cli, loop, workdir_lock
 from cvolution_jax.train.metrics import read_metrics
 from experiments.configs import common
 from kernels.bench import versions
@@ -137,7 +139,10 @@ def train_and_test(config: ml_collections.ConfigDict, workdir: str) -> dict | No
     trained = _latest_step(workdir)
     _check_same_run(config, workdir, trained, last)
     eval_path = os.path.join(workdir, f"eval_{last}.json")
-    if trained == last and (metrics := _read_json(eval_path)) is not None:
+    metrics = _read_json(eval_path)
+    if metrics is not None and trained in (last, None):
+        if trained is None:  # its checkpoints were deleted (to save space): the result stays, as recorded
+            log.info("Ablation run %s has no checkpoints left; its result is read from %s, not retrained.", workdir, eval_path)
         return metrics
     if trained != last and not _train(task, config, workdir, last):
         return None
@@ -308,7 +313,7 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, command: str = "")
             loop.report(f"ablation: {row}, seed {seed}")
             try:
                 metrics = train_and_test(common.study_run(study, row, seed), run_dir(workdir, row, seed))
-            except (ValueError, FileNotFoundError, loop.DivergedError) as error:
+            except (ValueError, FileNotFoundError, loop.DivergedError, workdir_lock.WorkdirInUse) as error:
                 raise ValueError(f"ablation run {row}/seed_{seed}: {error} (a study sets a run's fields as "
                                  f"--config.recipe.FIELD)") from error
             if metrics is None or stop["signal"] is not None:
@@ -317,7 +322,7 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, command: str = "")
             results.setdefault(row, {})[seed] = metrics
     summary = summarize(study, workdir, results, command)
     with files.atomic_open(os.path.join(workdir, "results.json")) as f:
-        json.dump(summary, f, indent=1)
+        json.dump(files.strict_json(summary), f, indent=1, allow_nan=False)  # an undefined std or p as null
     with files.atomic_open(os.path.join(workdir, "results.md")) as f:
         f.write(markdown(summary))
     plot(summary, os.path.join(workdir, "results.png"))
@@ -341,4 +346,4 @@ if __name__ == "__main__":
                                     lock_config=True)
     flags.DEFINE_string("workdir", None, "The study's directory: one sub-directory per run, and the results.")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

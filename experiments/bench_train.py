@@ -21,9 +21,10 @@ the CPU cost of one `experiments.imagenet` step of that network, per op.
 
 Each model runs in its own process (so each peak memory is its own) on synthetic images, the
 same jitted `train_step` as `experiments.imagenet` (SGD Nesterov, label smoothing), `--warmup`
-untimed steps then `--steps` timed ones. Writes `train_<date>_<device>.json` and `.md` to
-`--out-dir` (default `benchmarks/`) with the device, date, versions, command and the ratios to
-ResNet-50 (with `--config`, to its `resnet` row). Off GPU only `--smoke` and `--config` run; the
+untimed steps then `--steps` timed ones. Writes `train_<date>_<time>_<device>.json` and `.md` to
+`--out-dir` (default `benchmarks/`; the file names hold the time, so nothing is overwritten) with
+the device, date, versions, command and the ratios to ResNet-50 (with `--config`, to its `resnet`
+row; without a ResNet row, to the first). Off GPU only `--smoke` and `--config` run; the
 smoke run's numbers say nothing about performance.
 """
 
@@ -109,7 +110,7 @@ def measure(name: str, *, batch: int, image_size: int, dtype: str, warmup: int, 
 
 
 def _markdown(result: dict) -> str:
-    base = result["rows"][0]["model"]
+    base = result["base"]
     lines = [
         f"# Training benchmark{' (smoke run: times mean nothing)' if result['smoke'] else ''}",
         "",
@@ -159,6 +160,13 @@ def main(argv: list[str] | None = None) -> list[pathlib.Path]:
     if args.config and args.smoke:
         parser.error("--config and --smoke exclude each other: --config times a config's network, --smoke the narrow test nets.")
     config = load_config(args.config) if args.config else None
+    if config is not None and "overrides" not in (config.get("model") or {}):
+        parser.error(f"--config {args.config} is not a classification config (it has no model.overrides: a detection, "
+                     f"segmentation or study config): --config times the network of an experiments.imagenet config. "
+                     f"Pass one, e.g. experiments/configs/default.py, or --models to time the ImageNet networks.")
+    out_dir = pathlib.Path(args.out_dir)
+    if not args.only and out_dir.exists() and not out_dir.is_dir():
+        parser.error(f"--out-dir {out_dir} is a file; give a folder (it is made if missing), before anything is measured.")
     batch = args.batch or (config.batch_size if config else 8 if args.smoke else 128)
     image_size = config.data.image_size if config else 32 if args.smoke else 224
     dtype = args.dtype or (config.dtype if config else "bfloat16")
@@ -186,21 +194,21 @@ def main(argv: list[str] | None = None) -> list[pathlib.Path]:
         if proc.returncode:
             sys.exit(f"error: timing {name} (aggregation {impl}) failed in its own process, which said:\n{proc.stderr.strip()[-3000:]}")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    base = rows[0]  # the convolution
+    base = next((row for row in rows if row["model"].startswith("resnet")), rows[0])  # the convolution, where timed
     for row in rows:
         row["speed_vs_conv"] = row["images_per_sec"] / base["images_per_sec"]
         row["memory_vs_conv"] = None if row["peak_bytes"] is None else row["peak_bytes"] / base["peak_bytes"]
     device = jax.devices()[0]
-    date = datetime.date.today().isoformat()
+    now = datetime.datetime.now(datetime.timezone.utc)
     result = dict(
-        device=device.device_kind, date=date, versions=versions(), smoke=args.smoke, config=args.config, batch=batch, dtype=dtype, impls=impls,
+        device=device.device_kind, date=now.isoformat(timespec="seconds"), base=base["model"], versions=versions(), smoke=args.smoke, config=args.config, batch=batch, dtype=dtype, impls=impls,
         image_size=image_size, steps=timed, warmup=warmup,
         command="python -m experiments.bench_train " + " ".join(sys.argv[1:] if argv is None else argv), rows=rows,
     )
-    out_dir = pathlib.Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     suffix = f"_{pathlib.Path(args.config).stem}" if config else "_smoke" if args.smoke else ""
-    stem = f"train_{date}_{device.device_kind.replace(' ', '_').lower()}{suffix}"
+    # The time of day too: a second run on the same day adds its files beside the first's.
+    stem = f"train_{now:%Y-%m-%d_%H%M%S}_{device.device_kind.replace(' ', '_').lower()}{suffix}"
     paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
     paths[0].write_text(json.dumps(result, indent=1) + "\n")
     paths[1].write_text(_markdown(result))

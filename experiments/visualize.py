@@ -50,6 +50,8 @@ def parse_pixel(text: str | None) -> tuple[int, int] | None:
 def visualize(checkpoint: str, image: str, *, layer: str | None = None, step: int | None = None, groups: int = 8,
               pixel: tuple[int, int] | None = None, out: str | None = None) -> str:
     """Draws the kernel heat maps of `layer` of the run at `checkpoint` over `image`; returns the PNG's path."""
+    if out is not None and os.path.isdir(out):
+        raise ValueError(f"--out {out} is a directory; give the PNG's path, e.g. --out {os.path.join(out, 'kernels.png')}.")
     run = kernel_maps.load_run(checkpoint, step)
     layers = kernel_maps.spatial_op_layers(run.variables)
     layer = layer or kernel_maps.default_layer(layers)

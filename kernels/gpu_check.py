@@ -31,9 +31,10 @@ Sections 4 and 5 run the entry points as commands, in processes of their own (ea
 its own, and `kernels/` imports nothing of `cvolution_jax` or `experiments`).
 
 The run keeps to `--budget-s` (default 450 s): each section has a share of it, and time a section
-leaves unused passes to the next. Work that does not fit in its share is recorded as skipped, so
-the command ends in time on a slower GPU too. Exit status: 0 when every section passed, 1 when a
-section failed or a result was out of tolerance, 2 on bad arguments (no GPU without `--smoke`).
+leaves unused passes to the next. Work that does not fit in its share is recorded as skipped (the
+section is "partial", or "out of time" if it could start nothing), so the command ends in time on
+a slower GPU too. Exit status: 0 when every section passed or ran partly, 1 when one failed, ran
+out of time, or held a result out of tolerance, 2 on bad arguments (no GPU without `--smoke`).
 `--smoke` runs the same code on the CPU (kernels in Pallas's interpreter, one tiny op, the narrow
 test networks) in under a minute: its numbers check the command, not the hardware.
 """
@@ -244,7 +245,8 @@ def check_op(op_name: str, op: bench.Op, dtype, family: str, interpret: bool) ->
     rows = []
     for name, got, expected in zip(names, (out, *grads), (expected_out, *expected_grads), strict=True):
         relative, ok = reference.compare(got, expected, dtype)
-        rows.append(dict(op=op_name, family=family, dtype=jnp.dtype(dtype).name, output=name, max_rel_error=relative,
+        rows.append(dict(op=op_name, family=family, dtype=jnp.dtype(dtype).name, output=name,
+                         max_rel_error=relative if math.isfinite(relative) else None,  # NaN: strict JSON has none
                          tolerance=reference.TOLERANCE[jnp.dtype(dtype).name], ok=ok))
     return rows
 
@@ -259,9 +261,10 @@ def correctness(clock: Clock, smoke: bool) -> dict:
                 found = check_op(op_name, op, jnp.dtype(dtype), family, interpret)
                 rows.extend(found)
                 for r in found:
-                    print(f"  {r['family']:8s} {r['op']:16s} {r['dtype']:9s} {r['output']:4s} max rel error {r['max_rel_error']:.2e} "
+                    print(f"  {r['family']:8s} {r['op']:16s} {r['dtype']:9s} {r['output']:4s} max rel error {_fmt(r['max_rel_error'], '.2e')} "
                           f"{'ok' if r['ok'] else 'OUT OF TOLERANCE'}", flush=True)
-    failed = [f"{r['family']} {r['op']} {r['dtype']} {r['output']}: {r['max_rel_error']:.3g} > {r['tolerance']}" for r in rows if not r["ok"]]
+    failed = [f"{r['family']} {r['op']} {r['dtype']} {r['output']}: {_fmt(r['max_rel_error'], '.3g')} > {r['tolerance']}"
+              for r in rows if not r["ok"]]
     return {"rows": rows, "failures": failed}
 
 
@@ -272,7 +275,8 @@ def kernel_times(trace_dir: str, kernels: tuple[str, ...]) -> dict[str, float]:
     """Median device microseconds of each kernel in `kernels`, from a jax profiler trace.
 
     Reads the `.xplane.pb` the trace left: events on the device planes (`/device:GPU:N`) named
-    after the launched kernel. A kernel with no event is left out.
+    after the launched kernel, or after it with a numeric suffix where XLA made a name unique
+    (`cvolution_dx.1`). A kernel with no event is left out.
     """
     from jax.profiler import ProfileData
 
@@ -283,8 +287,9 @@ def kernel_times(trace_dir: str, kernels: tuple[str, ...]) -> dict[str, float]:
                 continue
             for line in plane.lines:
                 for event in line.events:
-                    if event.name in kernels:
-                        durations.setdefault(event.name, []).append(event.duration_ns / 1e3)
+                    name = re.sub(r"[._]\d+$", "", event.name)
+                    if name in kernels:
+                        durations.setdefault(name, []).append(event.duration_ns / 1e3)
     return {name: statistics.median(times) for name, times in durations.items()}
 
 
@@ -408,7 +413,8 @@ def training(clock: Clock, smoke: bool, out_dir: pathlib.Path) -> dict:
         steps = sorted(int(name) for name in os.listdir(os.path.join(workdir, "checkpoints")) if name.isdigit())
         evaluated = sorted(glob.glob(os.path.join(workdir, "eval_*.json")))
         result = {
-            "command": " ".join(base[1:]).replace(str(workdir), "WORKDIR"),
+            "command": f"python -m experiments.imagenet --config=experiments/{TRAINING_CONFIG}{':smoke' if smoke else ''} --workdir=WORKDIR",
+            "local_devices": jax.local_device_count(),
             "losses": [(r["step"], r["loss"]) for r in train],
             "images_per_sec": [(r["step"], r.get("images_per_sec")) for r in train],
             "checkpoints": steps,
@@ -421,6 +427,8 @@ def training(clock: Clock, smoke: bool, out_dir: pathlib.Path) -> dict:
             problems.append("no checkpoint saved")
         if result["eval"] is None or not math.isfinite(result["eval"].get("loss", math.nan)):
             problems.append(f"the restored checkpoint's evaluation is missing or not finite: {result['eval']}")
+        elif steps and result["eval"]["step"] != steps[-1]:
+            problems.append(f"the evaluation restored step {result['eval']['step']}, not the last checkpoint, {steps[-1]}")
         result["failures"] = problems
         print(f"  losses {[round(loss, 3) for _, loss in result['losses']]}; checkpoints {steps}; eval {result['eval']}", flush=True)
         return result
@@ -486,6 +494,11 @@ def main(argv: list[str] | None = None) -> int:
             f"no GPU: jax's backend is {jax.default_backend()!r} (devices: {jax.devices()}). Run it on a machine with an NVIDIA "
             'GPU and jax\'s CUDA plugin (pip install -e ".[cuda13]"), or add --smoke to check the command on this CPU.'
         )
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        parser.error(f"--out {out} cannot be made ({e.strerror}); give a folder this user can write.")
 
     device = jax.devices()[0]
     report = Report(
@@ -561,7 +574,7 @@ def _correctness_md(result: dict) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
-        lines.append(f"| {r['family']} | {r['op']} | {r['dtype']} | {r['output']} | {r['max_rel_error']:.2e} | {r['tolerance']} "
+        lines.append(f"| {r['family']} | {r['op']} | {r['dtype']} | {r['output']} | {_fmt(r['max_rel_error'], '.2e')} | {r['tolerance']} "
                      f"| {'yes' if r['ok'] else '**no**'} |")
     return lines
 
@@ -608,7 +621,8 @@ def _network_md(result: dict) -> list[str]:
 
 def _training_md(result: dict) -> list[str]:
     return [
-        f"- command: `{result['command']}`, then the same with `--config.mode=eval` in a new process",
+        f"- command: `{result['command']}` over {result['local_devices']} local device(s), then the same with "
+        "`--config.mode=eval` in a new process",
         f"- train loss by step: {', '.join(f'{s}: {loss:.4f}' for s, loss in result['losses'])}",
         "- images/s by step: " + ", ".join(f"{s}: {_fmt(v, '.0f')}" for s, v in result["images_per_sec"]),
         f"- checkpoints saved: {result['checkpoints']}",

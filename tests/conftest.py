@@ -315,7 +315,7 @@ def tiny_detection_config(data_dir):
 def write_cityscapes(root, split, cities, *, size=(64, 128), train_ids_for=()):
     """A tiny Cityscapes tree in the official layout: per city name in `cities`, `cities[name]`
     frames `<city>_000000_<frame:06d>` with a seeded random image and a `*_gtFine_labelIds.png` of
-    seeded random label ids in 0..34 (used and unused ones); stems in `train_ids_for` also get a
+    seeded random label ids in 0..33 (used and unused ones); stems in `train_ids_for` also get a
     `*_gtFine_labelTrainIds.png` (all class 5). Returns `{stem: label ids uint8 [H, W]}`."""
     written = {}
     for city, frames in cities.items():
@@ -329,7 +329,7 @@ def write_cityscapes(root, split, cities, *, size=(64, 128), train_ids_for=()):
             Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(
                 os.path.join(image_dir, stem + "_leftImg8bit.png"))
             # Blocks of 8x8 pixels, so rescaled and cropped labels keep whole regions.
-            ids = np.kron(rng.integers(0, 35, (size[0] // 8, size[1] // 8)), np.ones((8, 8))).astype(np.uint8)
+            ids = np.kron(rng.integers(0, 34, (size[0] // 8, size[1] // 8)), np.ones((8, 8))).astype(np.uint8)
             Image.fromarray(ids).save(os.path.join(label_dir, stem + "_gtFine_labelIds.png"))
             if stem in train_ids_for:
                 Image.fromarray(np.full(size, 5, np.uint8)).save(os.path.join(label_dir, stem + "_gtFine_labelTrainIds.png"))

@@ -21,10 +21,13 @@ LABELS_PY = [(0, 255), (1, 255), (2, 255), (3, 255), (4, 255), (5, 255), (6, 255
 
 
 def test_label_ids_map_to_train_ids_as_cityscapesscripts_does():
-    ids = np.arange(256, dtype=np.uint8)
+    ids = np.arange(34, dtype=np.uint8)
     table = dict(LABELS_PY)
-    np.testing.assert_array_equal(cityscapes.train_ids(ids), [table.get(i, 255) for i in range(256)])
-    assert len(cityscapes.CLASSES) == 19
+    np.testing.assert_array_equal(cityscapes.train_ids(ids), [table.get(i, 255) for i in range(34)])
+    assert len(cityscapes.CLASSES) == 19 and max(table) == cityscapes.MAX_LABEL_ID
+    for outside in (34, 255):
+        with pytest.raises(ValueError, match=rf"1 pixels of ids {outside} outside Cityscapes' label ids 0..33"):
+            cityscapes.train_ids(np.array([7, outside], np.uint8))
 
 
 def test_find_records_reads_the_official_layout_and_prefers_label_train_ids(tmp_path):
@@ -38,8 +41,8 @@ def test_find_records_reads_the_official_layout_and_prefers_label_train_ids(tmp_
     assert train_ids.label_path.endswith("_gtFine_labelTrainIds.png") and train_ids.label_map == ""
     table = dict(LABELS_PY)
     want = np.vectorize(lambda i: table.get(int(i), 255))(written["lindau_000000_000000"])
-    np.testing.assert_array_equal(read_label(mapped, 64, 128), want)
-    np.testing.assert_array_equal(read_label(train_ids, 64, 128), np.full((64, 128), 5))
+    np.testing.assert_array_equal(read_label(mapped, 64, 128, 19), want)
+    np.testing.assert_array_equal(read_label(train_ids, 64, 128, 19), np.full((64, 128), 5))
 
 
 def test_missing_folders_and_labels_say_what_to_unpack(tmp_path):
@@ -51,11 +54,68 @@ def test_missing_folders_and_labels_say_what_to_unpack(tmp_path):
         cityscapes.find_records(str(tmp_path), "train")
 
 
+def _label(tmp_path, values, name="a_gtFine_labelIds.png"):
+    """A 2x4 image and a label of `values` (PIL's mode from their dtype: uint8 L, uint16 I;16, float32 F)."""
+    Image.fromarray(np.zeros((2, 4, 3), np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.asarray(values).reshape(2, 4)).save(tmp_path / name)
+    return str(tmp_path / "a.png"), str(tmp_path / name)
+
+
+def test_cityscapes_label_ids_outside_0_to_33_are_named_not_ignored(tmp_path):
+    image, label = _label(tmp_path, np.array([7, 8, 33, 0, 34, 40, 7, 7], np.uint8))
+    with pytest.raises(ValueError, match=r"a_gtFine_labelIds.png holds 2 pixels of ids 34, 40 outside Cityscapes' label ids 0..33"):
+        read_label(SemanticRecord(image, label, label_map="cityscapes"), 2, 4, 19)
+
+
+def test_a_16_bit_instance_ids_file_given_as_label_ids_is_refused_not_wrapped(tmp_path):
+    """26001 (car, instance 1) mod 256 is 145; read as labelIds it would have trained as something else."""
+    image, label = _label(tmp_path, np.array([26001, 26002, 7, 7, 24000, 7, 7, 7], np.uint16))
+    with pytest.raises(ValueError, match=r"ids 24000, 26001, 26002 outside Cityscapes' label ids 0..33.*instanceIds"):
+        read_label(SemanticRecord(image, label, label_map="cityscapes"), 2, 4, 19)
+
+
+def test_a_16_bit_label_whose_values_fit_is_read_as_they_are(tmp_path):
+    image, label = _label(tmp_path, np.array([0, 1, 18, 255, 3, 3, 3, 3], np.uint16), "a_labelTrainIds.png")
+    got = read_label(SemanticRecord(image, label), 2, 4, 19)
+    assert got.dtype == np.uint8 and got.ravel().tolist() == [0, 1, 18, 255, 3, 3, 3, 3]
+
+
+@pytest.mark.parametrize("values, found", [
+    (np.array([0, 19, 5, 255, 200, 5, 5, 5], np.uint8), "2 pixels of class ids 19, 200"),
+    (np.array([0, 300, 5, 255, 5, 5, 5, 5], np.uint16), "1 pixels of class ids 300"),
+])
+def test_train_ids_outside_the_classes_and_255_are_named(tmp_path, values, found):
+    image, label = _label(tmp_path, values, "a_labelTrainIds.png")
+    with pytest.raises(ValueError, match=rf"a_labelTrainIds.png holds {found}, outside this dataset's 19 classes \(0..18\) and 255"):
+        read_label(SemanticRecord(image, label), 2, 4, 19)
+
+
+def test_a_float_or_rgb_label_is_refused(tmp_path):
+    image, label = _label(tmp_path, np.zeros(8, np.float32), "a.tiff")
+    with pytest.raises(ValueError, match=r"holds float32 values \(PNG mode F\); expected integer class ids"):
+        read_label(SemanticRecord(image, label), 2, 4, 19)
+    Image.fromarray(np.zeros((2, 4, 3), np.uint8)).save(tmp_path / "rgb.png")
+    with pytest.raises(ValueError, match=r"has shape \(2, 4, 3\); expected one channel"):
+        read_label(SemanticRecord(image, str(tmp_path / "rgb.png")), 2, 4, 19)
+
+
+def test_check_labels_reads_every_label_or_a_spread_sample_and_leaves_damaged_files_to_the_pipeline(tmp_path):
+    write_cityscapes(tmp_path, "val", {"lindau": 5})
+    dataset = semantic.SemanticSet(tuple(cityscapes.find_records(str(tmp_path), "val")), cityscapes.CLASSES)
+    assert semantic.check_labels(dataset) == 5 and semantic.check_labels(dataset, sample=2) == 2
+    (tmp_path / "gtFine" / "val" / "lindau" / "lindau_000000_000001_gtFine_labelIds.png").write_bytes(b"not a png")
+    assert semantic.check_labels(dataset) == 5  # skipped and counted later, as in training
+    Image.fromarray(np.full((64, 128), 34, np.uint8)).save(tmp_path / "gtFine" / "val" / "lindau" / "lindau_000000_000004_gtFine_labelIds.png")
+    with pytest.raises(ValueError, match="lindau_000000_000004_gtFine_labelIds.png holds 8192 pixels of ids 34"):
+        semantic.check_labels(dataset)
+    assert semantic.check_labels(dataset, sample=2) == 2  # frames 0 and 2: the sample misses it
+
+
 def test_a_label_of_another_size_than_its_image_is_an_error(tmp_path):
     Image.fromarray(np.zeros((4, 6, 3), np.uint8)).save(tmp_path / "a.png")
     Image.fromarray(np.zeros((4, 5), np.uint8)).save(tmp_path / "a_label.png")
     with pytest.raises(ValueError, match="is 4x5 but its image .* is 4x6"):
-        read_label(SemanticRecord(str(tmp_path / "a.png"), str(tmp_path / "a_label.png")), 4, 6)
+        read_label(SemanticRecord(str(tmp_path / "a.png"), str(tmp_path / "a_label.png")), 4, 6, 19)
 
 
 def test_painted_labels_put_later_objects_on_top_and_ignore_crowds():
@@ -109,11 +169,11 @@ def test_random_crop_redraws_while_one_class_dominates():
 def test_train_transform_without_randomness_left_is_normalise_flip_and_pad(tmp_path):
     write_cityscapes(tmp_path, "train", {"ulm": 1}, size=(16, 32))
     record, = cityscapes.find_records(str(tmp_path), "train")
-    transform = semantic.TrainTransform(scale=(32, 16), ratio_range=(1.0, 1.0), crop_size=(24, 24), cat_max_ratio=1.0,
+    transform = semantic.TrainTransform(num_classes=19, scale=(32, 16), ratio_range=(1.0, 1.0), crop_size=(24, 24), cat_max_ratio=1.0,
                                         flip_prob=1.0, photometric=False)
     out = transform(record, np.random.default_rng(0))
     pixels = np.asarray(Image.open(record.image_path).convert("RGB"))
-    label = read_label(record, 16, 32)
+    label = read_label(record, 16, 32, 19)
     # The crop is 24x24 of a 16x32 image: all 16 rows, 24 columns from a random left edge, then
     # flipped and padded to 24x24 (image 0, label 255).
     assert out["image"].shape == (24, 24, 3) and out["label"].shape == (24, 24)
@@ -153,7 +213,7 @@ def test_eval_pass_covers_every_image_once_over_processes_with_padding(tmp_path)
             else:
                 assert (batch["label"] == 255).all()
     assert len(seen) == 3
-    want = {tuple(read_label(r, 64, 128).ravel()) for r in dataset.records}
+    want = {tuple(read_label(r, 64, 128, 19).ravel()) for r in dataset.records}
     assert {tuple(s.ravel()) for s in seen} == want
 
 
@@ -185,7 +245,7 @@ def test_shapes_semantic_labels_paint_each_class(tmp_path):
     records = semantic.from_coco(**paths["train"])
     content = json.loads(open(paths["train"]["annotation_file"]).read())
     assert len(records) == 2
-    label = read_label(records[0], 32, 32)
+    label = read_label(records[0], 32, 32, 4)
     from cvolution_jax.data.masks import decode_segmentation
 
     for annotation in (a for a in content["annotations"] if a["image_id"] == 1):

@@ -225,6 +225,44 @@ def test_unknown_config_field_is_one_line_with_a_suggestion(tmp_path):
                            "config.model.overrides are op_kwargs, stage_sizes, stem, stem_width, widths.")
 
 
+# coco and cityscapes parse their flags with imagenet's cli.parse_flags; ablation too, with its own flags.
+@pytest.mark.parametrize("module", ["experiments.imagenet", "experiments.ablation"])
+def test_a_config_file_that_does_not_exist_is_one_line(module, tmp_path):
+    line = entry_point(module, "experiments/configs/no_such.py", tmp_path / "run")
+    assert line == ("error: --config experiments/configs/no_such.py: no such file; give a config file with get_config(), "
+                    "e.g. experiments/configs/default.py.")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv, problem", [
+    (["prog", "--config=tests/tiny_config.py", "--workdir=w"], None),
+    (["prog", "--config", "tests/tiny_config.py"], None),
+    (["prog", "--config=experiments/configs/imagenet_synthetic.py:smoke"], None),  # get_config's argument
+    (["prog", "--config=no/such.py:smoke"], "--config no/such.py:smoke: no such file;"),
+    (["prog", "--config", "tests"], "--config tests: no such file (it is a directory);"),
+    (["prog", "--config=runs/x/config.json"], "--config runs/x/config.json is a run's saved config (JSON), not a config file. To resume"),
+    (["prog", "--workdir=w"], None),  # absl says that --config is required
+])
+def test_config_path_problems_are_found_before_absl_parses(monkeypatch, argv, problem):
+    from cvolution_jax.train import cli
+
+    monkeypatch.chdir(ROOT)
+    found = cli.config_path_problem(argv)
+    assert found == problem if problem is None else found.startswith(problem), found
+
+
+def test_a_runs_own_config_json_says_how_to_resume(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    line = entry_point("experiments.imagenet", str(tmp_path / "config.json"), tmp_path)
+    assert "is a run's saved config (JSON), not a config file. To resume that run, rerun the command that started it" in line
+
+
+def test_eval_without_a_checkpoint_is_one_line_with_no_traceback_at_exit(tmp_path):
+    """Newer orbax left a cleanup thread to fail at interpreter exit after this error (Checkpointer.close)."""
+    line = entry_point("experiments.imagenet", "tests/tiny_config.py", tmp_path / "run", "--config.mode=eval")
+    assert line.startswith(f"error: No checkpoint in {tmp_path / 'run' / 'checkpoints'} (steps there: none).")
+
+
 def test_imagenet_with_nothing_to_train_fails_before_building_anything(tmp_path):
     workdir = tmp_path / "run"
     line = entry_point("experiments.imagenet", "tests/tiny_config.py", workdir, "--config.num_epochs=0", "--config.num_train_steps=-1")

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 
 import numpy as np
@@ -133,6 +134,18 @@ def test_a_workdir_of_another_recipe_is_refused(tmp_path):
     saved_path.write_text(json.dumps(saved))
     with pytest.raises(ValueError, match=r"another recipe \(static_kernel_lr_mult: 0.5 -> 1.0\)"):
         ablation.run_study(tiny_study(rows=("resnet",), seeds=(0,)), str(tmp_path))
+
+
+def test_a_run_whose_checkpoints_were_deleted_is_read_from_its_eval_file_not_retrained(tmp_path, monkeypatch, caplog):
+    study = tiny_study(rows=("resnet",), seeds=(0,))
+    first = ablation.run_study(study, str(tmp_path))
+    run = tmp_path / "resnet" / "seed_0"
+    shutil.rmtree(run / "checkpoints")  # space saved once the grid is done
+    monkeypatch.setattr(loop, "train_and_evaluate", lambda *args: pytest.fail("retrained a run whose result is on disk"))
+    with caplog.at_level(logging.INFO):
+        again = ablation.run_study(study, str(tmp_path))
+    assert f"Ablation run {run} has no checkpoints left; its result is read from {run / 'eval_3.json'}" in caplog.text
+    assert json.dumps(again["rows"]) == json.dumps(first["rows"])  # the same top-1 and minutes (one training); std NaN alike
 
 
 def test_a_damaged_final_checkpoint_is_retrained_from_the_newest_good_one(tmp_path, monkeypatch, caplog):

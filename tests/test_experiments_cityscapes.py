@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from cvolution_jax import count
 from cvolution_jax.data import cityscapes
@@ -48,8 +49,12 @@ def test_training_writes_checkpoint_metrics_and_pictures(trained):
     assert checkpoint.Checkpointer(str(workdir / "checkpoints")).all_steps() == [3]
     assert metrics["images"] == 3 and metrics["skipped_images"] == 0
     assert {f"IoU.{name}" for name in cityscapes.CLASSES} <= set(metrics)
-    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    strict = lambda name: pytest.fail(f"bare {name} in metrics.jsonl")  # noqa: E731 -- strict JSON: null, never NaN
+    records = [json.loads(line, parse_constant=strict) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["split"] == "train"]
+    [evaluation] = [r for r in records if r["split"] == "eval"]
+    for name in cityscapes.CLASSES:  # NaN (a class absent from labels and predictions) is written as null
+        assert evaluation[f"IoU.{name}"] == (None if np.isnan(metrics[f"IoU.{name}"]) else pytest.approx(metrics[f"IoU.{name}"]))
     assert [r["step"] for r in train] == [3] and np.isfinite(train[0]["loss"]) and "aux" in train[0]
     pictures = sorted((workdir / "eval_3").glob("*.png"))
     assert len(pictures) == 2
@@ -80,12 +85,23 @@ def test_eval_metrics_are_the_oracles_over_the_checkpointed_models_predictions(t
                                             transforms.IMAGENET_MEAN, transforms.IMAGENET_STD) for r in records])
     preds = np.asarray(jax.jit(lambda images: model.apply({"params": params, "batch_stats": batch_stats}, images,
                                                          (64, 128), method="predict"))(jnp.asarray(images)))
-    labels = [read_label(record, 64, 128) for record in records]
+    labels = [read_label(record, 64, 128, 19) for record in records]
     want = oracle(preds, labels, 19)
     for key in ("mIoU", "mAcc", "aAcc"):
         assert metrics[key] == pytest.approx(want[key], abs=1e-9), key
     for name, iou in zip(cityscapes.CLASSES, want["IoU"]):
         assert metrics[f"IoU.{name}"] == pytest.approx(iou, abs=1e-9, nan_ok=True), name
+
+
+def test_a_bad_val_label_stops_the_run_before_its_first_step(tmp_path):
+    """With the shipped recipes the first evaluation comes after 8000 steps: its errors are found first."""
+    write_cityscapes(tmp_path, "train", {"aachen": 2})
+    write_cityscapes(tmp_path, "val", {"lindau": 2}, train_ids_for=("lindau_000000_000001",))
+    bad = tmp_path / "gtFine" / "val" / "lindau" / "lindau_000000_000001_gtFine_labelTrainIds.png"
+    Image.fromarray(np.full((64, 128), 19, np.uint8)).save(bad)  # 19 classes: ids 0..18, and 255
+    with pytest.raises(ValueError, match=rf"{bad} holds 8192 pixels of class ids 19, outside this dataset's 19 classes"):
+        loop.train_and_evaluate(Segmentation(), tiny_config(str(tmp_path)), str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_cityscapes_without_its_folders_names_the_data_dir_field(tmp_path):

@@ -166,6 +166,14 @@ def test_an_unknown_layer_is_refused_with_the_list_of_layers(workdir):
             visualize.main(["visualize"])
 
 
+def test_out_that_is_a_directory_is_refused_before_anything_is_loaded(tmp_path):
+    flags.FLAGS.mark_as_parsed()
+    with flagsaver.flagsaver(checkpoint=str(tmp_path / "no_run"), image="x.png", out=str(tmp_path)):
+        with pytest.raises(SystemExit, match=rf"--out {tmp_path} is a directory; give the PNG's path, e.g. --out {tmp_path}/kernels.png"):
+            visualize.main(["visualize"])
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_workdir_without_config_json_is_refused_naming_the_file(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     with pytest.raises(FileNotFoundError, match=r"config\.json does not exist: the checkpoint path must be a training workdir"):

@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 
 from cvolution_jax.tasks.classification import Classification
-from cvolution_jax.train import checkpoint, loop
+from cvolution_jax.train import checkpoint, loop, workdir_lock
 from cvolution_jax.train.metrics import MetricWriter, read_metrics
 from tests import tiny_config as tiny
 
@@ -302,6 +303,97 @@ def test_ctrl_c_twice_stops_at_once_without_saving(tmp_path, outer_sigint_handle
         fit_counter(tmp_path, interrupts_at_step=5, presses=2)
     assert steps_in(str(tmp_path / "checkpoints")) == [] and calls == []
     assert signal.getsignal(signal.SIGINT) is handler
+
+
+# ------------------------------------------------------------------------ strict JSON
+
+
+def reject_bare_constants(name):
+    raise ValueError(f"bare {name} in a metrics file: not JSON")
+
+
+def test_metrics_files_are_strict_json_with_null_for_an_undefined_value(tmp_path):
+    writer = MetricWriter(str(tmp_path))
+    writer.write(3, "eval", {"mIoU": 0.5, "IoU.train": float("nan"), "IoU.bus": float("inf"), "IoU.road": 0.75})
+    writer.close()
+    [record] = [json.loads(line, parse_constant=reject_bare_constants) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert record == {"step": 3, "split": "eval", "mIoU": 0.5, "IoU.train": None, "IoU.bus": None, "IoU.road": 0.75}
+    assert read_metrics(str(tmp_path)) == [record]
+
+
+# --------------------------------------------------------------- an evaluation that fails
+
+
+def test_a_failing_evaluation_saves_the_steps_before_it_first(tmp_path, capsys):
+    """Bad val data found at the first evaluation (step 4, before any checkpoint): the 4 steps are saved."""
+    config = ml_collections.ConfigDict(dict(checkpoint_every_steps=1000, log_every_steps=1000, batch_size=1))
+
+    def broken_evaluation(state, step):
+        raise ValueError("val image 7 is 64x64; the others are 32x32")
+
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"))
+    with pytest.raises(ValueError, match="val image 7"):
+        loop.fit(config, state=Counter(step=jnp.asarray(0), w=jnp.ones(3)), train_iter=data_iterator(),
+                 step_fn=lambda state, batch, step: (state.replace(step=jnp.asarray(step)), {"loss": 1.0, "param_norm": 1.0}),
+                 total_steps=10, eval_every=4, ckpt=ckpt, writer=MetricWriter(str(tmp_path)), evaluate=broken_evaluation,
+                 learning_rate=lambda step: 0.1)
+    assert steps_in(str(tmp_path / "checkpoints")) == [4]
+    assert int(restore(str(tmp_path / "checkpoints"), Counter(step=jnp.asarray(0), w=jnp.ones(3))).step) == 4
+    assert "The evaluation at step 4 failed; saved the checkpoint of step 4 first" in capsys.readouterr().out
+
+
+def test_a_divergence_before_any_checkpoint_says_there_is_none(tmp_path):
+    config = ml_collections.ConfigDict(dict(checkpoint_every_steps=1000, log_every_steps=2, batch_size=1))
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"))
+    with pytest.raises(loop.DivergedError) as error:
+        loop.fit(config, state=Counter(step=jnp.asarray(0), w=jnp.ones(3)), train_iter=data_iterator(),
+                 step_fn=lambda state, batch, step: (state.replace(step=jnp.asarray(step)), {"loss": float("nan"), "param_norm": 1.0}),
+                 total_steps=10, eval_every=1000, ckpt=ckpt, writer=MetricWriter(str(tmp_path)),
+                 evaluate=lambda state, step: {}, learning_rate=lambda step: 0.1)
+    message = str(error.value)
+    assert "Training loss is nan" in message and "there is no checkpoint yet, so a rerun starts from the beginning" in message
+    assert "None" not in message and steps_in(str(tmp_path / "checkpoints")) == []
+
+
+# ------------------------------------------------------------------------ one run per workdir
+
+
+def test_a_second_run_on_a_workdir_in_use_is_refused_naming_the_owner(tmp_path):
+    with workdir_lock.hold(str(tmp_path)):
+        record = json.loads((tmp_path / "run.lock").read_text())
+        assert record["pid"] == os.getpid() and record["host"] == socket.gethostname() and record["started"]
+        with pytest.raises(workdir_lock.WorkdirInUse, match=rf"pid {os.getpid()} on host {socket.gethostname()}"):
+            with workdir_lock.hold(str(tmp_path)):
+                pass
+    assert (tmp_path / "run.lock").read_text() == ""  # ended: no owner; the file stays
+    with workdir_lock.hold(str(tmp_path)):  # and the next run takes it
+        pass
+
+
+def test_the_entry_point_refuses_a_workdir_in_use_in_one_line_and_writes_nothing(tmp_path):
+    with workdir_lock.hold(str(tmp_path)):
+        result = subprocess.run(command(str(tmp_path)), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert f"--workdir {tmp_path} is being trained by another run (pid {os.getpid()}" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(os.listdir(tmp_path)) == ["run.lock"]  # no checkpoints, metrics or config of its own
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over_and_said(tmp_path, caplog):
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    killed.kill()
+    killed.wait()
+    (tmp_path / "run.lock").write_text(json.dumps({"host": "node7", "pid": killed.pid, "started": "2026-12-07T10:00:00+00:00"}))
+    with caplog.at_level(logging.WARNING, logger="cvolution_jax.train.workdir_lock"):
+        with workdir_lock.hold(str(tmp_path)):
+            assert json.loads((tmp_path / "run.lock").read_text())["pid"] == os.getpid()
+    assert f"was left by a run that is no longer running (pid {killed.pid} on host node7" in caplog.text
+
+
+def test_only_process_0_of_a_multi_process_run_locks(tmp_path, monkeypatch):
+    monkeypatch.setattr(workdir_lock.jax, "process_index", lambda: 1)
+    with workdir_lock.hold(str(tmp_path / "run")):
+        assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------------ the runs end to end

@@ -27,6 +27,7 @@ CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic lig
 # cityscapesscripts' labels.py: label id -> train id, for the ids whose trainId is not 255.
 LABEL_TO_TRAIN_ID = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
                      26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+MAX_LABEL_ID = 33  # labels.py's ids run 0..33 ("license plate", -1, is never in a labelIds PNG)
 IMAGE_SUFFIX = "_leftImg8bit.png"
 
 _LOOKUP = np.full(256, 255, np.uint8)
@@ -34,9 +35,22 @@ for _label_id, _train_id in LABEL_TO_TRAIN_ID.items():
     _LOOKUP[_label_id] = _train_id
 
 
-def train_ids(label_ids: np.ndarray) -> np.ndarray:
-    """uint8 `[H, W]` label ids (0..255) -> uint8 train ids in [0, 19), 255 for every unused id."""
-    return _LOOKUP[np.asarray(label_ids, np.uint8)]
+def train_ids(label_ids: np.ndarray, source: str = "a label map") -> np.ndarray:
+    """Integer `[H, W]` label ids (0..33) -> uint8 train ids in [0, 19), 255 for the ids not trained on.
+
+    Raises:
+      ValueError: naming `source` and the ids outside 0..33, which are no Cityscapes label ids (an
+        `*_instanceIds.png`, ids like 26001, given as labelIds; or another dataset's labels).
+    """
+    label_ids = np.asarray(label_ids)
+    outside = (label_ids < 0) | (label_ids > MAX_LABEL_ID)
+    if outside.any():
+        found = np.unique(label_ids[outside])
+        raise ValueError(
+            f"{source} holds {outside.sum()} pixels of ids {', '.join(map(str, found[:8]))}{' ...' if len(found) > 8 else ''} "
+            f"outside Cityscapes' label ids 0..{MAX_LABEL_ID}: it is no *_gtFine_labelIds.png (an *_instanceIds.png holds "
+            f"ids like 26001). Give the labelIds or labelTrainIds PNGs of cityscapesscripts.")
+    return _LOOKUP[label_ids.astype(np.uint8)]
 
 
 def find_records(root: str, split: str) -> list[SemanticRecord]:

@@ -167,11 +167,11 @@ def _empty(image_shape: tuple[int, int], label_shape: tuple[int, int]) -> dict:
             "image_size": np.zeros(2, np.int32), "corrupt": np.int32(0)}
 
 
-def _decode(record: SemanticRecord):
+def _decode(record: SemanticRecord, num_classes: int):
     """(PIL RGB image, uint8 label) or None when the image or its label fails to decode (logged)."""
     try:
         image = transforms.decode_rgb(record.image_path)
-        return image, read_label(record, image.height, image.width)
+        return image, read_label(record, image.height, image.width, num_classes)
     except (OSError, SyntaxError) as error:  # a damaged file never stops a run; a size mismatch does
         log.warning("Skipping %s: it or its label could not be decoded (%s: %s). Its slot has mask 0 and corrupt 1.",
                     record.image_path, type(error).__name__, error)
@@ -181,8 +181,10 @@ def _decode(record: SemanticRecord):
 @dataclasses.dataclass(frozen=True)
 class TrainTransform:
     """(record, rng) -> {"image": float32 [h, w, 3], "label": uint8 [h, w], "image_size": int32 [2],
-    "corrupt": int32 []} with (h, w) = `crop_size`; see the module docstring."""
+    "corrupt": int32 []} with (h, w) = `crop_size`; see the module docstring. `num_classes` bounds the
+    label's class ids (`read_label`)."""
 
+    num_classes: int
     scale: tuple[int, int]
     ratio_range: tuple[float, float]
     crop_size: tuple[int, int]
@@ -191,7 +193,7 @@ class TrainTransform:
     photometric: bool = True
 
     def __call__(self, record: SemanticRecord, rng: np.random.Generator) -> dict:
-        decoded = _decode(record)
+        decoded = _decode(record, self.num_classes)
         if decoded is None:
             return {**_empty(self.crop_size, self.crop_size), "corrupt": np.int32(1)}
         image, label = decoded
@@ -217,12 +219,13 @@ class EvalTransform:
     """record -> {"image": float32 [*input_size, 3] (resized to `scale` keeping the ratio, padded),
     "label": uint8 `label_size` (original resolution), "image_size": int32 [2] (resized), "corrupt"}."""
 
+    num_classes: int
     scale: tuple[int, int]
     input_size: tuple[int, int]
     label_size: tuple[int, int]
 
     def __call__(self, record: SemanticRecord, rng=None) -> dict:
-        decoded = _decode(record)
+        decoded = _decode(record, self.num_classes)
         if decoded is None:
             return {**_empty(self.input_size, self.label_size), "corrupt": np.int32(1)}
         image, label = decoded
@@ -258,12 +261,32 @@ def eval_sizes(dataset: SemanticSet, scale: tuple[int, int], stride: int = 32) -
     return tuple(-(-n // stride) * stride for n in resized), (height, width)
 
 
+def check_labels(dataset: SemanticSet, *, sample: int | None = None) -> int:
+    """Reads the label maps of `dataset` (all, or `sample` spread over it) as training and evaluation
+    will, so a bad one (size, mode, values: `read_label`) stops the run before its first step, not at
+    its first evaluation. A file that fails to decode is left to the pipeline, which skips and
+    counts it. Returns the number of label maps read."""
+    records = [r for r in dataset.records if r.label_path]  # painted maps hold their classes by construction
+    if sample is not None and sample < len(records):
+        records = [records[i * len(records) // sample] for i in range(sample)]
+    for record in records:
+        try:
+            height, width = record.height, record.width
+            if not (height and width):
+                with Image.open(record.image_path) as image:  # reads the header only
+                    height, width = image.height, image.width
+            read_label(record, height, width, dataset.num_classes)
+        except (OSError, SyntaxError):
+            continue
+    return len(records)
+
+
 def train_stream(dataset: SemanticSet, config: ml_collections.ConfigDict, *, batch_size: int, seed: int,
                  process_index: int, process_count: int) -> grain.IterDataset:
     """Infinite augmented batches (`pipeline.train_stream`'s order, sharding and resumability) of
     `TrainTransform` with the `data` sub-config's `scale`, `ratio_range`, `crop_size`,
     `cat_max_ratio`, `flip_prob`, `photometric`."""
-    transform = TrainTransform(tuple(config.scale), tuple(config.ratio_range), tuple(config.crop_size),
+    transform = TrainTransform(dataset.num_classes, tuple(config.scale), tuple(config.ratio_range), tuple(config.crop_size),
                                config.cat_max_ratio, config.flip_prob, config.photometric)
     examples = Examples(dataset.records, transform, dataset.num_classes, (*transform.crop_size, 3))
     return _train_stream(examples, batch_size=batch_size, seed=seed, process_index=process_index,
@@ -292,7 +315,7 @@ def eval_pass(dataset: SemanticSet, config: ml_collections.ConfigDict, *, batch_
     """One unaugmented pass: process p gets images p, p + P, ..., every process the same number of
     batches, slots past its share padded (label 255, mask 0). Sizes from `eval_sizes`."""
     input_size, label_size = eval_sizes(dataset, tuple(config.scale))
-    transform = EvalTransform(tuple(config.scale), input_size, label_size)
+    transform = EvalTransform(dataset.num_classes, tuple(config.scale), input_size, label_size)
     per_process = -(-len(dataset.records) // process_count)
     num_batches = -(-per_process // batch_size)
     ds = grain.MapDataset.range(num_batches * batch_size).map(

@@ -4,6 +4,10 @@ A label map is uint8 `[H, W]`: class ids in `[0, num_classes)`, 255 for pixels t
 nowhere (ignored). It comes from a PNG (Cityscapes' train ids, or its label ids mapped), or is
 painted from COCO instance annotations (`objects`): each object's pixels get its class, crowd
 regions 255, the rest 0 (background).
+
+A PNG's values are checked, never wrapped or dropped: one channel of integers (8-bit, or 16-bit
+whose values fit), every class id below `num_classes` or 255, Cityscapes label ids in 0..33. A
+label that breaks this is a ValueError naming the file and the values found.
 """
 
 from __future__ import annotations
@@ -38,23 +42,35 @@ class SemanticRecord:
     width: int = 0
 
 
-def read_label(record: SemanticRecord, height: int, width: int) -> np.ndarray:
-    """uint8 `[height, width]` label map of `record` (its image's size). ValueError if a label PNG
-    has another size."""
+def read_label(record: SemanticRecord, height: int, width: int, num_classes: int) -> np.ndarray:
+    """uint8 `[height, width]` label map of `record` (its image's size), class ids in
+    `[0, num_classes)` or 255. ValueError if a label PNG has another size, mode or values (above)."""
     if not record.label_path:
         return paint_objects(record.objects, height, width)
     with Image.open(record.label_path) as image:
+        mode = image.mode
         label = np.asarray(image)
     if label.ndim != 2:
         raise ValueError(f"Label {record.label_path} has shape {label.shape}; expected one channel of class ids "
                          f"(a mode L or P PNG).")
+    if not (np.issubdtype(label.dtype, np.integer) or label.dtype == bool):
+        raise ValueError(f"Label {record.label_path} holds {label.dtype} values (PNG mode {mode}); expected integer class "
+                         f"ids (a mode L or P PNG).")
     if label.shape != (height, width):
         raise ValueError(f"Label {record.label_path} is {label.shape[0]}x{label.shape[1]} but its image "
                          f"{record.image_path} is {height}x{width}; they must match pixel for pixel.")
     if record.label_map == "cityscapes":
         from cvolution_jax.data import cityscapes
 
-        return cityscapes.train_ids(label)
+        return cityscapes.train_ids(label, f"Label {record.label_path}")
+    outside = ((label < 0) | (label >= num_classes)) & (label != IGNORE)  # a 16-bit label's values past 255 too
+    if outside.any():
+        found = np.unique(label[outside])
+        raise ValueError(
+            f"Label {record.label_path} holds {outside.sum()} pixels of class ids {', '.join(map(str, found[:8]))}"
+            f"{' ...' if len(found) > 8 else ''}, outside this dataset's {num_classes} classes (0..{num_classes - 1}) and "
+            f"{IGNORE} (ignored){f' (PNG mode {mode}: 16-bit)' if label.dtype.itemsize > 1 else ''}. Give label maps of "
+            f"class ids (Cityscapes: the labelTrainIds PNGs, or labelIds mapped by this project).")
     return label.astype(np.uint8)
 
 

@@ -38,6 +38,7 @@ from cvolution_jax.train.loop import DTYPES, DataMesh, Run, report
 log = logging.getLogger(__name__)
 
 DECODE_HEADS = ("fpn", "uper")
+TRAIN_LABELS_CHECKED = 64  # train label maps read before training (all of the val split's are)
 CURVES = (("train", "decode", "train decode loss"), ("eval", "mIoU", "eval mIoU"), ("eval", "aAcc", "eval aAcc"))
 
 
@@ -205,6 +206,11 @@ class Segmentation:
         total_steps = config.num_train_steps
         if train:
             train_data = semantic.load_split(config.data, workdir, "train")
+            # What the first evaluation would find wrong, found before the first step: the eval set's
+            # one image size and every val label, and a sample of the train labels.
+            semantic.eval_sizes(eval_data, tuple(config.data.scale))
+            checked = semantic.check_labels(eval_data) + semantic.check_labels(train_data, sample=TRAIN_LABELS_CHECKED)
+            log.info("Checked %d label maps before training: the val split's and a sample of the train split's.", checked)
             steps_per_epoch = max(len(train_data.records) // config.batch_size, 1)
             if total_steps <= 0:
                 total_steps = int(config.num_epochs * steps_per_epoch)

@@ -313,5 +313,11 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
+        # Newer orbax cleans up temporary paths in a thread started with the manager, and its close()
+        # does not wait for it: a run that ends at once ("No checkpoint") left that thread to fail at
+        # interpreter exit with a traceback. Wait for it where this orbax has it.
+        await_cleanup = getattr(self.manager, "_maybe_await_cleanup_tmp_directory", None)
+        if callable(await_cleanup):
+            await_cleanup()
         self.manager.wait_until_finished()
         self.manager.close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
 import sys
 
 from absl import app, flags
@@ -21,6 +22,7 @@ from ml_collections import config_dict, config_flags
 from cvolution_jax.train import distributed
 from cvolution_jax.train import loop
 from cvolution_jax.train.loop import DivergedError
+from cvolution_jax.train.workdir_lock import WorkdirInUse
 
 
 def define_flags() -> None:
@@ -35,10 +37,36 @@ def define_flags() -> None:
     flags.mark_flags_as_required(["config", "workdir"])
 
 
+def config_path_problem(argv: list[str]) -> str | None:
+    """What is wrong with the `--config` file `argv` names, in one sentence; None if it is a file to load.
+
+    ml_collections defers a missing file's error to the first use of the config, as a traceback;
+    this says it before anything runs. A run's own `config.json` is not a config file either.
+    """
+    for i, arg in enumerate(argv[1:], 1):
+        name, equals, value = arg.partition("=")
+        if name not in ("--config", "-config"):
+            continue
+        path = value if equals else (argv[i + 1] if i + 1 < len(argv) else "")
+        file = path.split(":", 1)[0]  # `file.py:arg` passes `arg` to get_config
+        if file.endswith(".json"):
+            return (f"--config {path} is a run's saved config (JSON), not a config file. To resume that run, rerun the "
+                    f"command that started it: its --config file (.py, get_config()) and the same --workdir, which "
+                    f"holds the checkpoints (config.json records the fields it trained with).")
+        if not os.path.isfile(file):
+            return (f"--config {path}: no such file{' (it is a directory)' if os.path.isdir(file) else ''}; give a config "
+                    f"file with get_config(), e.g. experiments/configs/default.py.")
+    return None
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing (`app.run(main, flags_parser=cli.parse_flags)`), except that an override
-    of a field the config lacks (`--config.no_such_field=1`, where ml_collections raises an
-    AttributeError) exits with one line naming it and the fields there are."""
+    """absl's flag parsing (`app.run(main, flags_parser=cli.parse_flags)`), except that a `--config`
+    file that is missing or a run's `config.json` (`config_path_problem`), or an override of a
+    field the config lacks (`--config.no_such_field=1`, where ml_collections raises an
+    AttributeError) exits with one line naming it."""
+    problem = config_path_problem(argv)
+    if problem:
+        sys.exit(f"error: {problem}")
     try:
         return app.parse_flags_with_usage(argv)
     except (AttributeError, KeyError):
@@ -110,7 +138,7 @@ def run(argv, task: loop.Task) -> None:
             loop.evaluate(task, config, FLAGS.workdir, None if config.checkpoint_step < 0 else config.checkpoint_step)
         else:
             raise ValueError(f"--config.mode must be 'train' or 'eval'; got {config.mode!r}.")
-    except (DivergedError, FileNotFoundError, ValueError) as error:  # CheckpointMismatchError is a ValueError
+    except (DivergedError, FileNotFoundError, ValueError, WorkdirInUse) as error:  # CheckpointMismatchError is a ValueError
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:  # Ctrl-C before the training steps began, in eval mode, or pressed twice
         sys.exit("Interrupted (Ctrl-C): nothing was saved after the last checkpoint; rerun the same command to resume from it.")

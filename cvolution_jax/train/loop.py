@@ -39,7 +39,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from cvolution_jax import files
-from cvolution_jax.train import checkpoint
+from cvolution_jax.train import checkpoint, workdir_lock
 from cvolution_jax.train.metrics import MetricWriter, plot_curves
 
 log = logging.getLogger(__name__)
@@ -180,10 +180,13 @@ def _check_finite(history: list[dict], ckpt: checkpoint.Checkpointer) -> dict:
         for key, what in (("loss", "Training loss"), ("param_norm", "The parameters' norm")):
             if math.isfinite(float(record[key])):
                 continue
+            latest = ckpt.latest_step()
+            kept = (f"the last good checkpoint (step {latest}) is intact" if latest is not None
+                    else "there is no checkpoint yet, so a rerun starts from the beginning")
             raise DivergedError(
-                f"{what} is {float(record[key])}: the run diverged. Stopped without saving; the last good "
-                f"checkpoint (step {ckpt.latest_step()}) is intact. Lower --config.base_lr (or check the input data) and "
-                f"rerun the same command to resume from it."
+                f"{what} is {float(record[key])}: the run diverged. Stopped without saving; {kept}. Lower "
+                f"--config.base_lr (or check the input data) and rerun the same command"
+                f"{' to resume from it' if latest is not None else ''}."
             )
     return {k: float(np.mean([r[k] for r in history])) for k in history[0] if k != "examples"}
 
@@ -266,7 +269,14 @@ def fit(config, *, state, train_iter, step_fn, total_steps: int, eval_every: int
                     writer.write(step, "train", summary)
                     progress.set_postfix(loss=f"{summary['loss']:.3f}", img_s=f"{summary['images_per_sec']:.1f}")
                 if evaluate_now:
-                    eval_metrics = evaluate(state, step)
+                    try:
+                        eval_metrics = evaluate(state, step)
+                    except Exception:
+                        # An evaluation error (bad val data) must not cost the steps since the last save.
+                        ckpt.save(step, state, train_iter, None)
+                        report(f"The evaluation at step {step} failed; saved the checkpoint of step {step} first, so "
+                               f"rerunning the same command after the fix resumes from it.")
+                        raise
                     if eval_metrics:
                         writer.write(step, "eval", eval_metrics)
                 if save_now:
@@ -284,9 +294,18 @@ def fit(config, *, state, train_iter, step_fn, total_steps: int, eval_every: int
 
 
 def train_and_evaluate(task: Task, config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains `task` with `config` in `workdir`, resuming from its latest checkpoint. Returns the final eval metrics."""
+    """Trains `task` with `config` in `workdir`, resuming from its latest checkpoint. Returns the final eval metrics.
+
+    Raises:
+      workdir_lock.WorkdirInUse: another live run is training in `workdir`.
+    """
     print_config(config)
     task.check_config(config, workdir, train=True)
+    with workdir_lock.hold(workdir):
+        return _train_and_evaluate(task, config, workdir)
+
+
+def _train_and_evaluate(task: Task, config: ml_collections.ConfigDict, workdir: str) -> dict:
     run = task.build(config, workdir, DataMesh(config.batch_size), train=True)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
                                    best_metric=task.best_metric)
@@ -325,5 +344,5 @@ def evaluate(task: Task, config: ml_collections.ConfigDict, workdir: str, step: 
     metrics = run.evaluate(state, restored)
     if jax.process_index() == 0:
         with files.atomic_open(os.path.join(workdir, f"eval_{restored}.json")) as f:
-            json.dump({"step": restored, **metrics}, f, indent=1)
+            json.dump(files.strict_json({"step": restored, **metrics}), f, indent=1, allow_nan=False)
     return metrics

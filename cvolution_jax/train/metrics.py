@@ -1,7 +1,8 @@
 """Metric logging of a run: a JSONL file, TensorBoard events and a PNG of the curves.
 
-Every record is `{"step": int, "split": "train" | "eval", <metric>: float, ...}`, one JSON object
-per line in `<workdir>/metrics.jsonl`; the same scalars go to TensorBoard under `<workdir>/tensorboard`
+Every record is `{"step": int, "split": "train" | "eval", <metric>: float, ...}`, one strict JSON
+object per line in `<workdir>/metrics.jsonl` (an undefined value, such as the IoU of a class absent
+from the eval set, is `null`, not a bare NaN); the same scalars go to TensorBoard under `<workdir>/tensorboard`
 as `<split>/<metric>`. Only process 0 writes.
 
 A resumed run repeats the steps after its checkpoint, so the writer first drops what a killed run
@@ -15,6 +16,8 @@ import logging
 import os
 
 import jax
+
+from cvolution_jax import files
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +69,7 @@ class MetricWriter:
             return
         record = {"step": int(step), "split": split, **{k: float(v) for k, v in metrics.items()}}
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(files.strict_json(record), allow_nan=False) + "\n")  # NaN (a class absent) as null
         for name, value in metrics.items():
             self._tensorboard.add_scalar(f"{split}/{name}", float(value), int(step))
         self._tensorboard.flush()
