@@ -312,20 +312,27 @@ TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2}
 def compare(got, expected, dtype) -> tuple[float, bool]:
     """`(max |got - expected| / max |expected|, within TOLERANCE[dtype])` of a kernel's result.
 
-    Computed in float32 where the arrays are (a device's result is not copied to the host).
+    Computed in float32 where the arrays are (a device's result is not copied to the host), as one
+    jitted program per shape.
     """
     dtype = jnp.dtype(dtype).name
     if dtype not in TOLERANCE:
         raise ValueError(f"compare: dtype {dtype}; the kernels' tolerances are for {sorted(TOLERANCE)}.")
-    got, expected = jnp.asarray(got, jnp.float32), jnp.asarray(expected, jnp.float32)
-    if got.shape != expected.shape:
-        raise ValueError(f"compare: shapes differ, got {got.shape}, expected {expected.shape}.")
-    if not expected.size:
+    if jnp.shape(got) != jnp.shape(expected):
+        raise ValueError(f"compare: shapes differ, got {jnp.shape(got)}, expected {jnp.shape(expected)}.")
+    if not jnp.size(expected):
         return 0.0, True
+    relative, ok = _compare(got, expected, dtype)
+    return float(relative), bool(ok)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _compare(got, expected, dtype: str):
+    got, expected = got.astype(jnp.float32), expected.astype(jnp.float32)
     tol, scale, error = TOLERANCE[dtype], jnp.abs(expected).max(), jnp.abs(got - expected)
     if dtype == "float32":
         ok = jnp.all(error <= tol * scale + tol * jnp.abs(expected))
     else:
         ok = error.max() <= tol * scale
     relative = error.max() / jnp.where(scale > 0, scale, 1.0)
-    return float(relative), bool(ok) and bool(jnp.isfinite(relative))
+    return relative, ok & jnp.isfinite(relative)

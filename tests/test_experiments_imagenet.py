@@ -124,5 +124,6 @@ def test_the_synthetic_config_is_imagenet_shaped_and_its_smoke_size_is_tiny():
     assert (full.data.name, full.data.image_size, full.data.num_classes, full.num_train_steps) == ("synthetic", 224, 1000, 50)
     assert full.checkpoint_every_steps == full.num_train_steps == full.eval_every_steps
     assert (smoke.data.image_size, smoke.data.num_classes, smoke.num_train_steps) == (16, 10, 4)
+    assert (full.model.name, smoke.model.name) == ("cednet26", "resnet50")  # the GPU trains C-volution
     with pytest.raises(ValueError, match="unknown size 'huge'"):
         imagenet_synthetic.get_config("huge")

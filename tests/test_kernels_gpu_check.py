@@ -52,8 +52,8 @@ def test_smoke_run_answers_every_section(tmp_path):
     assert len(kernels["bytes_model"]) == 2 * 7 and all(r["measured_us"] is None for r in kernels["bytes_model"])
     assert kernels["profile_errors"]
     [network] = sections["network"]["rows"]
-    assert network["model"] == "cednet50" and network["impl"] == "xla" and network["images_per_sec"] > 0
-    assert network["speed_vs_conv"] is None  # no ResNet row in the smoke run to compare with
+    assert network["model"] == "resnet50" and network["impl"] == "none" and network["images_per_sec"] > 0
+    assert network["speed_vs_conv"] == 1.0  # the ResNet row is its own base
     training = sections["training"]
     assert [step for step, _ in training["losses"]] == [2, 4] and all(np.isfinite(loss) for _, loss in training["losses"])
     assert training["checkpoints"] == [4] and training["eval"]["step"] == 4 and training["eval"]["images"] == 32
@@ -123,7 +123,7 @@ def test_work_beyond_a_sections_share_of_the_budget_is_skipped_and_said(tmp_path
     assert gpu_check.main(["--smoke", "--out", str(tmp_path), "--sections", "correctness,training", "--budget-s", "1e-6"]) == 1
     sections = _report(tmp_path)["sections"]
     for name in ("correctness", "training"):
-        assert sections[name]["status"] == "out of time" and "--budget-s" in sections[name]["error"]
+        assert sections[name]["status"] == "out of time" and "--budget-s" in sections[name]["skipped"]
 
 
 def test_a_section_whose_share_runs_out_keeps_its_results_and_names_the_rest(tmp_path, monkeypatch):
@@ -139,7 +139,71 @@ def test_a_section_whose_share_runs_out_keeps_its_results_and_names_the_rest(tmp
     entry = report.sections["correctness"]
     assert entry["status"] == "partial" and len(entry["result"]["rows"]) == 1
     assert "fused smoke_c32_k7_s2 float32" in entry["skipped"] and "unfused smoke_c32_k7_s2 bfloat16" in entry["skipped"]
-    assert "**partial**" in next(tmp_path.glob("gpu_check_*.md")).read_text()
+    assert "**not run**: the section's share of --budget-s ran out before: fused smoke_c32_k7_s2 float32" in (
+        next(tmp_path.glob("gpu_check_*.md")).read_text())
+
+
+def test_a_piece_that_fails_is_recorded_and_the_next_pieces_run(tmp_path, monkeypatch):
+    real = gpu_check.check_op
+
+    def check_op(op_name, op, dtype, family, interpret):
+        if family == "fused" and dtype == jnp.float32:
+            raise RuntimeError("Triton: out of shared memory")
+        return real(op_name, op, dtype, family, interpret)
+
+    monkeypatch.setattr(gpu_check, "check_op", check_op)
+    assert gpu_check.main(["--smoke", "--out", str(tmp_path), "--sections", "correctness"]) == 1
+    entry = _report(tmp_path)["sections"]["correctness"]
+    assert entry["status"] == "failed"
+    assert entry["error"] == "fused smoke_c32_k7_s2 float32: RuntimeError: Triton: out of shared memory"
+    # The three other pieces' rows are kept: unfused in both dtypes, fused in bf16.
+    assert {(r["family"], r["dtype"]) for r in entry["result"]["rows"]} == {
+        ("unfused", "float32"), ("unfused", "bfloat16"), ("fused", "bfloat16")}
+
+
+def _fake_training(monkeypatch, trained_loss, restored_loss, restored_step=4):
+    """`_run` standing in for the two experiments.imagenet processes: writes what they would."""
+    def run(command, clock, what, env=None):
+        workdir = pathlib.Path(next(a for a in command if a.startswith("--workdir=")).split("=", 1)[1])
+        assert env["JAX_COMPILATION_CACHE_DIR"]  # the two processes share one compilation cache
+        if "--config.mode=eval" in command:
+            (workdir / "eval_4.json").write_text(json.dumps({"step": restored_step, "loss": restored_loss}))
+        else:
+            (workdir / "checkpoints" / "4").mkdir(parents=True)
+            (workdir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in (
+                {"step": 2, "split": "train", "loss": 2.3}, {"step": 4, "split": "train", "loss": 2.2},
+                {"step": 4, "split": "eval", "loss": trained_loss})) + "\n")
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(gpu_check, "_run", run)
+
+
+@pytest.mark.parametrize("trained, restored, step, problem", [
+    (2.31, 2.3101, 4, None),
+    (2.31, 2.9, 4, "the restore did not give back the trained parameters"),
+    (2.31, None, 4, "the restored checkpoint's evaluation is not finite"),  # strict JSON's null for a NaN
+    (2.31, 2.31, 2, "the evaluation restored step 2, not the last checkpoint, 4"),
+])
+def test_training_holds_the_restored_evaluation_to_the_trained_one(monkeypatch, trained, restored, step, problem):
+    _fake_training(monkeypatch, trained, restored, step)
+    clock = gpu_check.Clock(1000.0, child_env=dict(os.environ))
+    clock.enter("training")
+    result = gpu_check.training(clock, True)
+    assert result["losses"] == [(2, 2.3), (4, 2.2)] and result["checkpoints"] == [4]
+    assert result["trained_eval"]["loss"] == trained
+    if problem is None:
+        assert result["failures"] == []
+    else:
+        assert len(result["failures"]) == 1 and problem in result["failures"][0]
+
+
+def test_the_clock_shares_the_budget_among_the_chosen_sections_only():
+    clock = gpu_check.Clock(100.0, chosen=("correctness", "kernels"), start=0.0)
+    clock.enter("correctness")
+    share = gpu_check.SHARES["correctness"] / (gpu_check.SHARES["correctness"] + gpu_check.SHARES["kernels"])
+    assert clock.deadline == pytest.approx(100 * share)
+    clock.enter("kernels")
+    assert clock.deadline == pytest.approx(100.0)
 
 
 def test_the_clock_passes_time_a_section_leaves_to_the_next():
@@ -167,7 +231,7 @@ planes {
   event_metadata { key: 1 value { id: 1 name: "cvolution_forward" } }
   event_metadata { key: 2 value { id: 2 name: "input_reduce_fusion" } }
   event_metadata { key: 3 value { id: 3 name: "cvolution_dx" } }
-  event_metadata { key: 4 value { id: 4 name: "cvolution_dx.1" } }
+  event_metadata { key: 4 value { id: 4 name: "cvolution_dx__1" } }
 }
 planes { id: 2 name: "/host:CPU"
   lines { id: 1 name: "python" events { metadata_id: 1 duration_ps: 99000000 } }
