@@ -251,12 +251,6 @@ def test_config_path_problems_are_found_before_absl_parses(monkeypatch, argv, pr
     assert found == problem if problem is None else found.startswith(problem), found
 
 
-def test_a_runs_own_config_json_says_how_to_resume(tmp_path):
-    (tmp_path / "config.json").write_text("{}")
-    line = entry_point("experiments.imagenet", str(tmp_path / "config.json"), tmp_path)
-    assert "is a run's saved config (JSON), not a config file. To resume that run, rerun the command that started it" in line
-
-
 def test_eval_without_a_checkpoint_is_one_line_with_no_traceback_at_exit(tmp_path):
     """Newer orbax left a cleanup thread to fail at interpreter exit after this error (Checkpointer.close)."""
     line = entry_point("experiments.imagenet", "tests/tiny_config.py", tmp_path / "run", "--config.mode=eval")

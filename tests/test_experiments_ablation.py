@@ -136,16 +136,16 @@ def test_a_workdir_of_another_recipe_is_refused(tmp_path):
         ablation.run_study(tiny_study(rows=("resnet",), seeds=(0,)), str(tmp_path))
 
 
-def test_a_run_whose_checkpoints_were_deleted_is_read_from_its_eval_file_not_retrained(tmp_path, monkeypatch, caplog):
-    study = tiny_study(rows=("resnet",), seeds=(0,))
-    first = ablation.run_study(study, str(tmp_path))
-    run = tmp_path / "resnet" / "seed_0"
-    shutil.rmtree(run / "checkpoints")  # space saved once the grid is done
+def test_a_run_whose_checkpoints_were_deleted_is_read_from_its_eval_file_not_retrained(grid, monkeypatch, caplog):
+    """The last test of the grid: it deletes a run's checkpoints, as a user saving space would."""
+    workdir, _, _, _, summary = grid
+    run = os.path.join(workdir, "resnet", "seed_1")
+    shutil.rmtree(os.path.join(run, "checkpoints"))
     monkeypatch.setattr(loop, "train_and_evaluate", lambda *args: pytest.fail("retrained a run whose result is on disk"))
     with caplog.at_level(logging.INFO):
-        again = ablation.run_study(study, str(tmp_path))
-    assert f"Ablation run {run} has no checkpoints left; its result is read from {run / 'eval_3.json'}" in caplog.text
-    assert json.dumps(again["rows"]) == json.dumps(first["rows"])  # the same top-1 and minutes (one training); std NaN alike
+        again = ablation.run_study(tiny_study(), workdir)
+    assert f"Ablation run {run} has no checkpoints left; its result is read from {os.path.join(run, 'eval_3.json')}" in caplog.text
+    assert json.dumps(again["rows"]) == json.dumps(summary["rows"])  # the same top-1 and minutes (one training each)
 
 
 def test_a_damaged_final_checkpoint_is_retrained_from_the_newest_good_one(tmp_path, monkeypatch, caplog):

@@ -144,12 +144,10 @@ def test_a_section_whose_share_runs_out_keeps_its_results_and_names_the_rest(tmp
 
 
 def test_a_piece_that_fails_is_recorded_and_the_next_pieces_run(tmp_path, monkeypatch):
-    real = gpu_check.check_op
-
     def check_op(op_name, op, dtype, family, interpret):
         if family == "fused" and dtype == jnp.float32:
             raise RuntimeError("Triton: out of shared memory")
-        return real(op_name, op, dtype, family, interpret)
+        return [dict(op=op_name, family=family, dtype=dtype.name, output="out", max_rel_error=0.0, tolerance=1e-5, ok=True)]
 
     monkeypatch.setattr(gpu_check, "check_op", check_op)
     assert gpu_check.main(["--smoke", "--out", str(tmp_path), "--sections", "correctness"]) == 1
