@@ -86,7 +86,7 @@ DEFAULT_BUDGET_S = 420  # the whole run, start-up included, within 8 minutes, wi
 # largest op (stage1_c64).
 OP_ORDER = ("stage2_c128_s2", "stage4_c512", "stem_c32_k3", "stage1_c64", "stage3_c256_s2", "stage4_c512_s2",
             "stage2_c128", "stage3_c256")
-CHILD_MIN_S = {"network": 20.0, "training": 45.0}  # a command started with less left would only be killed
+CHILD_MIN_S = {"network": 20.0, "training": 45.0, "evaluation": 15.0}  # a command started with less left would be killed
 UNFUSED_OUTPUTS = ("out", "dx", "dHd", "dS")
 FUSED_OUTPUTS = ("out", "dx", "dv", "dW2", "db", "dS")
 # (bench_train variant, aggregation) per network row, the most wanted first.
@@ -486,7 +486,7 @@ def training(clock: Clock, smoke: bool) -> dict:
         if (run / "checkpoints").is_dir():
             result["checkpoints"] = sorted(int(name) for name in os.listdir(run / "checkpoints") if name.isdigit())
         clock.save(result)
-        if result["checkpoints"] and clock.allows("restoring and evaluating the checkpoint"):
+        if result["checkpoints"] and clock.allows("restoring and evaluating the checkpoint", need=0.0 if smoke else CHILD_MIN_S["evaluation"]):
             with clock.piece("restoring and evaluating the checkpoint"):
                 _run([*base, "--config.mode=eval"], clock, "restoring and evaluating the checkpoint", env)
                 evaluated = sorted(run.glob("eval_*.json"))
