@@ -23,6 +23,7 @@ def _report(out: pathlib.Path) -> dict:
     return json.loads(path.read_text())
 
 
+@pytest.mark.slow  # 48 s on 2 cores; .ci/run runs it on both legs (`-m slow tests/test_kernels_gpu_check.py`)
 def test_smoke_run_answers_every_section(tmp_path):
     """The command a GPU will run, with interpret mode, one tiny op and the narrow networks."""
     proc = subprocess.run(
