@@ -367,8 +367,12 @@ def run_xla_backward(name: str, op: Op, dtype, *, with_static: bool, involution_
     return rows
 
 
+def fmt(value, spec: str) -> str:
+    """`value` formatted by `spec`, or "n/a" for a value not measured (None)."""
+    return "n/a" if value is None else format(value, spec)
+
+
 def _xla_backward_markdown(result: dict) -> str:
-    fmt = lambda v, spec: "n/a" if v is None else format(v, spec)
     lines = [
         "# The XLA path's forward and backward against a depthwise convolution and involution's PyTorch fallback",
         "",

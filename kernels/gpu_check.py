@@ -313,11 +313,11 @@ def correctness(clock: Clock, smoke: bool) -> dict:
                     found = check_op(op_name, op, jnp.dtype(dtype), family, interpret)
                     result["rows"].extend(found)
                     result["failures"].extend(
-                        f"{r['family']} {r['op']} {r['dtype']} {r['output']}: {_fmt(r['max_rel_error'], '.3g')} > {r['tolerance']}"
+                        f"{r['family']} {r['op']} {r['dtype']} {r['output']}: {bench.fmt(r['max_rel_error'], '.3g')} > {r['tolerance']}"
                         for r in found if not r["ok"])
                     for r in found:
                         print(f"  {r['family']:8s} {r['op']:16s} {r['dtype']:9s} {r['output']:4s} max rel error "
-                              f"{_fmt(r['max_rel_error'], '.2e')} {'ok' if r['ok'] else 'OUT OF TOLERANCE'}", flush=True)
+                              f"{bench.fmt(r['max_rel_error'], '.2e')} {'ok' if r['ok'] else 'OUT OF TOLERANCE'}", flush=True)
                 clock.save(result)
     return result
 
@@ -618,10 +618,6 @@ def main(argv: list[str] | None = None, start: float | None = None) -> int:
 # --- the markdown -----------------------------------------------------------------------------
 
 
-def _fmt(value, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
 def markdown(report: Report) -> str:
     lines = [
         f"# GPU check{' (smoke run: CPU, interpret mode; the numbers check the command, not the hardware)' if report.smoke else ''}",
@@ -666,7 +662,7 @@ def _correctness_md(result: dict) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
-        lines.append(f"| {r['family']} | {r['op']} | {r['dtype']} | {r['output']} | {_fmt(r['max_rel_error'], '.2e')} | {r['tolerance']} "
+        lines.append(f"| {r['family']} | {r['op']} | {r['dtype']} | {r['output']} | {bench.fmt(r['max_rel_error'], '.2e')} | {r['tolerance']} "
                      f"| {'yes' if r['ok'] else '**no**'} |")
     return lines
 
@@ -685,7 +681,7 @@ def _kernels_md(result: dict) -> list[str]:
     ]
     for r in result["rows"]:
         lines.append(f"| {r['op']} | {r['dtype']} | {r['pass']} | {r['impl']} | {r['time_ms']:.3f} | {r['gb_per_s']:.0f} "
-                     f"| {r['pct_of_copy']:.0f} | {_fmt(r['speedup_vs_xla'], '.2f')} |")
+                     f"| {r['pct_of_copy']:.0f} | {bench.fmt(r['speedup_vs_xla'], '.2f')} |")
     lines += ["", "Depthwise KxK convolution of the same shape (`lax.conv`, input and kernel gradients):", "",
               "| op | dtype | pass | time (ms) | pallas time / depthwise time |", "|---|---|---|---|---|"]
     for r in result["depthwise_rows"]:
@@ -710,7 +706,7 @@ def _network_md(result: dict) -> list[str]:
     for r in result["rows"]:
         peak = "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**30:.2f}"
         lines.append(f"| {r['model']} | {r['impl']} | {r['params']:,} | {r['step_ms']:.1f} | {r['images_per_sec']:.0f} "
-                     f"| {_fmt(r['speed_vs_conv'], '.2f')} | {peak} |")
+                     f"| {bench.fmt(r['speed_vs_conv'], '.2f')} | {peak} |")
     return lines
 
 
@@ -718,8 +714,8 @@ def _training_md(result: dict) -> list[str]:
     return [
         f"- command: `{result['command']}` over {result['local_devices']} local device(s), then the same with "
         "`--config.mode=eval` in a new process",
-        "- train loss by step: " + ", ".join(f"{s}: {_fmt(loss, '.4f')}" for s, loss in result["losses"]),
-        "- images/s by step: " + ", ".join(f"{s}: {_fmt(v, '.0f')}" for s, v in result["images_per_sec"]),
+        "- train loss by step: " + ", ".join(f"{s}: {bench.fmt(loss, '.4f')}" for s, loss in result["losses"]),
+        "- images/s by step: " + ", ".join(f"{s}: {bench.fmt(v, '.0f')}" for s, v in result["images_per_sec"]),
         f"- checkpoints saved: {result['checkpoints']}",
         f"- the training process's own evaluation at its last step: {result['trained_eval']}",
         f"- evaluation of the restored checkpoint in a new process (must match it): {result['eval']}",
