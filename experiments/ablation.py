@@ -335,10 +335,8 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.getLogger().setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)
-    try:
+    with cli.exits_with_a_message(flags.FLAGS.workdir):
         run_study(flags.FLAGS.config, flags.FLAGS.workdir, " ".join(["python -m experiments.ablation", *sys.argv[1:]]))
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":

@@ -472,3 +472,73 @@ def test_a_detection_run_resumed_past_a_damaged_checkpoint_keeps_its_record(tmp_
     loop.evaluate(Detection(), config, workdir)
     assert open(f"{workdir}/config.json").read() == original
     assert sorted(os.path.basename(p) for p in glob.glob(f"{workdir}/config*.json")) == ["config.json", "config_eval_2.json"]
+
+
+def _no_traceback_one_error(result: subprocess.CompletedProcess, *phrases: str) -> str:
+    """The one line of stderr that says what happened (`error: ...` or `Interrupted ...`), with no traceback."""
+    assert result.returncode != 0, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-4000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith(("error: ", "Interrupted"))]
+    assert len(lines) == 1, result.stderr[-3000:]
+    for phrase in phrases:
+        assert phrase in lines[0], lines[0]
+    return lines[0]
+
+
+def test_a_full_disk_is_one_line_and_the_run_resumes_once_there_is_space(tmp_path):
+    """A tmpfs of 700 KiB (a private mount namespace, no root needed) fills at the third checkpoint;
+    orbax's background threads logged ~5 tracebacks per failed save before. With space again, the
+    same command resumes from the last complete checkpoint and finishes."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare -rm (a user and mount namespace) is not allowed here")
+    train = f"{sys.executable} -m experiments.imagenet --config tests/tiny_config.py --workdir {disk}/run"
+    script = (f"mount -t tmpfs -o size=700k tmpfs {disk} && {train}; echo rc=$? >&2; "
+              f"mount -o remount,size=20m {disk} && {train}; echo rc=$? >&2; ls {disk}/run/checkpoints >&2")
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    first, resumed = result.stderr.split("rc=1\n", 1) if "rc=1\n" in result.stderr else (result.stderr, "")
+    assert "Traceback" not in result.stderr, result.stderr[-4000:]
+    errors = [line for line in first.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "No space left on the disk of" in errors[0], first[-3000:]
+    said = re.search(r"checkpoint (\d+) could not be written\. .*the latest is step (\d+); free space there and rerun "
+                     r"the same command to resume from it", errors[0])
+    assert said and int(said[1]) > int(said[2]), errors[0]
+    assert "rc=0" in resumed and re.search(r"Resumed from .* at step \d+\.", resumed), resumed[-3000:]
+    assert "12" in resumed.split("rc=0\n")[1].split(), resumed[-500:]  # `ls` of the checkpoints: the last step's is there
+
+
+CTRL_C_TWICE_DURING_A_SAVE = """
+import os, signal, sys
+import numpy as np
+from cvolution_jax.train import checkpoint, cli, loop
+ckpt = checkpoint.Checkpointer(sys.argv[1])
+state = {"params": {f"w{i}": np.full((1024, 1024), i, np.float32) for i in range(64)}}  # 256 MiB: a save of a while
+with cli.exits_with_a_message(sys.argv[1]), loop.stop_requests():
+    ckpt.save(1, state)
+    ckpt.wait()
+    os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: the loop would save and stop
+    ckpt.save(2, state)
+    os.kill(os.getpid(), signal.SIGINT)  # the second, while step 2 is being written
+    ckpt.close()
+"""
+
+
+def test_ctrl_c_twice_during_a_save_is_one_message_and_the_last_complete_checkpoint_restores(tmp_path):
+    """Orbax's background threads, cut off at interpreter exit, logged their errors (with
+    tracebacks before `checkpoint._AfterAFailedSave`) after the entry point's message."""
+    directory = str(tmp_path / "checkpoints")
+    result = subprocess.run([sys.executable, "-c", CTRL_C_TWICE_DURING_A_SAVE, directory], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.splitlines() == [
+        "Interrupted (Ctrl-C): nothing after the last complete checkpoint was saved (one being written is left incomplete "
+        "and ignored at the next start); rerun the same command to resume."], result.stderr[-3000:]
+    ckpt = checkpoint.Checkpointer(directory)
+    try:
+        assert ckpt.all_steps() == [1]
+        assert float(ckpt.restore_variables()["params"]["w63"][5, 7]) == 63.0
+    finally:
+        ckpt.close()
+    assert sorted(os.listdir(directory)) == ["1"]  # the incomplete step 2 is cleaned up by the next start

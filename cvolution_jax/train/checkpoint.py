@@ -17,10 +17,13 @@ those steps again.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
 import shutil
+import sys
 
 import grain
 import jax
@@ -41,7 +44,38 @@ class _SavesBetweenEvaluations(logging.Filter):
         return "did not provide metrics" not in record.getMessage()
 
 
+class _AfterAFailedSave(logging.Filter):
+    """One line per error of orbax's, none of asyncio's, when a save fails (a full disk) or is cut
+    short (Ctrl-C twice). Each of orbax's background threads then logs the same error with a
+    traceback, and asyncio logs every write task that failed ("Task exception was never
+    retrieved"), 70 or more per save. The error itself reaches the caller (`CheckpointWriteError`,
+    the entry point's Ctrl-C message), which says what to do."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.exc_info:
+            return True
+        if record.name == "asyncio":
+            return not is_out_of_space(record.exc_info[1])
+        if f"{os.sep}orbax{os.sep}" in record.pathname:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 logging.getLogger("absl").addFilter(_SavesBetweenEvaluations())
+for _logger in ("absl", "asyncio"):
+    logging.getLogger(_logger).addFilter(_AfterAFailedSave())
+
+
+def _drop_writes_after_a_failed_save(unraisable, previous=sys.unraisablehook) -> None:
+    """When a save fails (a full disk), orbax closes its asyncio loop while TensorStore still has
+    writes in flight; each one that completes then reports "Event loop is closed" as an unraisable
+    error with a traceback, 70 to 150 of them per failed save. The save's error says it once."""
+    if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+        return
+    previous(unraisable)
+
+
+sys.unraisablehook = _drop_writes_after_a_failed_save
 
 
 class CheckpointMismatchError(ValueError):
@@ -50,6 +84,25 @@ class CheckpointMismatchError(ValueError):
 
 class DamagedCheckpointError(ValueError):
     """A checkpoint's files are missing or unreadable, and no older one could stand in for it."""
+
+
+class CheckpointWriteError(ValueError):
+    """A checkpoint could not be written (the disk is full); the ones before it are intact."""
+
+
+# How the operating system's "disk full" reaches us: an OSError's errno, or inside the text of the
+# error TensorStore raises through orbax ("No space left on device [os_error_code='28']").
+_NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_NO_SPACE_TEXTS = ("No space left on device", "Disk quota exceeded")
+
+
+def is_out_of_space(error: BaseException) -> bool:
+    """Whether `error`, or an error in its chain, is the operating system's "no space left" / "quota exceeded"."""
+    while error is not None:
+        if getattr(error, "errno", None) in _NO_SPACE_ERRNOS or any(text in str(error) for text in _NO_SPACE_TEXTS):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 class _Damage(Exception):
@@ -177,7 +230,28 @@ class Checkpointer:
         if data_iterator is not None:
             args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         metrics = None if metrics is None else {k: float(np.asarray(v)) for k, v in metrics.items()}
-        self.manager.save(step, args=ocp.args.Composite(**args), metrics=metrics, force=True)
+        self.wait()  # orbax's save waits for the previous one too; here its error names that step
+        self._saving = step
+        with self._writing():
+            self.manager.save(step, args=ocp.args.Composite(**args), metrics=metrics, force=True)
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """Turns a full disk while writing checkpoint `self._saving` into one `CheckpointWriteError`
+        (orbax's own error names a temporary file deep inside the step's directory)."""
+        try:
+            yield
+        except Exception as error:
+            if not is_out_of_space(error):
+                raise
+            failed = getattr(self, "_saving", None)
+            intact = [step for step in self.all_steps() if step != failed]
+            resume = (f"the latest is step {max(intact)}; free space there and rerun the same command to resume from it"
+                      if intact else "there are none yet; free space there and rerun the same command")
+            raise CheckpointWriteError(
+                f"No space left on the disk of {self.directory}: checkpoint {failed} could not be written. It is left "
+                f"incomplete, and the next start ignores it; the checkpoints before it are intact ({resume})."
+            ) from None
 
     def restore(self, target, step: int | None = None, data_iterator=None, *, set_aside_damaged: bool = False):
         """Restores checkpoint `step` (default: the latest good one) into the structure and shardings of `target`.
@@ -310,7 +384,8 @@ class Checkpointer:
         return destination
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._writing():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
         # Newer orbax cleans up temporary paths in a thread started with the manager, and its close()
@@ -319,5 +394,5 @@ class Checkpointer:
         await_cleanup = getattr(self.manager, "_maybe_await_cleanup_tmp_directory", None)
         if callable(await_cleanup):
             await_cleanup()
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()

@@ -11,6 +11,7 @@ cluster from SLURM, Open MPI or Kubernetes; or `--coordinator_address=HOST:PORT
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import os
@@ -19,6 +20,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_dict, config_flags
 
+from cvolution_jax.train import checkpoint
 from cvolution_jax.train import distributed
 from cvolution_jax.train import loop
 from cvolution_jax.train.loop import DivergedError
@@ -131,14 +133,31 @@ def run(argv, task: loop.Task) -> None:
     _initialize_distributed()
     FLAGS = flags.FLAGS
     config = FLAGS.config
-    try:
+    with exits_with_a_message(FLAGS.workdir):
         if config.mode == "train":
             loop.train_and_evaluate(task, config, FLAGS.workdir)
         elif config.mode == "eval":
             loop.evaluate(task, config, FLAGS.workdir, None if config.checkpoint_step < 0 else config.checkpoint_step)
         else:
             raise ValueError(f"--config.mode must be 'train' or 'eval'; got {config.mode!r}.")
+
+
+@contextlib.contextmanager
+def exits_with_a_message(workdir: str):
+    """`with cli.exits_with_a_message(workdir):` around a run's work, in an entry point's main: a
+    user error (bad config or data, missing checkpoint, divergence, a full disk, a workdir in use)
+    or Ctrl-C exits with one line saying what to do, not a traceback."""
+    try:
+        yield
     except (DivergedError, FileNotFoundError, ValueError, WorkdirInUse) as error:  # CheckpointMismatchError is a ValueError
         sys.exit(f"error: {error}")
+    except OSError as error:
+        if not checkpoint.is_out_of_space(error):
+            raise
+        sys.exit(f"error: No space left on the disk of {error.filename or workdir} ({error.strerror}). Free space "
+                 f"there and rerun the same command: it resumes from the last checkpoint.")
     except KeyboardInterrupt:  # Ctrl-C before the training steps began, in eval mode, or pressed twice
-        sys.exit("Interrupted (Ctrl-C): nothing was saved after the last checkpoint; rerun the same command to resume from it.")
+        # A save cut short leaves orbax's threads to fail at interpreter exit: this message is the one to show.
+        logging.getLogger("absl").setLevel(logging.CRITICAL)
+        sys.exit("Interrupted (Ctrl-C): nothing after the last complete checkpoint was saved (one being written is left "
+                 "incomplete and ignored at the next start); rerun the same command to resume.")
