@@ -5,15 +5,15 @@
 
 A NAME is a registry model (`cvolution_jax.models.names()`, default: all of them). `--config` loads a
 run's config file as the entry points do (overrides too; run from the repository root, where its
-`experiments.configs` imports resolve) and counts the model that run trains, built by its task's
-own builder (`TASKS`, chosen by the field of `config.model` that names the model) at the size of
-the task's published counts:
-- classification (`model.name`): 1000 classes, 224x224;
-- semantic segmentation (`model.decode_head`, `cvolution_jax.tasks.segmentation.create_model`):
+`experiments.configs` imports resolve) and counts the model that run trains, built by its task
+(`config.task`, `cvolution_jax.tasks.get(config).create_model`) at the size of the task's
+published counts (`COUNTS`):
+- classification: 1000 classes, 224x224;
+- semantic segmentation:
   Cityscapes' 19 classes on one 1024x2048 image, mmsegmentation's `get_flops` input; MACs of the
   test-time network (no auxiliary head), parameters of all of it (the auxiliary head's included),
   as mmseg's `get_flops` reports them;
-- detection (`model.detector`, `cvolution_jax.tasks.detection.create_detector`): 80 classes, one
+- detection: 80 classes, one
   800x1280 image, mmdetection's `get_flops` size. The whole test-time network is counted, box head
   on its 1000 proposals included (and the mask head on the 100 detections); RoIAlign and NMS are
   not. (mmdetection's `get_flops` runs `forward_dummy`, whose mask head sees the first 100
@@ -49,9 +49,8 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from cvolution_jax import layers, models
+from cvolution_jax import layers, models, tasks
 from cvolution_jax.segmentation.encoder_decoder import init_variables
-from cvolution_jax.tasks import classification, detection, segmentation
 
 
 def _macs(module: nn.Module, args, output) -> int:
@@ -77,10 +76,10 @@ def detector_inputs(image: jax.Array) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class TaskCount:
-    """How `count` measures the model of one task's run config.
+    """How `count` measures the model of one task's run config (the model itself is the task's,
+    `cvolution_jax.tasks.get(config).create_model`, as its runs build it).
 
     Attributes:
-      create_model: the task's own builder, `(config, num_classes) -> module`, as its runs call it.
       num_classes: the classes of the task's published counts.
       image_size: `(H, W)` of one image of those counts.
       inputs: one `[1, H, W, 3]` image -> the input the model's `init` takes.
@@ -88,33 +87,24 @@ class TaskCount:
         used only in training (a segmentor's auxiliary head); None: those of `init`.
     """
 
-    create_model: Callable[[ml_collections.ConfigDict, int], nn.Module]
     num_classes: int
     image_size: tuple[int, int]
     inputs: Callable[[jax.Array], Any] = lambda image: image
     all_params: Callable[[nn.Module, tuple[int, int, int]], Any] | None = None
 
 
-# The field of config.model that names a task's model -> how that task's models are counted. A config
-# is counted by the first entry whose field it has (a segmentation config has no "detector", a detection
-# config no "decode_head"); a new task adds its own.
-TASKS = {
-    "decode_head": TaskCount(segmentation.create_model, 19, (1024, 2048),
-                             all_params=lambda model, shape: init_variables(model, jax.random.key(0), shape)["params"]),
-    "detector": TaskCount(detection.create_detector, 80, (800, 1280), detector_inputs),
-    "name": TaskCount(classification.create_model, 1000, (224, 224)),
+# config.task -> how that task's models are counted: the published counts' classes and input size.
+COUNTS = {
+    "classification": TaskCount(1000, (224, 224)),
+    "detection": TaskCount(80, (800, 1280), detector_inputs),
+    "segmentation": TaskCount(19, (1024, 2048),
+                              all_params=lambda model, shape: init_variables(model, jax.random.key(0), shape)["params"]),
 }
 
 
 def task_count(config: ml_collections.ConfigDict) -> TaskCount:
-    """The `TASKS` entry of `config`; ValueError if its `model` names no model `count` knows."""
-    model = config.get("model", {})
-    for field, task in TASKS.items():
-        if field in model:
-            return task
-    raise ValueError(
-        f"config.model has none of the fields that name a model ({', '.join(TASKS)}); its fields are "
-        f"{', '.join(sorted(model)) or 'none'}. Give the config of a training run (experiments/configs/).")
+    """The `COUNTS` entry of `config`'s task; ValueError if it is not the config of a training run."""
+    return COUNTS[tasks.name_of(config)]
 
 
 def load_config(path: str, overrides: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
@@ -152,14 +142,14 @@ def count(model: nn.Module, image_size: int | tuple[int, int] = 224, inputs: Cal
 def count_config(config: ml_collections.ConfigDict, image_size: tuple[int, int] | None = None,
                  num_classes: int | None = None) -> dict:
     """`count` of the model `config` trains, built by its task's builder; `image_size` `(H, W)` and
-    `num_classes` default to the task's (`TASKS`). Adds the `input` and `classes` counted."""
-    task = task_count(config)
-    image_size = image_size or task.image_size
-    num_classes = num_classes or task.num_classes
-    model = task.create_model(config, num_classes)
-    counted = count(model, image_size, task.inputs)
-    if task.all_params is not None:
-        params = jax.eval_shape(lambda: task.all_params(model, (*image_size, 3)))
+    `num_classes` default to the task's (`COUNTS`). Adds the `input` and `classes` counted."""
+    spec = task_count(config)
+    image_size = image_size or spec.image_size
+    num_classes = num_classes or spec.num_classes
+    model = tasks.get(config).create_model(config, num_classes)
+    counted = count(model, image_size, spec.inputs)
+    if spec.all_params is not None:
+        params = jax.eval_shape(lambda: spec.all_params(model, (*image_size, 3)))
         counted["params"] = int(sum(leaf.size for leaf in jax.tree.leaves(params)))
     return {**counted, "input": "x".join(map(str, image_size)), "classes": num_classes}
 

@@ -35,10 +35,8 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from cvolution_jax import data
-from cvolution_jax.data import coco
+from cvolution_jax import tasks
 from cvolution_jax.files import atomic_open
-from cvolution_jax.tasks import classification, detection
 from cvolution_jax.train import checkpoint
 from kernels import reference
 
@@ -214,18 +212,12 @@ def _tuples(value):
     return value
 
 
-def _detector_features(detector, images):
-    """Backbone, FPN and RPN head of a `FasterRCNN`: every place a detector puts a spatial op."""
-    levels = detector._levels(images, False)
-    return detector.rpn_head(levels, train=False)
-
-
 def load_run(path: str, step: int | None = None) -> Run:
     """The model, config and checkpoint `step` (default: the latest) of a training workdir.
 
     Args:
-      path: a workdir of `experiments.imagenet` or `experiments.coco` (it holds `config.json` and
-        `checkpoints/`), or its `checkpoints` folder.
+      path: a workdir of any task's entry point (`experiments.imagenet`, `experiments.coco`,
+        `experiments.cityscapes`: it holds `config.json` and `checkpoints/`), or its `checkpoints` folder.
 
     Raises:
       FileNotFoundError: `config.json` or `checkpoints/` is missing (naming which), or there is no
@@ -236,43 +228,30 @@ def load_run(path: str, step: int | None = None) -> Run:
     for name in (CONFIG_FILE, CHECKPOINTS):
         if not os.path.exists(os.path.join(workdir, name)):
             raise FileNotFoundError(
-                f"{os.path.join(workdir, name)} does not exist: the checkpoint path must be a training workdir of "
-                f"experiments.imagenet or experiments.coco (holding {CONFIG_FILE} and {CHECKPOINTS}/) or its "
-                f"{CHECKPOINTS} folder. Point it at the --workdir of a training run."
+                f"{os.path.join(workdir, name)} does not exist: the checkpoint path must be a training workdir "
+                f"(holding {CONFIG_FILE} and {CHECKPOINTS}/) or its {CHECKPOINTS} folder. Point it at the --workdir of "
+                f"a training run of experiments.imagenet, experiments.coco or experiments.cityscapes."
             )
     with open(os.path.join(workdir, CONFIG_FILE)) as f:
         config = ml_collections.ConfigDict(_tuples(json.load(f)))
-    is_detection = "backbone" in config.model
-    task = detection.Detection() if is_detection else classification.Classification()
+    task = tasks.get(config)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, CHECKPOINTS), best_metric=task.best_metric)
     try:
         variables = ckpt.restore_variables(step)
         step = ckpt.latest_step() if step is None else step
     finally:
         ckpt.close()
-    if is_detection:
-        # num_classes only sizes the box head, which the features never reach.
-        model = detection.create_detector(config, num_classes=1)
-        apply_kwargs = {"method": _detector_features}
-    else:
-        model = classification.create_model(config, num_classes=int(variables["params"]["fc"]["bias"].shape[0]))
-        apply_kwargs = {"train": False}
-    return Run(workdir, config, "detection" if is_detection else "classification", model, variables, int(step), apply_kwargs)
+    model = task.create_model(config, task.num_classes(variables))
+    return Run(workdir, config, task.name, model, variables, int(step), task.inference_kwargs())
 
 
 # ----------------------------------------------------------------------------- preprocessing
 
 
 def preprocess(config: ml_collections.ConfigDict, image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
-    """One image as the run's evaluation saw its data: `(inputs [1, H, W, C] float32, display [H, W, 3] uint8)`.
-
-    Each dataset says how its eval split sees an image: `cvolution_jax.data.preprocess_image` for
-    the classification datasets (`config.data.name`), `cvolution_jax.data.coco.preprocess_image`
-    for detection (a config with `model.backbone`). `display` is what the model saw, as pixels.
-    """
-    if "backbone" in config.model:
-        return coco.preprocess_image(config.data, image)
-    return data.preprocess_image(config.data, image)
+    """One image as the run's evaluation saw its data: `(inputs [1, H, W, C] float32, display [H, W, 3] uint8)`,
+    as the run's task (`config.task`) says; `display` is what the model saw, as pixels."""
+    return tasks.get(config).preprocess_image(config, image)
 
 
 # --------------------------------------------------------------------------------- the picture

@@ -160,10 +160,12 @@ def main(argv: list[str] | None = None) -> list[pathlib.Path]:
     if args.config and args.smoke:
         parser.error("--config and --smoke exclude each other: --config times a config's network, --smoke the narrow test nets.")
     config = load_config(args.config) if args.config else None
-    if config is not None and "overrides" not in (config.get("model") or {}):
-        parser.error(f"--config {args.config} is not a classification config (it has no model.overrides: a detection, "
-                     f"segmentation or study config): --config times the network of an experiments.imagenet config. "
-                     f"Pass one, e.g. experiments/configs/default.py, or --models to time the ImageNet networks.")
+    kind = None if config is None else config.get("task") or ("study" if "model" not in config else "classification")
+    if kind not in (None, "classification"):
+        parser.error(f"--config {args.config} is a {kind} config: bench_train times the train step of a classification "
+                     f"network (the op's cost, without a task's heads and data). Pass an experiments.imagenet config, "
+                     f"e.g. experiments/configs/default.py, or --models to time the ImageNet networks; the log of a "
+                     f"{kind} run shows its images/s.")
     out_dir = pathlib.Path(args.out_dir)
     if not args.only and out_dir.exists() and not out_dir.is_dir():
         parser.error(f"--out-dir {out_dir} is a file; give a folder (it is made if missing), before anything is measured.")

@@ -6,7 +6,7 @@
     python -m experiments.visualize --checkpoint runs/coco_default --image street.jpg --layer neck/output0
     python -m experiments.visualize --checkpoint runs/cednet50 --list_layers
 
-`--checkpoint` is the workdir of an `experiments.imagenet` or `experiments.coco` run (or its
+`--checkpoint` is the workdir of an `experiments.imagenet`, `experiments.coco` or `experiments.cityscapes` run (or its
 `checkpoints` folder); the image goes through that run's evaluation preprocessing. Each heat map is
 one group's K x K kernel summed over its taps at every pixel (`cvolution_jax.kernel_maps`).
 The default layer is the last involution / C-volution of stage 2, else the model's first one;
@@ -25,7 +25,7 @@ from PIL import Image
 
 from cvolution_jax import kernel_maps
 
-flags.DEFINE_string("checkpoint", None, "Workdir of an experiments.imagenet / experiments.coco run (or its checkpoints folder).")
+flags.DEFINE_string("checkpoint", None, "Workdir of an experiments.imagenet, experiments.coco or experiments.cityscapes run (or its checkpoints folder).")
 flags.DEFINE_integer("step", None, "Checkpoint step to restore (default: the latest).")
 flags.DEFINE_string("image", None, "Any image file PIL reads (converted to RGB, or grey for grey datasets).")
 flags.DEFINE_string("layer", None, "'/'-joined path of the layer, e.g. layer2_0/conv2 or neck/output0 (default: last op of stage 2).")

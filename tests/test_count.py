@@ -170,7 +170,7 @@ def test_cli_counts_a_config_with_its_overrides(capsys):
 
 def test_a_classification_config_is_counted_by_the_classification_builder():
     config = count.load_config(os.path.join(CONFIG_DIR, "cednet50.py"))
-    assert count.task_count(config) is count.TASKS["name"]
+    assert count.task_count(config) is count.COUNTS["classification"]
     result = count.count_config(config)
     # The README's model-zoo row for cednet50 (16.44M, 2.77G at 224x224, 1000 classes).
     assert (round(result["params"] / 1e6, 2), round(result["macs"] / 1e9, 2)) == (16.44, 2.77)
@@ -201,4 +201,6 @@ def test_a_config_whose_model_names_no_task_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         count.main(["--config", str(path)])
     err = capsys.readouterr().err
-    assert f"{path}: config.model has none of the fields that name a model (decode_head, detector, name); its fields are backbone, segmentor" in err
+    assert (f"{path}: This config names no task (config.task), and its model (backbone, segmentor) is none of a saved "
+            f"run's: give the config of a training run (experiments/configs/), whose config.task is one of "
+            f"classification, detection, segmentation.") in err

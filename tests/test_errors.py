@@ -351,3 +351,10 @@ def test_mask_rcnn_without_mask_crops_is_refused_before_the_workdir(tmp_path):
     with pytest.raises(ConfigError, match=r"config.data.mask_size must be an int >= 1 \(Mask R-CNN trains on each"):
         check_detection(config, str(tmp_path / "run"), train=True)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_config_of_another_task_names_the_entry_point_that_trains_it(tmp_path):
+    line = entry_point("experiments.coco", "tests/tiny_config.py", tmp_path / "run")
+    assert line == ("error: --config is a classification config (config.task='classification'), and this entry point "
+                    "trains detection: run it with python -m experiments.imagenet.")
+    assert not (tmp_path / "run").exists()

@@ -78,9 +78,9 @@ def test_config_mode_times_the_configs_network_with_each_op(tmp_path):
     (["--smoke", "--steps=-1"], "--steps must be >= 1"),
     (["--smoke", "--warmup=-2"], "--warmup >= 0"),
     (["--smoke", "--only=vgg16"], "one variant, from resnet50"),
-    (["--config=experiments/configs/coco_default.py"], "is not a classification config"),
-    (["--config=experiments/configs/segmentation_default.py"], "is not a classification config"),
-    (["--config=experiments/configs/ablation_fashion_mnist.py"], "is not a classification config"),
+    (["--config=experiments/configs/coco_default.py"], "is a detection config: bench_train times"),
+    (["--config=experiments/configs/segmentation_default.py"], "is a segmentation config: bench_train times"),
+    (["--config=experiments/configs/ablation_fashion_mnist.py"], "is a study config: bench_train times"),
     (["--smoke", "--out-dir=pyproject.toml"], "is a file; give a folder (it is made if missing), before anything is measured"),
     (["--smoke", "--only=rednet50", "--impls=pallas,xla"], "and one implementation"),
 ])

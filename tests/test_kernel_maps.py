@@ -13,10 +13,11 @@ from absl.testing import flagsaver
 from PIL import Image
 
 from cvolution_jax import kernel_maps
-from cvolution_jax.tasks import classification, detection
+from cvolution_jax.data import semantic
+from cvolution_jax.tasks import classification, detection, segmentation
 from cvolution_jax.train import checkpoint, loop, steps
 from experiments import visualize
-from experiments.configs import coco_default
+from experiments.configs import coco_default, segmentation_default
 from tests import tiny_config
 
 EPS = 1e-5  # BatchNorm epsilon (layers.batch_norm)
@@ -215,3 +216,42 @@ def test_a_detection_run_draws_its_fpn_output_op(tmp_path):
     kernels = kernel_maps.dynamic_kernels(run.model, run.variables, inputs, layer, **run.apply_kwargs)
     assert kernels.shape == (1, 15, 24, 1, 49)
     assert kernel_maps.render(display, kernels[0], str(tmp_path / "maps.png"), pixel=(57, 95)) == kernel_maps.figure_size(1)
+
+
+def test_a_segmentation_run_draws_its_fpn_output_op(tmp_path):
+    """A segmentation workdir also has `model.backbone`; it was taken for a detector's. Its task now
+    says what it is: its segmentor, and the eval pass's preprocessing (resized to scale (64, 64)
+    keeping the ratio, 40x64, padded to 64x64 as the eval pass pads to a multiple of 32)."""
+    config = segmentation_default.get_config()
+    config.model.update(backbone_overrides={"stage_sizes": (1, 1, 1, 1), "widths": (4, 8, 8, 16), "stem_width": 8},
+                        channels=16, head_channels=8)
+    config.data.update(scale=(64, 64), crop_size=(64, 64))
+    model = segmentation.create_model(config, num_classes=4)
+    variables = random_variables(model, jnp.zeros((1, 64, 64, 3)))
+    loop.save_config(config, str(tmp_path))
+    state = steps.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=optax.sgd(0.1),
+                                    batch_stats=variables["batch_stats"])
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), best_metric="mIoU")
+    ckpt.save(5, state)
+    ckpt.close()
+    photo = np.random.default_rng(4).integers(0, 256, (100, 160, 3), dtype=np.uint8)
+    Image.fromarray(photo).save(tmp_path / "street.png")
+
+    run = kernel_maps.load_run(str(tmp_path))
+    assert (run.task, run.step, run.model.decode_head.num_classes) == ("segmentation", 5, 4)
+    assert kernel_maps.spatial_op_layers(run.variables) == [f"neck/output{i}" for i in range(4)]
+    with Image.open(tmp_path / "street.png") as picture:
+        inputs, display = kernel_maps.preprocess(run.config, picture)
+    assert inputs.shape == (1, 64, 64, 3) and display.shape == (64, 64, 3)
+    assert not display[40:].any() and not inputs[0, 40:].any()  # the eval pass's zero padding
+    # The eval pass's own transform of the same file gives the same input.
+    record = semantic.SemanticRecord(str(tmp_path / "street.png"), height=100, width=160)  # painted: all background
+    example = semantic.EvalTransform(4, (64, 64), (64, 64), (100, 160))(record)
+    np.testing.assert_array_equal(example["image"], inputs[0])
+    kernels = kernel_maps.dynamic_kernels(run.model, run.variables, inputs, "neck/output0", **run.apply_kwargs)
+    assert kernels.shape == (1, 16, 16, 1, 49)
+
+    out = tmp_path / "maps.png"
+    visualize.visualize(str(tmp_path), str(tmp_path / "street.png"), out=str(out))
+    with Image.open(out) as drawn:
+        assert drawn.size == kernel_maps.figure_size(1)

@@ -81,3 +81,31 @@ def test_detection_eval_mode_reads_the_val_annotations_alone(monkeypatch, tmp_pa
     assert loaded == ["instances_val.json"] and run.train_iter is None
     trained = detection.Detection().build(config, str(tmp_path), DataMesh(config.batch_size), train=True)
     assert leaves(run.state) == leaves(trained.state)
+
+
+# ------------------------------------------------------------------------- the registry of tasks
+
+
+@pytest.mark.parametrize("config_file, name, entry_point", [
+    ("default.py", "classification", "experiments.imagenet"),
+    ("coco_default.py", "detection", "experiments.coco"),
+    ("segmentation_default.py", "segmentation", "experiments.cityscapes"),
+])
+def test_every_config_names_its_task_and_a_saved_one_without_the_field_is_still_read(config_file, name, entry_point):
+    from cvolution_jax import tasks
+    from tests.conftest import ROOT, load_config
+
+    config = load_config(f"{ROOT}/experiments/configs/{config_file}")
+    assert config.task == name and tasks.name_of(config) == name
+    task = tasks.get(config)
+    assert (task.name, task.entry_point) == (name, entry_point)
+    # A config.json saved before configs named their task: told from the model's fields.
+    legacy = ml_collections.ConfigDict({k: v for k, v in config.items() if k != "task"})
+    assert tasks.name_of(legacy) == name
+
+
+def test_an_unknown_task_is_refused_with_the_list():
+    from cvolution_jax import tasks
+
+    with pytest.raises(ValueError, match=r"config.task must be one of classification, detection, segmentation; got 'retina'"):
+        tasks.name_of(ml_collections.ConfigDict({"task": "retina", "model": {"name": "x"}}))

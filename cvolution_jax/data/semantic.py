@@ -261,6 +261,22 @@ def eval_sizes(dataset: SemanticSet, scale: tuple[int, int], stride: int = 32) -
     return tuple(-(-n // stride) * stride for n in resized), (height, width)
 
 
+def preprocess_image(config: ml_collections.ConfigDict, image: Image.Image, stride: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """A photo as evaluation sees an image (`EvalTransform`, `config` the `data` sub-config):
+    `(inputs [1, H, W, 3] float32, display [H, W, 3] uint8)`, resized keeping its aspect ratio to
+    `config.scale`, ImageNet-normalised and zero-padded at the bottom and right to a multiple of
+    `stride`, as the eval pass pads; `display` is the resized photo, padded black alike."""
+    rgb = image.convert("RGB")
+    height, width = rescale_size(rgb.height, rgb.width, tuple(config.scale))
+    pixels = np.asarray(rgb.resize((width, height), Image.BILINEAR) if (height, width) != (rgb.height, rgb.width) else rgb)
+    padded = (-(-height // stride) * stride, -(-width // stride) * stride)
+    inputs = np.zeros((1, *padded, 3), np.float32)
+    inputs[0, :height, :width] = transforms.normalize(pixels, transforms.IMAGENET_MEAN, transforms.IMAGENET_STD)
+    display = np.zeros((*padded, 3), np.uint8)
+    display[:height, :width] = pixels
+    return inputs, display
+
+
 def check_labels(dataset: SemanticSet, *, sample: int | None = None) -> int:
     """Reads the label maps of `dataset` (all, or `sample` spread over it) as training and evaluation
     will, so a bad one (size, mode, values: `read_label`) stops the run before its first step, not at

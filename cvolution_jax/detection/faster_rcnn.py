@@ -124,7 +124,9 @@ class FasterRCNN(nn.Module):
             self.mask_head = mask_head.MaskHead(self.num_classes, self.mask_channels, self.mask_op, self.mask_convs,
                                                 dtype=self.dtype)
 
-    def _levels(self, images, train):
+    def features(self, images, train: bool = False):
+        """The FPN levels of `images [B, H, W, 3]`: P2-P6, each `[B, H / s, W / s, channels]` for
+        strides `settings.strides`. What the heads see; `cvolution_jax.kernel_maps` draws their ops."""
         stages = self.backbone(images, train=train and not self.norm_eval, return_stages=True)
         return self.neck(stages, train)
 
@@ -160,7 +162,7 @@ class FasterRCNN(nn.Module):
         ``"masks" [B, D, 2S, 2S]``, each detection's mask probabilities over its box
         (S = ``settings.mask_roi_size``)."""
         s = self.settings
-        levels = self._levels(batch["image"], train=False)
+        levels = self.features(batch["image"], train=False)
         logits, deltas = self.rpn_head(levels, train=False)
         anchors, counts, sizes = self._anchors(batch["image"].shape[1:3], levels)
         _, rois, roi_valid = self._proposals(logits, deltas, anchors, counts, sizes, batch["image_size"], train=False)
@@ -179,7 +181,7 @@ class FasterRCNN(nn.Module):
         s = self.settings
         rpn_key, rcnn_key = jax.random.split(key)
         batch_size = batch["image"].shape[0]
-        levels = self._levels(batch["image"], train=True)
+        levels = self.features(batch["image"], train=True)
         logits, deltas = self.rpn_head(levels, train=True)
         anchors, counts, sizes = self._anchors(batch["image"].shape[1:3], levels)
         valid, rois, roi_valid = self._proposals(logits, deltas, anchors, counts, sizes, batch["image_size"],

@@ -5,4 +5,51 @@ its config check, model, data, loss (train step) and evaluator.
 - `detection`: Faster / Mask R-CNN on COCO-format data, COCOeval metrics (`experiments/coco.py`).
 - `segmentation`: Semantic FPN / UPerNet, mIoU from one confusion matrix (`experiments/cityscapes.py`).
 - `pretrained`: a backbone initialised from an `experiments.imagenet` run (detection and segmentation).
+
+A config names its task (`config.task`), and every tool that reads a config or a run asks the
+task by that name for what differs (`get(config)`): its model, its evaluation's preprocessing of an
+image, its entry point. A new task is its module and one line of `TASKS`.
+
+    task = tasks.get(config)                      # a Classification, Detection or Segmentation
+    model = task.create_model(config, num_classes)
+    inputs, display = task.preprocess_image(config, PIL.Image.open("cat.jpg"))
 """
+
+from __future__ import annotations
+
+import importlib
+
+import ml_collections
+
+# config.task -> "module:class" of the task (imported on first use, so that an entry point loads its own task only).
+TASKS = {
+    "classification": "cvolution_jax.tasks.classification:Classification",
+    "detection": "cvolution_jax.tasks.detection:Detection",
+    "segmentation": "cvolution_jax.tasks.segmentation:Segmentation",
+}
+
+
+def name_of(config: ml_collections.ConfigDict) -> str:
+    """`config.task`, checked. A run saved before configs named their task (2026-12-07) has no
+    such field in its `config.json`; its task is then told from its model's fields, here only."""
+    name = config.get("task")
+    model = config.get("model") or {}
+    if name is None:
+        name = ("detection" if "detector" in model else "segmentation" if "decode_head" in model
+                else "classification" if "name" in model else None)
+    if name is None:
+        raise ValueError(f"This config names no task (config.task), and its model ({', '.join(sorted(model)) or 'none'}) "
+                         f"is none of a saved run's: give the config of a training run (experiments/configs/), whose "
+                         f"config.task is one of {', '.join(TASKS)}.")
+    if name not in TASKS:
+        raise ValueError(f"config.task must be one of {', '.join(TASKS)}; got {name!r}.")
+    return name
+
+
+def get(config_or_name: ml_collections.ConfigDict | str, **options):
+    """The task a config names (or the task of that name), built with `options` (e.g. `vis=8`)."""
+    name = config_or_name if isinstance(config_or_name, str) else name_of(config_or_name)
+    if name not in TASKS:
+        raise ValueError(f"Unknown task {name!r}; the tasks are {', '.join(TASKS)}.")
+    module, cls = TASKS[name].split(":")
+    return getattr(importlib.import_module(module), cls)(**options)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -179,8 +180,25 @@ def run_eval(state, eval_split: data.Split, mesh: DataMesh, eval_fn) -> dict:
 class Classification:
     """The classification task: `build` makes the splits, the model, its optimizer and state."""
 
+    name: ClassVar[str] = "classification"
+    entry_point: ClassVar[str] = "experiments.imagenet"
     best_metric: str = "top1"
     curves: dict = dataclasses.field(default_factory=lambda: {"scores": CLASSIFICATION_SCORES})
+
+    def create_model(self, config: ml_collections.ConfigDict, num_classes: int):
+        return create_model(config, num_classes)
+
+    def num_classes(self, variables: dict) -> int:
+        """The classes of a trained model's `variables`: its classifier's outputs."""
+        return int(variables["params"]["fc"]["bias"].shape[0])
+
+    def preprocess_image(self, config: ml_collections.ConfigDict, image) -> tuple[np.ndarray, np.ndarray]:
+        """`(inputs [1, H, W, C] float32, display [H, W, 3] uint8)`: a PIL image as the eval split sees its images."""
+        return data.preprocess_image(config.data, image)
+
+    def inference_kwargs(self) -> dict:
+        """`model.apply`'s keyword arguments that run every layer on an image batch, at inference."""
+        return {"train": False}
 
     def check_config(self, config: ml_collections.ConfigDict, workdir: str, *, train: bool) -> None:
         check_classification(config, workdir, train=train)

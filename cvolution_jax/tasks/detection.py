@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -147,6 +148,11 @@ def train_step(state: steps.TrainState, batch, key, frozen_stages: int, loss_nam
     return state, {**losses, "loss": loss, "param_norm": optax.tree.norm(state.params)}
 
 
+def backbone_neck_rpn(detector: FasterRCNN, images):
+    """The RPN head's outputs on the FPN levels of `images [B, H, W, 3]` (for `Detection.inference_kwargs`)."""
+    return detector.rpn_head(detector.features(images), train=False)
+
+
 def predict_step(state: steps.TrainState, batch):
     return state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, batch)
 
@@ -162,9 +168,27 @@ class Detection:
       vis: pictures (predictions beside ground truth) the final evaluation draws.
     """
 
+    name: ClassVar[str] = "detection"
+    entry_point: ClassVar[str] = "experiments.coco"
     vis: int = 0
     best_metric: str = "AP"
     curves: dict = dataclasses.field(default_factory=lambda: {"scores": CURVES, "score_title": "score"})
+
+    def create_model(self, config: ml_collections.ConfigDict, num_classes: int) -> FasterRCNN:
+        return create_detector(config, num_classes)
+
+    def num_classes(self, variables: dict) -> int:
+        """The classes of a trained detector's `variables`: its box classifier's outputs but background."""
+        return int(variables["params"]["box_head"]["fc_cls"]["bias"].shape[0]) - 1
+
+    def preprocess_image(self, config: ml_collections.ConfigDict, image) -> tuple[np.ndarray, np.ndarray]:
+        """`(inputs [1, H, W, 3] float32, display [H, W, 3] uint8)`: a PIL image as evaluation sees one."""
+        return coco.preprocess_image(config.data, image)
+
+    def inference_kwargs(self) -> dict:
+        """`model.apply`'s keyword arguments that run every layer holding a spatial op (backbone, FPN,
+        RPN head) on an image batch `[B, H, W, 3]`: the mask head's ops need boxes, which come later."""
+        return {"method": backbone_neck_rpn}
 
     def check_config(self, config: ml_collections.ConfigDict, workdir: str, *, train: bool) -> None:
         config_checks.check_detection(config, workdir, train=train)

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import logging
 import os
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -193,12 +194,29 @@ class Segmentation:
       vis: eval images the final evaluation draws (prediction beside ground truth).
     """
 
+    name: ClassVar[str] = "segmentation"
+    entry_point: ClassVar[str] = "experiments.cityscapes"
     vis: int = 0
     best_metric: str = "mIoU"
     curves: dict = dataclasses.field(default_factory=lambda: {"scores": CURVES, "score_title": "score"})
 
     def check_config(self, config: ml_collections.ConfigDict, workdir: str, *, train: bool) -> None:
         check_segmentation(config, workdir, train=train)
+
+    def create_model(self, config: ml_collections.ConfigDict, num_classes: int) -> EncoderDecoder:
+        return create_model(config, num_classes)
+
+    def num_classes(self, variables: dict) -> int:
+        """The classes of a trained segmentor's `variables`: its decode head's outputs."""
+        return int(variables["params"]["decode_head"]["cls_seg"]["conv_seg"]["bias"].shape[0])
+
+    def preprocess_image(self, config: ml_collections.ConfigDict, image) -> tuple[np.ndarray, np.ndarray]:
+        """`(inputs [1, H, W, 3] float32, display [H, W, 3] uint8)`: a PIL image as evaluation sees one."""
+        return semantic.preprocess_image(config.data, image)
+
+    def inference_kwargs(self) -> dict:
+        """`model.apply`'s keyword arguments that run every layer on an image batch, at inference."""
+        return {"train": False}
 
     def build(self, config: ml_collections.ConfigDict, workdir: str, mesh: DataMesh, *, train: bool) -> Run:
         eval_data = semantic.load_split(config.data, workdir, "val")

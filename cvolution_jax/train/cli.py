@@ -20,6 +20,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_dict, config_flags
 
+from cvolution_jax import tasks
 from cvolution_jax.train import checkpoint
 from cvolution_jax.train import distributed
 from cvolution_jax.train import loop
@@ -134,6 +135,10 @@ def run(argv, task: loop.Task) -> None:
     FLAGS = flags.FLAGS
     config = FLAGS.config
     with exits_with_a_message(FLAGS.workdir):
+        named = tasks.name_of(config)
+        if named != task.name:
+            raise ValueError(f"--config is a {named} config (config.task={named!r}), and this entry point trains "
+                             f"{task.name}: run it with python -m {tasks.get(named).entry_point}.")
         if config.mode == "train":
             loop.train_and_evaluate(task, config, FLAGS.workdir)
         elif config.mode == "eval":

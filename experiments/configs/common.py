@@ -16,6 +16,7 @@ PUBLISHED_TOP1 = {
 def base_config() -> ml_collections.ConfigDict:
     """Every field `cvolution_jax.train.loop` reads, with the ImageNet recipe's values."""
     config = ml_collections.ConfigDict()
+    config.task = "classification"  # cvolution_jax.tasks.TASKS: what trains it, and how every tool reads its runs
     config.mode = "train"  # "train" (resumes from the latest checkpoint) or "eval"
     config.checkpoint_step = -1  # eval mode: the step to restore; -1 for the latest
     config.model = ml_collections.ConfigDict({"name": "cednet50", "overrides": {}})
@@ -76,6 +77,7 @@ def detection(backbone: str, neck_op: str = "conv", detector: str = "faster_rcnn
     FPN 1x recipe on COCO 2017 for registry backbone `backbone`, FPN output op `neck_op` and the
     op of the RPN's shared layer and the mask head's 4 layers `head_op` (the paper's "head" variants)."""
     config = ml_collections.ConfigDict()
+    config.task = "detection"  # cvolution_jax.tasks.TASKS: what trains it, and how every tool reads its runs
     config.mode = "train"  # "train" (resumes from the latest checkpoint) or "eval"
     config.checkpoint_step = -1  # eval mode: the step to restore; -1 for the latest
     config.model = ml_collections.ConfigDict({
@@ -149,6 +151,7 @@ def segmentation(backbone: str, decode_head: str = "fpn", neck_op: str = "conv")
     `neck_op`) or UPerNet (`"uper"`, with the auxiliary FCN head on C4)."""
     uper = decode_head == "uper"
     config = ml_collections.ConfigDict()
+    config.task = "segmentation"  # cvolution_jax.tasks.TASKS: what trains it, and how every tool reads its runs
     config.mode = "train"  # "train" (resumes from the latest checkpoint) or "eval"
     config.checkpoint_step = -1  # eval mode: the step to restore; -1 for the latest
     config.model = ml_collections.ConfigDict({
