@@ -50,6 +50,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from cvolution_jax import layers, models, tasks
+from cvolution_jax.train import cli
 from cvolution_jax.segmentation.encoder_decoder import init_variables
 
 
@@ -110,12 +111,15 @@ def task_count(config: ml_collections.ConfigDict) -> TaskCount:
 def load_config(path: str, overrides: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
     """The config of file `path` (its `get_config()`) with `--config.FIELD=VALUE` `overrides`
     applied, parsed as the training entry points parse them (`ml_collections.config_flags`)."""
-    if not os.path.isfile(path):
+    if not os.path.isfile(path.split(":", 1)[0]):  # `file.py:arg` passes `arg` to get_config
         raise FileNotFoundError(f"--config {path}: no such file; give a config file, e.g. experiments/configs/cednet50.py.")
     argv = ["count", f"--config={path}", *overrides]
     flag_values = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "A run's config file.", flag_values=flag_values, sys_argv=argv,
                                     lock_config=True)
+    problem = cli.config_file_problem(path, flag_values["config"].parser)
+    if problem:
+        raise ValueError(problem)
     flag_values(argv)
     return flag_values.config
 
@@ -185,7 +189,7 @@ def main(argv=None) -> None:
     if args.config:
         try:
             config = load_config(args.config, overrides)
-        except FileNotFoundError as error:
+        except (FileNotFoundError, ValueError) as error:  # no such file, or one that is no config file
             parser.error(str(error))
         except (AttributeError, KeyError) as error:  # ml_collections: an override of a field the file lacks
             cause = error.args[0] if error.args else error

@@ -232,13 +232,18 @@ def load_run(path: str, step: int | None = None) -> Run:
                 f"(holding {CONFIG_FILE} and {CHECKPOINTS}/) or its {CHECKPOINTS} folder. Point it at the --workdir of "
                 f"a training run of experiments.imagenet, experiments.coco or experiments.cityscapes."
             )
-    with open(os.path.join(workdir, CONFIG_FILE)) as f:
-        config = ml_collections.ConfigDict(_tuples(json.load(f)))
+    config_file = os.path.join(workdir, CONFIG_FILE)
+    try:
+        with open(config_file) as f:
+            config = ml_collections.ConfigDict(_tuples(json.load(f)))
+    except ValueError as error:
+        raise ValueError(f"{config_file} is not the JSON a run saves ({error}): it was damaged or edited. Write it again "
+                         f"from the run's config file (the training log prints it at the start).") from None
     task = tasks.get(config)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, CHECKPOINTS), best_metric=task.best_metric)
     try:
         variables = ckpt.restore_variables(step)
-        step = ckpt.latest_step() if step is None else step
+        step = ckpt.restored_step  # not the latest when that one is damaged
     finally:
         ckpt.close()
     model = task.create_model(config, task.num_classes(variables))

@@ -79,7 +79,7 @@ def total_steps(config: ml_collections.ConfigDict) -> int:
     """The training steps of a run of `config` (its train split's size, the batch and the epochs)."""
     split = data.create_split(config.data, train=True, batch_size=config.batch_size, seed=config.seed,
                               process_index=0, process_count=1)
-    return classification.schedule_length(config, split.num_examples)[1]
+    return loop.schedule_length(config, split.num_examples)[1]
 
 
 def _read_json(path: str) -> dict | None:

@@ -47,6 +47,7 @@ import optax
 from cvolution_jax import models
 from cvolution_jax.tasks import classification
 from cvolution_jax.train import steps
+from kernels import common
 from kernels.bench import versions
 
 MODELS = ("resnet50", "rednet50", "cednet50")
@@ -149,8 +150,9 @@ def main(argv: list[str] | None = None) -> list[pathlib.Path]:
     impls = args.impls.split(",")
     if set(impls) - set(IMPLS) or not impls:
         parser.error(f"--impls {args.impls!r}: choose from {', '.join(IMPLS)}, comma-separated.")
-    if args.steps is not None and args.steps < 1 or args.warmup is not None and args.warmup < 0:
-        parser.error(f"--steps must be >= 1 and --warmup >= 0; got --steps={args.steps}, --warmup={args.warmup}.")
+    for flag, value, minimum in (("--steps", args.steps, 1), ("--warmup", args.warmup, 0), ("--batch", args.batch, 1)):
+        if value is not None and value < minimum:
+            parser.error(f"{flag} must be >= {minimum}; got {value}.")
     if args.only and (args.only not in (CONFIG_VARIANTS if args.config else VARIANTS) or len(impls) > 1):
         parser.error(f"--only {args.only!r} with --impls {args.impls!r}: one variant, from "
                      f"{', '.join(CONFIG_VARIANTS if args.config else VARIANTS)}, and one implementation.")
@@ -167,8 +169,9 @@ def main(argv: list[str] | None = None) -> list[pathlib.Path]:
                      f"e.g. experiments/configs/default.py, or --models to time the ImageNet networks; the log of a "
                      f"{kind} run shows its images/s.")
     out_dir = pathlib.Path(args.out_dir)
-    if not args.only and out_dir.exists() and not out_dir.is_dir():
-        parser.error(f"--out-dir {out_dir} is a file; give a folder (it is made if missing), before anything is measured.")
+    problem = None if args.only else common.output_problem(out_dir, folder=True)
+    if problem:
+        parser.error(f"--out-dir {out_dir}: {problem}; checked before anything is measured.")
     batch = args.batch or (config.batch_size if config else 8 if args.smoke else 128)
     image_size = config.data.image_size if config else 32 if args.smoke else 224
     dtype = args.dtype or (config.dtype if config else "bfloat16")

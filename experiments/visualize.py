@@ -24,6 +24,7 @@ from absl import app, flags
 from PIL import Image
 
 from cvolution_jax import kernel_maps
+from kernels import common
 
 flags.DEFINE_string("checkpoint", None, "Workdir of an experiments.imagenet, experiments.coco or experiments.cityscapes run (or its checkpoints folder).")
 flags.DEFINE_integer("step", None, "Checkpoint step to restore (default: the latest).")
@@ -50,8 +51,15 @@ def parse_pixel(text: str | None) -> tuple[int, int] | None:
 def visualize(checkpoint: str, image: str, *, layer: str | None = None, step: int | None = None, groups: int = 8,
               pixel: tuple[int, int] | None = None, out: str | None = None) -> str:
     """Draws the kernel heat maps of `layer` of the run at `checkpoint` over `image`; returns the PNG's path."""
-    if out is not None and os.path.isdir(out):
-        raise ValueError(f"--out {out} is a directory; give the PNG's path, e.g. --out {os.path.join(out, 'kernels.png')}.")
+    if out is not None:
+        if os.path.isdir(out):
+            raise ValueError(f"--out {out} is a directory; give the PNG's path, e.g. --out {os.path.join(out, 'kernels.png')}.")
+        if not out.lower().endswith(".png"):
+            raise ValueError(f"--out {out}: the picture is a PNG; give a path ending in .png (an existing file of another "
+                             f"kind is never replaced).")
+        problem = common.output_problem(out, folder=False)
+        if problem:
+            raise ValueError(f"--out {out}: {problem}.")
     run = kernel_maps.load_run(checkpoint, step)
     layers = kernel_maps.spatial_op_layers(run.variables)
     layer = layer or kernel_maps.default_layer(layers)

@@ -57,7 +57,7 @@ import types
 import jax
 import jax.numpy as jnp
 
-from kernels import fused, pallas, reference
+from kernels import common, fused, pallas, reference
 
 PASSES = ("forward", "forward+backward")
 IMPLS = ("pallas", "xla", "copy")
@@ -484,7 +484,7 @@ def _main_xla_backward(args, argv: list[str], parser) -> list[pathlib.Path]:
     ops = _select_ops(args, parser, XLA_BACKWARD_OPS)
     iters = args.iters or (1 if args.smoke else 3)
     warmup = args.warmup if args.warmup is not None else 1
-    repeats = args.repeats or (1 if args.smoke else 5)
+    repeats = args.repeats if args.repeats is not None else (1 if args.smoke else 5)
     involution_cls = _torch_involution(args.involution_code)
     torch_note = f"the authors' code at {args.involution_code}" if involution_cls else TORCH_NOT_RUN
     print(f"torch_involution_naive: {torch_note}", flush=True)
@@ -526,19 +526,28 @@ def main(argv: list[str] | None = None) -> list[pathlib.Path]:
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 3; smoke 1)")
     parser.add_argument("--repeats", type=int, default=None, help="timings, the median is kept (default 5; smoke 1)")
     args = parser.parse_args(argv)
+    for flag, value, minimum in (("--iters", args.iters, 1), ("--warmup", args.warmup, 0), ("--repeats", args.repeats, 1)):
+        if value is not None and value < minimum:
+            parser.error(f"{flag} must be >= {minimum}; got {value}.")
+    unknown = [name for name in args.dtypes.split(",") if name not in ("float32", "bfloat16")]
+    if unknown:
+        parser.error(f"--dtypes {args.dtypes}: the kernels take float32 and bfloat16; got {', '.join(unknown)}.")
 
-    if args.xla_backward:
-        return _main_xla_backward(args, argv, parser)
     on_gpu = jax.default_backend() == "gpu"
-    if not on_gpu and not args.smoke:
+    if not on_gpu and not args.smoke and not args.xla_backward:
         parser.error(
             f"no GPU (backend {jax.default_backend()!r}): the kernels would run in the interpreter and the "
             f"times would mean nothing. Run on a GPU machine, or pass --smoke to check the benchmark runs."
         )
+    problem = common.output_problem(args.out_dir, folder=True)
+    if problem:
+        parser.error(f"--out-dir {args.out_dir}: {problem}; checked before anything is measured.")
+    if args.xla_backward:
+        return _main_xla_backward(args, argv, parser)
     ops = _select_ops(args, parser, REDNET50_OPS)
-    iters = args.iters or (2 if args.smoke else 20)
+    iters = args.iters if args.iters is not None else (2 if args.smoke else 20)
     warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 3)
-    repeats = args.repeats or (1 if args.smoke else 5)
+    repeats = args.repeats if args.repeats is not None else (1 if args.smoke else 5)
     with_static = not args.no_static
 
     rows, fused_rows = [], []

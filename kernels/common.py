@@ -10,6 +10,8 @@ columns, axis 2 the channels.
 from __future__ import annotations
 
 import dataclasses
+import os
+import tempfile
 import warnings
 from typing import NamedTuple
 
@@ -34,6 +36,31 @@ MAX_ELEMENTS = 2**31 - 1  # offsets are int32
 # Programs the weight-gradient kernels aim for: about 4 resident per SM on an H100 (132 SMs) or
 # an A100 (108). More programs means more partial sums to write and reduce.
 WEIGHT_GRAD_PROGRAMS = 512
+
+
+def output_problem(path: str | os.PathLike, *, folder: bool) -> str | None:
+    """Why a tool's output cannot go to `path` (a `folder` of results, made if missing, or a file),
+    in one sentence; None if it can. Every tool asks before it measures anything, so a bad path
+    never throws away minutes of results. Only writing tells: permission bits say nothing to root,
+    and a read-only mount or a full disk shows on writing alone, so the folder is made and probed."""
+    path = os.path.abspath(path)
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        return f"{path} is a file; give a folder (it is made if missing)"
+    if not folder and os.path.isdir(path):
+        return f"{path} is a folder; give the path of the file to write in it"
+    directory = path if folder else os.path.dirname(path)
+    existing = directory
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing} is a file, so {path} cannot be made under it"
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        return f"{directory} cannot be written ({error.strerror or error}); give a folder this user can write"
+    return None
 
 
 class Tiles(NamedTuple):

@@ -74,7 +74,7 @@ import traceback  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from kernels import bench, fused, pallas, reference, traffic  # noqa: E402
+from kernels import bench, common, fused, pallas, reference, traffic  # noqa: E402
 
 SECTIONS = ("environment", "correctness", "kernels", "network", "training")
 # Each section's share of the budget. A section may run until the sum of the shares up to it has
@@ -576,8 +576,6 @@ def main(argv: list[str] | None = None, start: float | None = None) -> int:
     if args.budget_s <= 0:
         parser.error(f"--budget-s must be positive; got {args.budget_s}.")
     out = pathlib.Path(args.out)
-    if out.exists() and not out.is_dir():
-        parser.error(f"--out {out} is a file; give a folder (it is made if missing).")
     # This process allocates as it goes: jax's default takes 75% of the card at its first use, and
     # would leave the bench_train and imagenet commands it starts too little. They get the user's setting.
     child_env = dict(os.environ)
@@ -587,10 +585,9 @@ def main(argv: list[str] | None = None, start: float | None = None) -> int:
             f"no GPU: jax's backend is {jax.default_backend()!r} (devices: {jax.devices()}). Run it on a machine with an NVIDIA "
             'GPU and jax\'s CUDA plugin (pip install -e ".[cuda13]"), or add --smoke to check the command on this CPU.'
         )
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        parser.error(f"--out {out} cannot be made ({e.strerror}); give a folder this user can write.")
+    problem = common.output_problem(out, folder=True)
+    if problem:
+        parser.error(f"--out {out}: {problem}.")
 
     device = jax.devices()[0]
     report = Report(

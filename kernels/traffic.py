@@ -32,7 +32,7 @@ import sys
 
 from jax.experimental import pallas as pl
 
-from kernels import bench, fused, pallas, reference
+from kernels import bench, common, fused, pallas, reference
 
 SECTOR = 32  # bytes, the unit an L2 miss fetches
 BANDWIDTHS = {"H100": 3.0e12, "H200": 4.8e12}  # bytes/s
@@ -161,6 +161,9 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     parser = argparse.ArgumentParser(prog="python -m kernels.traffic", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="benchmarks/kernel_bytes_model.md")
     args = parser.parse_args(argv)
+    problem = common.output_problem(args.out, folder=False)
+    if problem:
+        parser.error(f"--out {args.out}: {problem}.")
     rows = []
     for family in FAMILIES:
         for name, op in bench.REDNET50_OPS.items():

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import zipfile
 
+import ml_collections
 import pytest
 
 from cvolution_jax import count, models
@@ -101,6 +102,17 @@ def test_run_fields_are_checked(tmp_path, fields, message):
     with pytest.raises(ConfigError, match=message):
         check_classification(tiny(**fields), str(tmp_path), train=True)
     assert not os.listdir(tmp_path)  # refused before anything was written
+
+
+@pytest.mark.parametrize("config_file", ["default.py", "coco_default.py", "segmentation_default.py"])
+def test_every_task_checks_the_dtype_before_anything_is_written(config_file, tmp_path):
+    from cvolution_jax import tasks
+
+    config = load_config(os.path.join(ROOT, "experiments", "configs", config_file))
+    config.dtype = "float16"
+    with pytest.raises(ConfigError, match=r"config.dtype must be one of \['bfloat16', 'float32'\]; got 'float16'"):
+        tasks.get(config).check_config(config, str(tmp_path / "run"), train=True)
+    assert not os.listdir(tmp_path)
 
 
 def test_data_and_model_fields_are_named():
@@ -338,11 +350,30 @@ def test_converter_refuses_fewer_than_one_class(tmp_path, capsys, no_torch):
 
 def test_num_epochs_that_rounds_to_no_steps_is_an_error(tmp_path):
     # 0.01 of the digits' 44 steps per epoch (1437 images at batch 32) is 0 steps: known only once
-    # the data is loaded, so the loop checks it before its first step.
+    # the data is loaded, so the runner's schedule_length checks it as the task builds (every task).
     line = entry_point("experiments.imagenet", "tests/tiny_config.py", tmp_path / "run", "--config.num_epochs=0.01",
                        "--config.num_train_steps=-1")
-    assert line.startswith("error: The run has 0 training steps: config.num_epochs=0.01 of this dataset's steps per "
-                           "epoch rounds down to 0.")
+    assert line.startswith("error: The run has 0 training steps: config.num_epochs=0.01 of this dataset's 44 steps "
+                           "per epoch rounds down to 0.")
+
+
+@pytest.mark.parametrize("examples, batch_size, num_epochs, num_train_steps, expected", [
+    (1437, 32, 15.0, -1, (44, 660)),  # the digits default: 44 whole batches per epoch
+    (64, 32, 1.5, -1, (2, 3)),  # an exact multiple
+    (64, 32, 0.5, 7, (2, 7)),  # num_train_steps wins
+    (31, 32, 1.0, -1, "config.batch_size=32 exceeds the 31 training examples"),
+    (64, 32, 0.4, -1, "The run has 0 training steps"),
+])
+def test_every_task_counts_its_schedule_one_way(examples, batch_size, num_epochs, num_train_steps, expected):
+    from cvolution_jax.train.loop import schedule_length
+
+    config = ml_collections.ConfigDict({"batch_size": batch_size, "num_epochs": num_epochs,
+                                        "num_train_steps": num_train_steps})
+    if isinstance(expected, str):
+        with pytest.raises(ValueError, match=expected):
+            schedule_length(config, examples)
+    else:
+        assert schedule_length(config, examples) == expected
 
 
 def test_mask_rcnn_without_mask_crops_is_refused_before_the_workdir(tmp_path):
@@ -358,3 +389,15 @@ def test_a_config_of_another_task_names_the_entry_point_that_trains_it(tmp_path)
     assert line == ("error: --config is a classification config (config.task='classification'), and this entry point "
                     "trains detection: run it with python -m experiments.imagenet.")
     assert not (tmp_path / "run").exists()
+
+
+def test_an_unknown_detector_is_refused_before_any_data_is_written(tmp_path):
+    from cvolution_jax.detection.config_checks import DETECTOR_NAMES
+    from cvolution_jax.tasks.detection import DETECTORS
+
+    assert DETECTOR_NAMES == tuple(DETECTORS)
+    config = detection_config()
+    config.model.detector = "retinanet"
+    with pytest.raises(ConfigError, match=r"config.model.detector must be one of faster_rcnn, mask_rcnn; got 'retinanet'"):
+        check_detection(config, str(tmp_path / "run"), train=True)
+    assert not os.listdir(tmp_path)

@@ -76,12 +76,14 @@ def test_config_mode_times_the_configs_network_with_each_op(tmp_path):
     (["--smoke", "--models=resnet50,vgg16"], "choose from resnet50"),
     (["--config=experiments/configs/default.py", "--models=resnet50"], "not with --config"),
     (["--smoke", "--steps=-1"], "--steps must be >= 1"),
-    (["--smoke", "--warmup=-2"], "--warmup >= 0"),
+    (["--smoke", "--warmup=-2"], "--warmup must be >= 0; got -2"),
     (["--smoke", "--only=vgg16"], "one variant, from resnet50"),
     (["--config=experiments/configs/coco_default.py"], "is a detection config: bench_train times"),
     (["--config=experiments/configs/segmentation_default.py"], "is a segmentation config: bench_train times"),
     (["--config=experiments/configs/ablation_fashion_mnist.py"], "is a study config: bench_train times"),
-    (["--smoke", "--out-dir=pyproject.toml"], "is a file; give a folder (it is made if missing), before anything is measured"),
+    (["--smoke", "--out-dir=pyproject.toml"], "pyproject.toml is a file; give a folder (it is made if missing); checked before anything is measured"),
+    (["--smoke", "--batch=0"], "--batch must be >= 1; got 0"),
+    (["--smoke", "--out-dir=pyproject.toml/results"], "pyproject.toml is a file, so"),
     (["--smoke", "--only=rednet50", "--impls=pallas,xla"], "and one implementation"),
 ])
 def test_bad_arguments_end_in_one_sentence(argv, message, capsys, monkeypatch):

@@ -127,6 +127,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_good_one(tmp_pat
     with caplog.at_level(logging.WARNING, logger="cvolution_jax.train.checkpoint"):
         restored = ckpt.restore(target, data_iterator=data_iterator(), set_aside_damaged=True)
     np.testing.assert_array_equal(restored["params"]["w"], 2 * BASE)
+    assert ckpt.restored_step == 2  # what a tool reports (experiments.visualize said the latest, 3)
     assert f"Moved it to {directory}_damaged/3; restored step 2 instead." in caplog.text
     assert ckpt.all_steps() == [1, 2] and os.path.isdir(f"{directory}_damaged/3/state")
     ckpt.save(3, state_at(3), data_iterator())

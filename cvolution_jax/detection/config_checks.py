@@ -16,9 +16,16 @@ from cvolution_jax.train.config_checks import ConfigError, check_backbone, check
 NUM_STAGES = 4  # the FPN reads C2-C5
 
 
+# The names of cvolution_jax.tasks.detection.DETECTORS (a test keeps them equal): checked here,
+# before the task writes or reads any data.
+DETECTOR_NAMES = ("faster_rcnn", "mask_rcnn")
+
+
 def check_detection(config: ml_collections.ConfigDict, workdir: str, *, train: bool) -> None:
     """Every field `cvolution_jax.tasks.detection` reads before it builds anything, then the workdir."""
     cfg = config.data
+    if config.model.detector not in DETECTOR_NAMES:
+        raise ConfigError(f"config.model.detector must be one of {', '.join(DETECTOR_NAMES)}; got {config.model.detector!r}.")
     check_size(config, "data.scale")
     buckets = tuple(cfg.buckets)
     if not buckets or not all(isinstance(b, (tuple, list)) and len(b) == 2 and all(is_int(n) and n >= 1 for n in b)

@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 
 from cvolution_jax import data, models
 from cvolution_jax.train import config_checks, optim, steps
-from cvolution_jax.train.loop import DTYPES, DataMesh, Run, report
+from cvolution_jax.train.loop import DataMesh, Run, check_eval_coverage, compute_dtype, report, schedule_length
 from cvolution_jax.train.metrics import CLASSIFICATION_SCORES
 
 log = logging.getLogger(__name__)
@@ -34,10 +34,8 @@ log = logging.getLogger(__name__)
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int):
     """The model of `config.model` (`name` from the registry plus `overrides` of its fields)."""
-    if config.dtype not in DTYPES:
-        raise ValueError(f"config.dtype must be one of {sorted(DTYPES)}; got {config.dtype!r}.")
     overrides = dict(config.model.get("overrides", {}))
-    return models.create(config.model.name, num_classes=num_classes, dtype=DTYPES[config.dtype], **overrides)
+    return models.create(config.model.name, num_classes=num_classes, dtype=compute_dtype(config), **overrides)
 
 
 def learning_rate_schedule(config, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
@@ -72,17 +70,6 @@ def create_optimizer(config, steps_per_epoch: int, total_steps: int) -> optax.Gr
         return tx
     # Scaling the final SGD step is scaling the learning rate: momentum and decay are linear in it.
     return optax.chain(tx, optax.masked(optax.scale(config.static_kernel_lr_mult), static_kernel_mask))
-
-
-def schedule_length(config: ml_collections.ConfigDict, num_train_examples: int) -> tuple[int, int]:
-    """(steps per epoch, total training steps) of a run of `config` on `num_train_examples` images:
-    whole global batches per epoch; `config.num_train_steps` if > 0, else `config.num_epochs` epochs."""
-    steps_per_epoch = num_train_examples // config.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"config.batch_size={config.batch_size} exceeds the {num_train_examples} training examples; lower it.")
-    total_steps = config.num_train_steps if config.num_train_steps > 0 else int(config.num_epochs * steps_per_epoch)
-    return steps_per_epoch, total_steps
 
 
 def check_classification(config: ml_collections.ConfigDict, workdir: str, *, train: bool) -> None:
@@ -157,21 +144,8 @@ def run_eval(state, eval_split: data.Split, mesh: DataMesh, eval_fn) -> dict:
     if jax.process_count() > 1:  # each process counted the failures of its own shard
         corrupt = int(np.sum(multihost_utils.process_allgather(np.int64(corrupt))))
     evaluated = round(float(totals["examples"]))
-    if evaluated + corrupt != eval_split.num_examples:
-        raise RuntimeError(
-            f"Evaluated {evaluated} examples and skipped {corrupt} that failed to decode, but the eval split has "
-            f"{eval_split.num_examples}: the eval pass lost or repeated examples (a bug in the input pipeline)."
-        )
-    if evaluated == 0:
-        raise RuntimeError(
-            f"None of the {eval_split.num_examples} eval images could be decoded (the warnings name them); "
-            f"check data.data_dir and the validation files."
-        )
-    if corrupt:
-        report(
-            f"Evaluated {evaluated} of {eval_split.num_examples} eval images: {corrupt} could not be decoded and "
-            f"are left out of the metrics (the warnings name the files)."
-        )
+    check_eval_coverage(evaluated, corrupt, eval_split.num_examples, split="the eval split",
+                        advice="check config.data.data_dir and the validation files.")
     metrics = {key: float(totals[key]) / evaluated for key in ("loss", "top1", "top5")}
     return {**metrics, "images": evaluated, "skipped_images": corrupt}
 

@@ -34,7 +34,7 @@ from cvolution_jax.detection.mask_rcnn import MaskRCNN
 from cvolution_jax.layers import SpatialOp
 from cvolution_jax.tasks.pretrained import load_pretrained
 from cvolution_jax.train import optim, steps
-from cvolution_jax.train.loop import DTYPES, DataMesh, Run, report
+from cvolution_jax.train.loop import DataMesh, Run, check_eval_coverage, compute_dtype, report, schedule_length
 
 # Right panel of curves.png: the R-CNN's accuracy on its sampled RoIs and the eval AP.
 CURVES = (("train", "rcnn_accuracy", "train R-CNN accuracy"), ("eval", "AP", "eval AP"), ("eval", "AP50", "eval AP50"),
@@ -59,13 +59,10 @@ def create_detector(config: ml_collections.ConfigDict, num_classes: int) -> Fast
     `mask_op`) are kinds ("conv", "involution", "cvolution"), each made a `SpatialOp` with the
     switches of `op_kwargs`.
     """
-    dtype_name = config.get("dtype", "float32")
-    if dtype_name not in DTYPES:
-        raise ValueError(f"config.dtype must be one of {sorted(DTYPES)}; got {dtype_name!r}.")
+    dtype = compute_dtype(config)
     cfg = config.model
     if cfg.detector not in DETECTORS:
         raise ValueError(f"config.model.detector must be one of {sorted(DETECTORS)}; got {cfg.detector!r}.")
-    dtype = DTYPES[dtype_name]
     settings = dict(cfg.get("settings", {}))
     unknown = sorted(set(settings) - set(Settings.__dataclass_fields__))
     if unknown:
@@ -196,12 +193,12 @@ class Detection:
     def build(self, config: ml_collections.ConfigDict, workdir: str, mesh: DataMesh, *, train: bool) -> Run:
         paths = coco_datasets.dataset_paths(config.data, workdir)
         eval_data = coco.load_coco(**paths["val"])
-        if DETECTORS[config.model.detector] is MaskRCNN:
+        model = create_detector(config, len(eval_data.category_ids))
+        if model.with_mask:
             check_segm_ground_truth(eval_data.annotation_file)  # before training, not at its first evaluation
         train_data = coco.load_coco(**paths["train"]) if train else None
-        steps_per_epoch = max(len(train_data.records) // config.batch_size, 1) if train else 1
-        total_steps = config.num_train_steps if config.num_train_steps > 0 else int(config.num_epochs * steps_per_epoch)
-        model = create_detector(config, len(eval_data.category_ids))
+        # The schedule's length is no part of the state a checkpoint is restored into.
+        steps_per_epoch, total_steps = schedule_length(config, len(train_data.records)) if train else (1, 1)
         height, width = config.data.buckets[0]
         example = {"image": jnp.zeros((1, height, width, 3)), "image_size": jnp.asarray([[height, width]], jnp.int32)}
         variables = jax.jit(model.init)(jax.random.key(config.seed), example)
@@ -227,16 +224,17 @@ class Detection:
             return run_eval(evaluation, state, workdir, step, vis=self.vis if step == total_steps else 0)
 
         train_iter = iter(coco.train_stream(train_data, seed=config.seed, flip_prob=config.data.flip_prob,
-                                            **stream_args(config, mesh)))
+                                            **stream_args(config, mesh, model.with_mask)))
         return Run(state=state, evaluate=evaluate, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                    train_iter=train_iter, step_fn=step_fn, learning_rate=learning_rate_schedule(config, steps_per_epoch))
 
 
-def stream_args(config: ml_collections.ConfigDict, mesh: DataMesh) -> dict:
-    """The keyword arguments of `coco.train_stream` and `coco.eval_pass` that `config` and `mesh` give."""
+def stream_args(config: ml_collections.ConfigDict, mesh: DataMesh, with_mask: bool) -> dict:
+    """The keyword arguments of `coco.train_stream` and `coco.eval_pass` that `config` and `mesh`
+    give, for a detector with a mask branch or without (`FasterRCNN.with_mask`)."""
     cfg = config.data
-    # Only Mask R-CNN reads instance masks; Faster R-CNN does not pay for decoding them.
-    mask_size = cfg.mask_size if config.model.detector == "mask_rcnn" else 0
+    # Only a detector with a mask head reads instance masks; Faster R-CNN does not pay for decoding them.
+    mask_size = cfg.mask_size if with_mask else 0
     return dict(batch_size=mesh.per_process, scale=cfg.scale, buckets=cfg.buckets,
                 max_gt=cfg.max_gt, process_index=jax.process_index(), process_count=jax.process_count(),
                 num_threads=cfg.num_threads, num_workers=cfg.num_workers, mask_size=mask_size)
@@ -262,11 +260,10 @@ def run_eval(run: Evaluation, state, workdir: str, step: int, vis: int = 0) -> d
     predict = jax.jit(predict_step)
     dataset, settings = run.eval_data, run.model.settings
     shape_of = {r.image_id: (r.height, r.width) for r in dataset.records}
-    with_masks = isinstance(run.model, MaskRCNN)
     results, drawn, evaluated, skipped = [], 0, [], []
     out_dir = os.path.join(workdir, f"eval_{step}")
     keys = ("image_id", "scale", "mask", "corrupt")
-    stream = stream_args(run.config, run.mesh)
+    stream = stream_args(run.config, run.mesh, run.model.with_mask)
     if not vis:
         stream["mask_size"] = 0  # ground-truth masks only serve the pictures
     for batch in coco.eval_pass(dataset, **stream):
@@ -290,10 +287,13 @@ def run_eval(run: Evaluation, state, workdir: str, step: int, vis: int = 0) -> d
             drawn += _draw(batch, dets, dataset, out_dir, vis - drawn, settings.mask_threshold)
     max_dets = tuple(run.config.eval_max_dets)
     names = [(iou_type, prefix, evaluation.stat_names(max_dets))
-             for iou_type, prefix in (("bbox", ""), ("segm", "segm_"))[:2 if with_masks else 1]]
+             for iou_type, prefix in (("bbox", ""), ("segm", "segm_"))[:2 if run.model.with_mask else 1]]
     metrics = {}
     if jax.process_index() == 0:
-        _check_eval_coverage(dataset, evaluated, skipped)
+        expected = sorted(r.image_id for r in dataset.records)
+        check_eval_coverage(len(evaluated), len(skipped), len(expected), split=dataset.annotation_file,
+                            advice=f"check that the image folder {dataset.image_dir} holds the right files.",
+                            exactly_once=sorted(evaluated + skipped) == expected)
         evaluation.write_results(os.path.join(out_dir, "detections.json"), results)
         for iou_type, prefix, _ in names:
             # COCOeval counts every object of an image it is told about and has no detections for
@@ -326,25 +326,6 @@ def check_segm_ground_truth(annotation_file: str) -> None:
             f"(first: {'; '.join(problems[:3])}). Mask R-CNN's segm AP reads every segmentation of the eval file, "
             f"crowds included, with pycocotools. Fix or remove them in the eval file (a training file may keep "
             f"them: those objects are left out of the mask targets).")
-
-
-def _check_eval_coverage(dataset, evaluated: list[int], skipped: list[int]) -> None:
-    """Every eval image was evaluated or skipped, exactly once; reports the skipped ones."""
-    expected = sorted(r.image_id for r in dataset.records)
-    if sorted(evaluated + skipped) != expected:
-        raise RuntimeError(
-            f"The eval pass evaluated {len(evaluated)} and skipped {len(skipped)} images, but "
-            f"{dataset.annotation_file} lists {len(expected)}: images were lost or repeated (a bug in the "
-            f"input pipeline).")
-    if not evaluated:
-        raise RuntimeError(
-            f"None of the {len(expected)} images of {dataset.annotation_file} could be decoded (the warnings name "
-            f"them); check that the image folder {dataset.image_dir} holds the right files.")
-    if skipped:
-        shown = ", ".join(map(str, sorted(skipped)[:10])) + (" ..." if len(skipped) > 10 else "")
-        report(
-            f"COCO evaluation over {len(evaluated)} of {len(expected)} images: {len(skipped)} could not be decoded "
-            f"and are left out of COCOeval (image ids {shown}; the warnings name the files).")
 
 
 def _draw(batch, dets, dataset, out_dir, limit: int, mask_threshold: float) -> int:

@@ -34,7 +34,7 @@ from cvolution_jax.segmentation.encoder_decoder import EncoderDecoder, init_vari
 from cvolution_jax.segmentation.heads import FCNHead, FPNHead, UPerHead
 from cvolution_jax.tasks.pretrained import load_pretrained
 from cvolution_jax.train import config_checks, optim, steps
-from cvolution_jax.train.loop import DTYPES, DataMesh, Run, report
+from cvolution_jax.train.loop import DataMesh, Run, check_eval_coverage, compute_dtype, report, schedule_length
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int | None = No
     - `aux_weight > 0`: an auxiliary `FCNHead` (`aux_channels`) on C4 with that loss weight.
     """
     cfg = config.model
-    dtype = DTYPES[config.get("dtype", "float32")]
+    dtype = compute_dtype(config)
     num_classes = num_classes or len(semantic.class_names(config.data))
     backbone = models.create(cfg.backbone, dtype=dtype, **dict(cfg.backbone_overrides))
     if cfg.decode_head == "fpn":
@@ -81,8 +81,6 @@ def check_segmentation(config: ml_collections.ConfigDict, workdir: str, *, train
     if not 0 < low <= high:
         raise config_checks.ConfigError(
             f"config.data.ratio_range must be (low, high) with 0 < low <= high, e.g. (0.5, 2.0); got {cfg.ratio_range!r}.")
-    if config.dtype not in DTYPES:
-        raise config_checks.ConfigError(f"config.dtype must be one of {sorted(DTYPES)}; got {config.dtype!r}.")
     if model.decode_head not in DECODE_HEADS:
         raise config_checks.ConfigError(
             f"config.model.decode_head must be one of {DECODE_HEADS} (Semantic FPN, UPerNet); got {model.decode_head!r}.")
@@ -170,13 +168,8 @@ def run_eval(run: Evaluation, state, workdir: str, step: int, vis: int = 0) -> d
     if jax.process_count() > 1:  # each process counted its own slots
         evaluated, corrupt = (int(v) for v in np.sum(multihost_utils.process_allgather(
             np.asarray([evaluated, corrupt], np.int64)), axis=0))
-    if evaluated + corrupt != len(run.dataset.records):
-        raise RuntimeError(
-            f"The eval pass evaluated {evaluated} and skipped {corrupt} images, but the split has "
-            f"{len(run.dataset.records)}: images were lost or repeated (a bug in the input pipeline).")
-    if evaluated == 0:
-        raise RuntimeError(f"None of the {len(run.dataset.records)} eval images could be decoded (the warnings name "
-                           f"them); check config.data.data_dir.")
+    check_eval_coverage(evaluated, corrupt, len(run.dataset.records), split="the eval split",
+                        advice="check config.data.data_dir.")
     scores = seg_metrics.iou_metrics(total)
     report(f"step {step}: segmentation over {evaluated} images" + (f" ({corrupt} skipped: could not be decoded)"
                                                                   if corrupt else "") + "\n"
@@ -221,7 +214,6 @@ class Segmentation:
     def build(self, config: ml_collections.ConfigDict, workdir: str, mesh: DataMesh, *, train: bool) -> Run:
         eval_data = semantic.load_split(config.data, workdir, "val")
         model = create_model(config, eval_data.num_classes)
-        total_steps = config.num_train_steps
         if train:
             train_data = semantic.load_split(config.data, workdir, "train")
             # What the first evaluation would find wrong, found before the first step: the eval set's
@@ -229,13 +221,11 @@ class Segmentation:
             semantic.eval_sizes(eval_data, tuple(config.data.scale))
             checked = semantic.check_labels(eval_data) + semantic.check_labels(train_data, sample=TRAIN_LABELS_CHECKED)
             log.info("Checked %d label maps before training: the val split's and a sample of the train split's.", checked)
-            steps_per_epoch = max(len(train_data.records) // config.batch_size, 1)
-            if total_steps <= 0:
-                total_steps = int(config.num_epochs * steps_per_epoch)
+            steps_per_epoch, total_steps = schedule_length(config, len(train_data.records))
         else:
             # The schedule's length is no part of the state a checkpoint is restored into.
             steps_per_epoch, total_steps = 1, 1
-        tx = create_optimizer(config, max(total_steps, 1))
+        tx = create_optimizer(config, total_steps)
         image_shape = (*config.data.crop_size, 3)
 
         variables = jax.jit(lambda key: init_variables(model, key, image_shape))(jax.random.key(config.seed))

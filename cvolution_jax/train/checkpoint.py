@@ -109,7 +109,7 @@ class _Damage(Exception):
     """Why one checkpoint cannot be read (internal: restore tries the next older one)."""
 
 
-def _brief(error: BaseException, limit: int = 240) -> str:
+def brief_error(error: BaseException, limit: int = 240) -> str:
     """The first line of the error at the root of `error`'s chain (orbax wraps TensorStore's, which
     names the file), without TensorStore's spec dump, at most `limit` characters."""
     while (error.__cause__ or error.__context__) is not None:
@@ -185,6 +185,7 @@ class Checkpointer:
 
     def __init__(self, directory: str, *, keep: int = 3, best_metric: str = "top1"):
         self.directory = os.path.abspath(directory)
+        self.restored_step: int | None = None  # the step the last restore read (a damaged latest one is skipped)
         rank = lambda metrics: metrics[best_metric]  # noqa: E731
         policy = preservation_policy.AnyPreservationPolicy([
             preservation_policy.LatestN(n=keep),
@@ -287,7 +288,9 @@ class Checkpointer:
         if step is not None:
             step = self._existing(step, advice)
             try:
-                return self._restore_step(step, target, data_iterator)
+                state = self._restore_step(step, target, data_iterator)
+                self.restored_step = step
+                return state
             except _Damage as damage:
                 raise DamagedCheckpointError(
                     f"Checkpoint {self._where(step)} is damaged: {damage}. Remove that directory, or restore another "
@@ -310,6 +313,7 @@ class Checkpointer:
             if damaged and set_aside_damaged:
                 multihost_utils.sync_global_devices("damaged checkpoints set aside")
                 self.manager.reload()
+            self.restored_step = candidate
             return state
         listing = "; ".join(f"step {bad}: {what}" for bad, what in damaged)
         raise DamagedCheckpointError(
@@ -328,7 +332,7 @@ class Checkpointer:
         try:
             saved = self.manager.item_metadata(step).get("state")
         except _READ_ERRORS as error:
-            saved, damage = None, f"its metadata cannot be read ({_brief(error)})"
+            saved, damage = None, f"its metadata cannot be read ({brief_error(error)})"
         if saved is None and damage is None:
             missing = [path for path in (os.path.join(where, "state"), os.path.join(where, "state", "_METADATA"))
                        if not os.path.exists(path)]
@@ -340,7 +344,7 @@ class Checkpointer:
                 with open(own_file) as f:
                     json.load(f)
             except (ValueError, OSError) as error:
-                damage = f"its data-iterator position {own_file} cannot be read ({_brief(error)})"
+                damage = f"its data-iterator position {own_file} cannot be read ({brief_error(error)})"
         if _any_process(damage is not None):
             raise _Damage(damage or "another process found it damaged")
         if target is None:
@@ -355,12 +359,12 @@ class Checkpointer:
         try:
             state = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
         except _READ_ERRORS as error:
-            damage = f"its train state cannot be read ({_brief(error)})"
+            damage = f"its train state cannot be read ({brief_error(error)})"
         if damage is None and restore_data:
             try:
                 self.manager.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iterator)))
             except _READ_ERRORS as error:
-                damage = f"its data-iterator position {own_file} cannot be restored ({_brief(error)})"
+                damage = f"its data-iterator position {own_file} cannot be restored ({brief_error(error)})"
         if _any_process(damage is not None):
             raise _Damage(damage or "another process could not read it")
         if data_iterator is not None and not restore_data:

@@ -67,16 +67,50 @@ def parse_flags(argv: list[str]) -> list[str]:
     file that is missing or a run's `config.json` (`config_path_problem`), or an override of a
     field the config lacks (`--config.no_such_field=1`, where ml_collections raises an
     AttributeError) exits with one line naming it."""
-    problem = config_path_problem(argv)
+    # The file is loaded on its own first: absl would wrap its error in a usage message with a traceback.
+    problem = config_path_problem(argv) or _config_file_error(argv)
     if problem:
         sys.exit(f"error: {problem}")
     try:
-        return app.parse_flags_with_usage(argv)
-    except (AttributeError, KeyError):
-        message = _unknown_override(argv)
+        remaining = app.parse_flags_with_usage(argv)
+        config = flags.FLAGS.config  # ml_collections loads the file lazily: its own errors surface here
+    except Exception as error:  # noqa: BLE001 - re-raised unless an override names no field
+        message = _unknown_override(argv) if isinstance(error, (AttributeError, KeyError)) else None
         if message is None:  # not a mistyped override: a bug, whose traceback is wanted
             raise
         sys.exit(f"error: {message}")
+    del config
+    return remaining
+
+
+def _config_arg(argv: list[str]) -> str | None:
+    """The value of `--config` in `argv` (`file.py` or `file.py:argument`), or None."""
+    for i, arg in enumerate(argv[1:], 1):
+        name, equals, value = arg.partition("=")
+        if name in ("--config", "-config"):
+            return value if equals else (argv[i + 1] if i + 1 < len(argv) else None)
+    return None
+
+
+def _config_file_error(argv: list[str]) -> str | None:
+    """`config_file_problem` of the `--config` file of `argv`; None if it loads or none is given."""
+    path = _config_arg(argv)
+    return None if path is None else config_file_problem(path, flags.FLAGS["config"].parser)
+
+
+def config_file_problem(path: str, parser) -> str | None:
+    """What goes wrong loading config file `path` (`file.py` or `file.py:argument`) on its own with
+    ml_collections' flag `parser`, in one sentence: a syntax error, no `get_config`, `get_config`
+    raising or returning something else than a ConfigDict. None if it loads."""
+    try:
+        config = parser.parse(path)
+    except Exception as error:  # noqa: BLE001 - whatever the user's file raises is the message
+        return (f"--config {path} could not be loaded ({checkpoint.brief_error(error, limit=400)}). A config file is "
+                f"Python defining get_config() that returns an ml_collections.ConfigDict, e.g. experiments/configs/default.py.")
+    if not isinstance(config, config_dict.ConfigDict):
+        return (f"--config {path}: get_config() returned a {type(config).__name__}; it must return an "
+                f"ml_collections.ConfigDict, e.g. experiments/configs/default.py.")
+    return None
 
 
 def _unknown_override(argv: list[str]) -> str | None:

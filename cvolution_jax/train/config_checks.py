@@ -17,6 +17,7 @@ from typing import Any
 import ml_collections
 
 from cvolution_jax import models
+from cvolution_jax.train.loop import DTYPES
 
 
 class ConfigError(ValueError):
@@ -40,6 +41,13 @@ def check_int(config: ml_collections.ConfigDict, path: str, minimum: int, why: s
     value = _get(config, path)
     if not is_int(value) or value < minimum:
         raise ConfigError(f"config.{path} must be an int >= {minimum}{why}; got {value!r}. Set --config.{path}=N.")
+
+
+def check_int_or_unset(config: ml_collections.ConfigDict, path: str, why: str) -> None:
+    """Raises ConfigError unless `config.<path>` is -1 (unset: `why` says what then) or an int >= 1."""
+    value = _get(config, path)
+    if not is_int(value) or (value != -1 and value < 1):
+        raise ConfigError(f"config.{path} must be -1 ({why}) or an int >= 1; got {value!r}. Set --config.{path}=N.")
 
 
 def check_size(config: ml_collections.ConfigDict, path: str) -> None:
@@ -79,6 +87,13 @@ def check_run(config: ml_collections.ConfigDict, workdir: str, *, train: bool) -
     `train`: whether the run trains (a training length is only needed then).
     """
     check_int(config, "batch_size", 1, " (the global batch)")
+    if config.get("dtype", "float32") not in DTYPES:
+        raise ConfigError(f"config.dtype must be one of {sorted(DTYPES)}; got {config.dtype!r}.")
+    check_int_or_unset(config, "num_train_steps", "unset: config.num_epochs says how long")
+    check_int_or_unset(config, "eval_every_steps", "once per epoch")
+    check_int_or_unset(config, "checkpoint_step", "the latest checkpoint")
+    if not (isinstance(config.base_lr, (int, float)) and config.base_lr > 0):
+        raise ConfigError(f"config.base_lr must be > 0; got {config.base_lr!r}. Set --config.base_lr=LR.")
     if train and not (config.num_train_steps > 0 or config.num_epochs > 0):
         raise ConfigError(
             f"config.num_epochs is {config.num_epochs} and config.num_train_steps {config.num_train_steps}: nothing to "

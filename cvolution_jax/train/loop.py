@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import json
 import logging
 import math
@@ -47,10 +48,59 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def compute_dtype(config: ml_collections.ConfigDict):
+    """The compute dtype `config.dtype` names (parameters stay float32); ValueError naming the choices."""
+    name = config.get("dtype", "float32")
+    if name not in DTYPES:
+        raise ValueError(f"config.dtype must be one of {sorted(DTYPES)}; got {name!r}.")
+    return DTYPES[name]
+
+
 def report(message: str) -> None:
     """Prints a line of the run's story once (process 0), without breaking the progress bar."""
     if jax.process_index() == 0:
         tqdm.write(message)
+
+
+def schedule_length(config: ml_collections.ConfigDict, num_train_examples: int) -> tuple[int, int]:
+    """(steps per epoch, total training steps) of a run of `config` on `num_train_examples` images,
+    for every task: whole global batches per epoch; `config.num_train_steps` if > 0, else
+    `config.num_epochs` epochs. ValueError when a batch exceeds the data or the run has no step."""
+    steps_per_epoch = num_train_examples // config.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"config.batch_size={config.batch_size} exceeds the {num_train_examples} training examples; lower it.")
+    total_steps = config.num_train_steps if config.num_train_steps > 0 else int(config.num_epochs * steps_per_epoch)
+    if total_steps < 1:
+        raise ValueError(
+            f"The run has {total_steps} training steps: config.num_epochs={config.num_epochs} of this dataset's "
+            f"{steps_per_epoch} steps per epoch rounds down to 0. Raise config.num_epochs or set config.num_train_steps.")
+    return steps_per_epoch, total_steps
+
+
+def check_eval_coverage(evaluated: int, skipped: int, expected: int, *, split: str, advice: str,
+                        exactly_once: bool = True) -> None:
+    """Every image of the eval split was evaluated or skipped (it failed to decode), exactly once,
+    and at least one evaluated; reports how many were skipped. The same check for every task.
+
+    Args:
+      evaluated, skipped, expected: image counts (over all processes).
+      split: the split's name in the messages, e.g. "the eval split" or an annotation file.
+      advice: what to check when no image could be decoded.
+      exactly_once: False when a task found by image id that some were lost or repeated.
+
+    Raises:
+      RuntimeError: images were lost or repeated (a bug in the input pipeline), or none decoded.
+    """
+    if not exactly_once or evaluated + skipped != expected:
+        raise RuntimeError(
+            f"The eval pass evaluated {evaluated} and skipped {skipped} images, but {split} has {expected}: images "
+            f"were lost or repeated (a bug in the input pipeline).")
+    if evaluated == 0:
+        raise RuntimeError(f"None of the {expected} images of {split} could be decoded (the warnings name them); {advice}")
+    if skipped:
+        report(f"Evaluated {evaluated} of {expected} images of {split}: {skipped} could not be decoded and are left out "
+               f"of the metrics (the warnings name the files).")
 
 
 class DivergedError(FloatingPointError):
@@ -244,11 +294,6 @@ def fit(config, *, state, train_iter, step_fn, total_steps: int, eval_every: int
         progress = tqdm(total=total_steps, initial=start, desc="train", unit="step", disable=jax.process_index() != 0)
         tick, tick_step = time.perf_counter(), start
         try:
-            if total_steps < 1:
-                raise ValueError(
-                    f"The run has {total_steps} training steps: config.num_epochs={config.num_epochs} of this dataset's "
-                    f"steps per epoch rounds down to 0. Raise config.num_epochs or set config.num_train_steps."
-                )
             for step in range(start + 1, total_steps + 1):
                 state, metrics = step_fn(state, next(train_iter), step)
                 history.append(metrics)
@@ -313,6 +358,8 @@ def _train_and_evaluate(task: Task, config: ml_collections.ConfigDict, workdir: 
     if ckpt.latest_step() is not None:
         state = ckpt.restore(state, data_iterator=run.train_iter, set_aside_damaged=True)
         log.info("Resumed from %s at step %d.", ckpt.directory, int(state.step))
+    else:
+        set_aside_previous_run(workdir)
     save_config(config, workdir, step=int(state.step))
     eval_metrics = fit(
         config, state=state, train_iter=run.train_iter, step_fn=run.step_fn, total_steps=run.total_steps,
@@ -322,6 +369,30 @@ def _train_and_evaluate(task: Task, config: ml_collections.ConfigDict, workdir: 
     )
     plot_curves(workdir, **task.curves)
     return eval_metrics
+
+
+# What a run writes besides its checkpoints (and its data, which a dataset writes into the workdir).
+RUN_RECORDS = ("config.json", "config_resume_*.json", "config_eval_*.json", "metrics.jsonl", "tensorboard", "curves.png",
+               "eval_*")
+
+
+def set_aside_previous_run(workdir: str) -> str | None:
+    """Moves the records of an earlier run (`RUN_RECORDS`) to `<workdir>/previous_<time>/` before
+    a run starts from scratch there: one whose checkpoints were deleted, or that stopped before
+    its first. Training from step 0 would otherwise replace its config.json and drop its metrics.
+    Returns where they went (process 0), or None if there were none."""
+    found = sorted({path for pattern in RUN_RECORDS for path in glob.glob(os.path.join(workdir, pattern))})
+    if jax.process_index() != 0 or not found:
+        return None
+    destination = os.path.join(workdir, time.strftime("previous_%Y%m%d-%H%M%S"))
+    while os.path.exists(destination):
+        destination += "_"
+    os.makedirs(destination)
+    for path in found:
+        os.replace(path, os.path.join(destination, os.path.basename(path)))
+    log.warning("%s has no checkpoint, so this run starts from step 0; the records of the run before it (%s) were "
+                "moved to %s.", workdir, ", ".join(os.path.basename(p) for p in found), destination)
+    return destination
 
 
 def evaluate(task: Task, config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> dict:

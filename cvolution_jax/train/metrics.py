@@ -42,23 +42,23 @@ class MetricWriter:
             self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
 
     def _drop_after(self, step: int) -> None:
-        """Rewrites metrics.jsonl without the records after `step` and without a line cut short by a kill."""
+        """Rewrites metrics.jsonl without the records after `step` and without lines that are not
+        records (a line cut short by a kill, or an edit), saying how many of each it dropped."""
         if not os.path.exists(self.path):
             return
         with open(self.path) as f:
-            lines = f.read().splitlines()
-        kept = []
-        for line in lines:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue  # only a kill mid-write leaves a partial line
-            if record.get("step", 0) <= step:
-                kept.append(line)
-        if len(kept) == len([line for line in lines if line.strip()]):
+            lines = [line for line in f.read().splitlines() if line.strip()]
+        records = [_record(line) for line in lines]
+        kept = [line for line, record in zip(lines, records) if record is not None and record["step"] <= step]
+        if len(kept) == len(lines):
             return
-        log.info("%s: dropped %d records after step %d, the step this run resumes from.", self.path,
-                 len(lines) - len(kept), step)
+        unreadable = sum(record is None for record in records)
+        if unreadable:
+            log.warning("%s: dropped %d lines that are not metrics records (JSON objects with an int step and a split; "
+                        "a line cut short by a kill, or an edit).", self.path, unreadable)
+        if len(lines) - unreadable > len(kept):
+            log.info("%s: dropped %d records after step %d, the step this run resumes from.", self.path,
+                     len(lines) - unreadable - len(kept), step)
         temporary = self.path + ".tmp"
         with open(temporary, "w") as f:
             f.write("".join(line + "\n" for line in kept))
@@ -79,12 +79,24 @@ class MetricWriter:
             self._tensorboard.close()
 
 
+def _record(line: str) -> dict | None:
+    """The metrics record of one line of metrics.jsonl, or None if the line is not one."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or type(record.get("step")) is not int or not isinstance(record.get("split"), str):
+        return None
+    return record
+
+
 def read_metrics(workdir: str) -> list[dict]:
+    """The records of `<workdir>/metrics.jsonl`, in order; a line that is not one is left out."""
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return [record for record in map(_record, f) if record is not None]
 
 
 CLASSIFICATION_SCORES = (("train", "top1", "train top-1"), ("eval", "top1", "eval top-1"), ("eval", "top5", "eval top-5"))
