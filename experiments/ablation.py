@@ -166,12 +166,30 @@ def _train(task, config: ml_collections.ConfigDict, workdir: str, last: int) -> 
     try:
         loop.train_and_evaluate(task, config, workdir)
     finally:  # the time of a run stopped part-way counts when it resumes
-        timing = _read_json(os.path.join(workdir, TIMING_FILE)) or {"train_seconds": 0.0, "invocations": 0}
-        timing = {"train_seconds": timing["train_seconds"] + time.perf_counter() - start,
+        timing = read_timing(workdir) or {"train_seconds": 0.0, "invocations": 0}
+        spent = time.perf_counter() - start
+        timing = {"train_seconds": None if timing["train_seconds"] is None else timing["train_seconds"] + spent,
                   "invocations": timing["invocations"] + 1}
         with files.atomic_open(os.path.join(workdir, TIMING_FILE)) as f:
             json.dump(timing, f)
     return _latest_step(workdir) == last
+
+
+def read_timing(workdir: str) -> dict | None:
+    """`{"train_seconds", "invocations"}` of a run's timing file; None for a run that has none.
+    A file that is not one (damaged, edited) makes the run's time unknown (`train_seconds` None,
+    `null` in results.json, from then on), with a warning: the time it held is lost, and a sum
+    without it would understate the run."""
+    path = os.path.join(workdir, TIMING_FILE)
+    if not os.path.exists(path):
+        return None
+    timing = _read_json(path)
+    if (isinstance(timing, dict) and isinstance(timing.get("invocations"), int)
+            and (timing.get("train_seconds") is None or isinstance(timing.get("train_seconds"), (int, float)))):
+        return timing
+    log.warning("%s is not a timing record ({\"train_seconds\": S, \"invocations\": N}); this run's training time is "
+                "unknown from now on (minutes null in results.json).", path)
+    return {"train_seconds": None, "invocations": 0}
 
 
 def images_per_sec(workdir: str) -> float:
@@ -233,8 +251,8 @@ def summarize(study: ml_collections.ConfigDict, workdir: str, results: dict, com
         model = classification.create_model(config, split.num_classes)
         counted = count.count(model, split.image_shape[:2], lambda image: image[..., :channels])
         top1 = [100.0 * results[row][seed]["top1"] for seed in study.seeds]
-        timings = [_read_json(os.path.join(run_dir(workdir, row, seed), TIMING_FILE)) for seed in study.seeds]
-        minutes = [t["train_seconds"] / 60 if t else float("nan") for t in timings]
+        timings = [read_timing(run_dir(workdir, row, seed)) or {"train_seconds": None} for seed in study.seeds]
+        minutes = [float("nan") if t["train_seconds"] is None else t["train_seconds"] / 60 for t in timings]
         rows.append({
             "row": row, "model": config.model.name, **describe(config.model),
             "params": counted["params"], "macs": counted["macs"],
@@ -297,10 +315,30 @@ def plot(summary: dict, path: str) -> None:
     plt.close(fig)
 
 
+def keep_other_results(workdir: str, summary: dict) -> str | None:
+    """Before `summary` is written: results of another table (other rows or seeds, e.g. the whole
+    grid before a part of it is run alone) are renamed `results_previous_<time>.{json,md,png}`, with
+    a warning, never replaced. The same table is rewritten in place. Returns the new stem, if any."""
+    previous = _read_json(os.path.join(workdir, "results.json"))
+    if previous is None:
+        return None
+    table = lambda summary: ([row.get("row") for row in summary.get("rows", [])], summary.get("seeds"))  # noqa: E731
+    if isinstance(previous, dict) and table(previous) == table(summary):
+        return None
+    stem = os.path.join(workdir, time.strftime("results_previous_%Y%m%d-%H%M%S"))
+    for suffix in (".json", ".md", ".png"):
+        if os.path.exists(os.path.join(workdir, "results" + suffix)):
+            os.replace(os.path.join(workdir, "results" + suffix), stem + suffix)
+    log.warning("%s held the results of another table (rows and seeds %s); kept as %s.json (and .md, .png) beside the "
+                "new one.", os.path.join(workdir, "results.json"), table(previous) if isinstance(previous, dict) else "?", stem)
+    return stem
+
+
 def run_study(study: ml_collections.ConfigDict, workdir: str, command: str = "") -> dict | None:
     """Runs (or reads) every run of the grid, then writes the results of `study.rows` x `study.seeds`
-    (a part of the grid run alone overwrites them with its own table); returns the summary, or None
-    when the grid stopped early (rerun to resume). `command` is recorded with the results.
+    (a part of the grid run alone writes its own table, and the other table is kept:
+    `keep_other_results`); returns the summary, or None when the grid stopped early (rerun to
+    resume). `command` is recorded with the results.
 
     SIGTERM or Ctrl-C stop the grid once the current run has saved (a training run) or finished (an
     evaluation); a second Ctrl-C raises KeyboardInterrupt at once.
@@ -321,6 +359,7 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, command: str = "")
                 return None
             results.setdefault(row, {})[seed] = metrics
     summary = summarize(study, workdir, results, command)
+    keep_other_results(workdir, summary)
     with files.atomic_open(os.path.join(workdir, "results.json")) as f:
         json.dump(files.strict_json(summary), f, indent=1, allow_nan=False)  # an undefined std or p as null
     with files.atomic_open(os.path.join(workdir, "results.md")) as f:

@@ -20,7 +20,7 @@ from cvolution_jax.tasks.segmentation import Segmentation
 from cvolution_jax.train import cli
 
 cli.define_flags()
-flags.DEFINE_integer("vis", 0, "Draw this many eval images with predicted and ground-truth label maps (final evaluation).")
+flags.DEFINE_integer("vis", 0, "Draw this many eval images with predicted and ground-truth label maps (final evaluation).", lower_bound=0)
 FLAGS = flags.FLAGS
 
 

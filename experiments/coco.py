@@ -19,7 +19,7 @@ from cvolution_jax.tasks.detection import Detection
 from cvolution_jax.train import cli
 
 cli.define_flags()
-flags.DEFINE_integer("vis", 0, "Draw this many eval images with predicted and ground-truth boxes (final evaluation).")
+flags.DEFINE_integer("vis", 0, "Draw this many eval images with predicted and ground-truth boxes (final evaluation).", lower_bound=0)
 FLAGS = flags.FLAGS
 
 

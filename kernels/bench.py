@@ -529,6 +529,9 @@ def main(argv: list[str] | None = None) -> list[pathlib.Path]:
     for flag, value, minimum in (("--iters", args.iters, 1), ("--warmup", args.warmup, 0), ("--repeats", args.repeats, 1)):
         if value is not None and value < minimum:
             parser.error(f"{flag} must be >= {minimum}; got {value}.")
+    if args.involution_code is not None and not os.path.isfile(args.involution_code):
+        parser.error(f"--involution-code {args.involution_code}: no such file; give the path of the involution authors' "
+                     f"involution_naive.py (from github.com/d-li14/involution).")
     unknown = [name for name in args.dtypes.split(",") if name not in ("float32", "bfloat16")]
     if unknown:
         parser.error(f"--dtypes {args.dtypes}: the kernels take float32 and bfloat16; got {', '.join(unknown)}.")

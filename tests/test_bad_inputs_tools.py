@@ -53,10 +53,12 @@ def test_a_get_config_argument_it_refuses_is_its_own_message(tmp_path):
     ("eval_every_steps", 0, r"config.eval_every_steps must be -1 \(once per epoch\) or an int >= 1; got 0"),
     ("checkpoint_step", -7, r"config.checkpoint_step must be -1 \(the latest checkpoint\) or an int >= 1; got -7"),
     ("base_lr", -1.0, r"config.base_lr must be > 0; got -1.0"),
+    ("data.validation_size", -3, r"config.data.validation_size must be an int >= 0 .*got -3"),
 ])
 def test_a_value_that_would_be_silently_taken_as_unset_is_refused(tmp_path, field, value, message):
     config = tiny_config.get_config()
-    config[field] = value
+    node, _, name = field.rpartition(".")
+    (config[node] if node else config)[name] = value
     with pytest.raises(ConfigError, match=message):
         check_classification(config, str(tmp_path / "run"), train=True)
 
@@ -122,6 +124,7 @@ def test_an_output_path_is_judged_before_anything_is_measured(tmp_path, make, fo
     ("kernels.bench", ["--smoke", "--iters=0"], "--iters must be >= 1; got 0"),
     ("kernels.bench", ["--smoke", "--dtypes=float16"], "--dtypes float16: the kernels take float32 and bfloat16; got float16"),
     ("kernels.bench", ["--smoke", "--out-dir=pyproject.toml"], "pyproject.toml is a file; give a folder"),
+    ("kernels.bench", ["--xla-backward", "--involution-code=no/such/involution_naive.py"], "no such file; give the path"),
     ("kernels.traffic", ["--out=kernels"], "is a folder; give the path of the file to write in it"),
     ("kernels.traffic", ["--out=pyproject.toml/t.md"], "pyproject.toml is a file, so"),
     ("kernels.gpu_check", ["--smoke", "--out=pyproject.toml/g"], "pyproject.toml is a file, so"),
@@ -158,3 +161,24 @@ def test_count_loads_a_config_file_as_the_entry_points_do(tmp_path, capsys):
     count.main(["--config", "experiments/configs/ablation_fashion_mnist.py:resnet", "--json"])
     [row] = json.loads(capsys.readouterr().out)
     assert row["classes"] == 1000 and row["params"] > 0
+
+
+def test_a_missing_coco_folder_says_what_it_must_hold(tmp_path):
+    from cvolution_jax.data import coco
+
+    with pytest.raises(FileNotFoundError, match=r"instances_val2017.json: no such file. COCO is read from "
+                                                r"config.data.data_dir, which must hold annotations/"):
+        coco.load_coco(tmp_path / "annotations" / "instances_val2017.json", tmp_path / "val2017")
+
+
+def test_a_negative_vis_is_refused_by_the_flag(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "experiments.cityscapes", "--config",
+                             "experiments/configs/segmentation_default.py", "--workdir", str(tmp_path / "run"), "--vis=-3"],
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "flag --vis=-3: -3 is not a non-negative integer" in result.stderr, result.stderr[-1000:]
+    assert not (tmp_path / "run").exists()

@@ -267,6 +267,14 @@ def test_eval_without_a_checkpoint_is_one_line_with_no_traceback_at_exit(tmp_pat
     """Newer orbax left a cleanup thread to fail at interpreter exit after this error (Checkpointer.close)."""
     line = entry_point("experiments.imagenet", "tests/tiny_config.py", tmp_path / "run", "--config.mode=eval")
     assert line.startswith(f"error: No checkpoint in {tmp_path / 'run' / 'checkpoints'} (steps there: none).")
+    assert not (tmp_path / "run").exists()  # nothing made where nothing was
+
+
+def test_evaluating_an_empty_workdir_writes_no_dataset_first(tmp_path):
+    line = entry_point("experiments.cityscapes", "experiments/configs/segmentation_default.py", tmp_path / "run",
+                       "--config.mode=eval")
+    assert line.startswith(f"error: No checkpoint in {tmp_path / 'run' / 'checkpoints'} (steps there: none).")
+    assert not (tmp_path / "run").exists()  # the shapes dataset (1200 images, 20 s) was written before
 
 
 def test_imagenet_with_nothing_to_train_fails_before_building_anything(tmp_path):

@@ -234,3 +234,28 @@ def test_bad_rows_and_seeds_say_what_to_do(tmp_path, field, value, message):
     study[field] = value
     with pytest.raises(ValueError, match=message):
         ablation.run_study(study, str(tmp_path))
+
+
+def test_a_table_of_other_rows_is_kept_not_replaced(tmp_path, caplog):
+    whole = {"rows": [{"row": "resnet"}, {"row": "cednet"}], "seeds": [0, 1]}
+    (tmp_path / "results.json").write_text(json.dumps(whole))
+    (tmp_path / "results.md").write_text("the whole grid")
+    assert ablation.keep_other_results(str(tmp_path), whole) is None  # the same table: rewritten in place
+    assert sorted(os.listdir(tmp_path)) == ["results.json", "results.md"]
+
+    part = {"rows": [{"row": "cednet"}], "seeds": [0]}
+    stem = ablation.keep_other_results(str(tmp_path), part)
+    assert os.path.basename(stem).startswith("results_previous_")
+    assert json.loads(open(stem + ".json").read()) == whole and open(stem + ".md").read() == "the whole grid"
+    assert not (tmp_path / "results.json").exists() and "held the results of another table" in caplog.text
+
+
+def test_a_timing_file_that_is_not_one_makes_the_minutes_unknown_with_a_warning(tmp_path, caplog):
+    assert ablation.read_timing(str(tmp_path)) is None  # no file: a run read from its eval file
+    (tmp_path / ablation.TIMING_FILE).write_text('{"train_seconds": 90.0, "invocations": 2}')
+    assert ablation.read_timing(str(tmp_path)) == {"train_seconds": 90.0, "invocations": 2}
+    for garbage in ("{not json", "[1, 2]", '{"train_seconds": "long"}'):
+        (tmp_path / ablation.TIMING_FILE).write_text(garbage)
+        caplog.clear()
+        assert ablation.read_timing(str(tmp_path)) == {"train_seconds": None, "invocations": 0}
+        assert "is not a timing record" in caplog.text

@@ -142,6 +142,12 @@ def load_coco(annotation_file: str | os.PathLike, image_dir: str | os.PathLike) 
     masks, so one bad mask never stops a run.
     """
     annotation_file, image_dir = os.fspath(annotation_file), os.fspath(image_dir)
+    if not os.path.isfile(annotation_file):
+        raise FileNotFoundError(
+            f"{annotation_file}: no such file. COCO is read from config.data.data_dir, which must hold "
+            f"annotations/instances_{{train,val}}2017.json and the {{train,val}}2017/ image folders (or give the files "
+            f"with config.data.{{train,val}}_annotations and _images); the embedded default needs none: "
+            f"experiments/configs/coco_default.py.")
     try:
         with open(annotation_file) as f:
             content = json.load(f)

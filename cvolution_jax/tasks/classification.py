@@ -78,6 +78,7 @@ def check_classification(config: ml_collections.ConfigDict, workdir: str, *, tra
     if config.data.name not in data.DATASETS:
         raise config_checks.ConfigError(f"config.data.name must be one of {sorted(data.DATASETS)}; got {config.data.name!r}.")
     config_checks.check_int(config, "data.image_size", 1, " (images are resized to image_size x image_size)")
+    config_checks.check_int(config, "data.validation_size", 0, " (Fashion-MNIST's training images held out; 0: the test set)")
     config_checks.check_backbone(config, "model.name", "model.overrides")
     config_checks.check_run(config, workdir, train=train)
 

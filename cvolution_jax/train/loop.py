@@ -403,6 +403,11 @@ def evaluate(task: Task, config: ml_collections.ConfigDict, workdir: str, step: 
     """
     print_config(config)
     task.check_config(config, workdir, train=False)
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory) or not os.listdir(directory):
+        # Said before the task builds: it may write a dataset into the workdir first.
+        raise FileNotFoundError(f"No checkpoint in {directory} (steps there: none). Train first, or point --workdir at "
+                                f"the run to restore.")
     run = task.build(config, workdir, DataMesh(config.batch_size), train=False)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
                                    best_metric=task.best_metric)
