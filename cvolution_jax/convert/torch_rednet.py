@@ -259,7 +259,7 @@ def train_state(model: ResNet, variables: dict) -> steps.TrainState:
              static_kernel_lr_mult=1.0)
     )
     tx = classification.create_optimizer(recipe, steps_per_epoch=1, total_steps=1)
-    state = steps.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx, batch_stats=variables["batch_stats"])
+    state = steps.train_state(model, tx, variables)
     # As a jitted train step leaves it: every leaf an array (the step too), so the checkpoint reads like a trained one.
     return jax.tree.map(jnp.asarray, state)
 

@@ -26,7 +26,8 @@ from jax.experimental import multihost_utils
 
 from cvolution_jax import data, models
 from cvolution_jax.train import config_checks, optim, steps
-from cvolution_jax.train.loop import DataMesh, Run, check_eval_coverage, compute_dtype, report, schedule_length
+from cvolution_jax.train.loop import (DataMesh, Run, check_eval_coverage, compute_dtype, initial_state, report,
+                                      schedule_length)
 from cvolution_jax.train.metrics import CLASSIFICATION_SCORES
 
 log = logging.getLogger(__name__)
@@ -190,9 +191,8 @@ class Classification:
             steps_per_epoch, total_steps = 1, 1
         model = create_model(config, eval_split.num_classes)
         tx = create_optimizer(config, steps_per_epoch, total_steps)
-        init = jax.jit(functools.partial(steps.create_train_state, model, tx, eval_split.image_shape),
-                       out_shardings=mesh.replicated)
-        state = init(jax.random.key(config.seed))
+        images = jnp.zeros((1, *eval_split.image_shape), jnp.float32)
+        state = initial_state(model, tx, jax.jit(model.init)(jax.random.key(config.seed), images), mesh)
         eval_fn = jax.jit(eval_step)
         if not train:
             def evaluate(state, step):

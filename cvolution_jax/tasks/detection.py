@@ -34,7 +34,8 @@ from cvolution_jax.detection.mask_rcnn import MaskRCNN
 from cvolution_jax.layers import SpatialOp
 from cvolution_jax.tasks.pretrained import load_pretrained
 from cvolution_jax.train import optim, steps
-from cvolution_jax.train.loop import DataMesh, Run, check_eval_coverage, compute_dtype, report, schedule_length
+from cvolution_jax.train.loop import (DataMesh, Run, check_eval_coverage, compute_dtype, initial_state, report,
+                                      schedule_length)
 
 # Right panel of curves.png: the R-CNN's accuracy on its sampled RoIs and the eval AP.
 CURVES = (("train", "rcnn_accuracy", "train R-CNN accuracy"), ("eval", "AP", "eval AP"), ("eval", "AP50", "eval AP50"),
@@ -205,9 +206,7 @@ class Detection:
         if config.model.pretrained and train:
             variables = load_pretrained(variables, config.model.pretrained)
         tx = create_optimizer(config, steps_per_epoch, variables["params"])
-        create = lambda v: steps.TrainState.create(  # noqa: E731
-            apply_fn=model.apply, params=v["params"], tx=tx, batch_stats=v.get("batch_stats", {}))
-        state = jax.jit(create, out_shardings=mesh.replicated)(variables)
+        state = initial_state(model, tx, variables, mesh)
         evaluation = Evaluation(config, mesh, model, eval_data)
         if not train:
             return Run(state=state, evaluate=lambda state, step: run_eval(evaluation, state, workdir, step, vis=self.vis))

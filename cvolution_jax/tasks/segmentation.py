@@ -34,7 +34,8 @@ from cvolution_jax.segmentation.encoder_decoder import EncoderDecoder, init_vari
 from cvolution_jax.segmentation.heads import FCNHead, FPNHead, UPerHead
 from cvolution_jax.tasks.pretrained import load_pretrained
 from cvolution_jax.train import config_checks, optim, steps
-from cvolution_jax.train.loop import DataMesh, Run, check_eval_coverage, compute_dtype, report, schedule_length
+from cvolution_jax.train.loop import (DataMesh, Run, check_eval_coverage, compute_dtype, initial_state, report,
+                                      schedule_length)
 
 log = logging.getLogger(__name__)
 
@@ -231,9 +232,7 @@ class Segmentation:
         variables = jax.jit(lambda key: init_variables(model, key, image_shape))(jax.random.key(config.seed))
         if config.model.pretrained and train:
             variables = load_pretrained(variables, config.model.pretrained)
-        create = lambda v: steps.TrainState.create(  # noqa: E731
-            apply_fn=model.apply, params=v["params"], tx=tx, batch_stats=v["batch_stats"])
-        state = jax.jit(create, out_shardings=mesh.replicated)(variables)
+        state = initial_state(model, tx, variables, mesh)
         evaluation = Evaluation(config, mesh, eval_data,
                                 jax.jit(functools.partial(eval_step, num_classes=eval_data.num_classes)))
         if not train:

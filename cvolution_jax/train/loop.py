@@ -40,7 +40,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from cvolution_jax import files
-from cvolution_jax.train import checkpoint, workdir_lock
+from cvolution_jax.train import checkpoint, steps, workdir_lock
 from cvolution_jax.train.metrics import MetricWriter, plot_curves
 
 log = logging.getLogger(__name__)
@@ -161,6 +161,13 @@ def save_config(config: ml_collections.ConfigDict, workdir: str, *, step: int = 
     with open(path, "w") as f:
         f.write(text)
     return path
+
+
+def initial_state(model, tx, variables: dict, mesh: "DataMesh"):
+    """`steps.train_state` of `variables`, replicated over the mesh: every task's initial state
+    (a checkpoint is restored into it). `variables` come from the task's own `model.init` (and a
+    pretrained backbone)."""
+    return jax.jit(lambda v: steps.train_state(model, tx, v), out_shardings=mesh.replicated)(variables)
 
 
 class DataMesh:
