@@ -181,16 +181,16 @@ def dynamic_kernels(module: nn.Module, variables, images, layer: str, **apply_kw
 
 
 @dataclasses.dataclass(frozen=True)
-class Run:
+class RestoredRun:
     """A trained model as a training workdir holds it.
 
     Attributes:
-      workdir: the `experiments.imagenet` / `experiments.coco` workdir.
+      workdir: the training workdir (`experiments.imagenet`, `.coco` or `.cityscapes`).
       config: its `config.json`.
-      task: "classification" or "detection" (a config with `model.backbone`).
-      model: the flax module that config builds.
+      task: its task's name (`config.task`, `cvolution_jax.tasks.TASKS`).
+      model: the flax module that config builds, with the checkpoint's number of classes.
       variables: the checkpoint's `params` and `batch_stats`.
-      step: the checkpoint's step.
+      step: the checkpoint's step (the one restored: a damaged latest one is skipped).
       apply_kwargs: what `dynamic_kernels` passes to `model.apply` to run every spatial op.
     """
 
@@ -212,7 +212,7 @@ def _tuples(value):
     return value
 
 
-def load_run(path: str, step: int | None = None) -> Run:
+def load_run(path: str, step: int | None = None) -> RestoredRun:
     """The model, config and checkpoint `step` (default: the latest) of a training workdir.
 
     Args:
@@ -247,7 +247,7 @@ def load_run(path: str, step: int | None = None) -> Run:
     finally:
         ckpt.close()
     model = task.create_model(config, task.num_classes(variables))
-    return Run(workdir, config, task.name, model, variables, int(step), task.inference_kwargs())
+    return RestoredRun(workdir, config, task.name, model, variables, int(step), task.inference_kwargs())
 
 
 # ----------------------------------------------------------------------------- preprocessing

@@ -242,15 +242,17 @@ class SpatialOp:
         return dataclasses.replace(self, **switches)
 
 
-def spatial_op(op: SpatialOp | str, channels: int, stride: int = 1, *, name: str, dtype: Any = jnp.float32, conv_bias: bool = False, conv_init=he_normal):
+def spatial_op(op: SpatialOp, channels: int, stride: int = 1, *, name: str, dtype: Any = jnp.float32, conv_bias: bool = False, conv_init=he_normal):
     """The spatial op `op` of a network as a layer `(x, train) -> y` (call inside a compact method).
 
-    `op` is a `SpatialOp` or just its kind ("conv", "involution", "cvolution"). A convolution has
-    `channels` outputs (`conv_bias`, `conv_init`: its bias and kernel initialiser, e.g. for mmdet's
-    FPN and RPN layers); involution and C-volution keep the channel count.
+    A convolution has `channels` outputs (`conv_bias`, `conv_init`: its bias and kernel
+    initialiser, e.g. for mmdet's FPN and RPN layers); involution and C-volution keep the channel
+    count. `op` is a `SpatialOp`, never a kind alone, which would lose its switches (`impl`,
+    `kernel_size`, a config's `op_kwargs`): `SpatialOp.named(kind, op_kwargs)` builds one from a config.
     """
-    if isinstance(op, str):
-        op = SpatialOp(op)
+    if not isinstance(op, SpatialOp):
+        raise TypeError(f"op must be a cvolution_jax.layers.SpatialOp, e.g. SpatialOp({op!r}); got {op!r}. A kind alone would "
+                        f"drop the op's switches: SpatialOp.named(kind, config.model.op_kwargs) builds one from a config.")
     if op.kind == "conv":
         layer = conv(channels, op.kernel_size, stride, use_bias=conv_bias, kernel_init=conv_init, dtype=dtype, name=name)
         return lambda x, train: layer(x)

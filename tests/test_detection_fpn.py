@@ -54,18 +54,21 @@ def test_top_down_pathway_with_identity_weights():
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
-def test_unknown_op_is_rejected():
+def test_unknown_op_is_rejected_and_a_kind_alone_is_not_an_op():
     with pytest.raises(ValueError, match="op must be one of"):
-        jax.eval_shape(FPN(op="deformable").init, jax.random.key(0), stages(32, 32))
+        SpatialOp("deformable")
+    with pytest.raises(TypeError, match=r"op must be a cvolution_jax.layers.SpatialOp, e.g. SpatialOp\('cvolution'\)"):
+        jax.eval_shape(FPN(op="cvolution").init, jax.random.key(0), stages(32, 32))
 
 
-@pytest.mark.parametrize("op, taps", [("conv", 9), ("involution", 49), ("cvolution", 49), (SpatialOp("cvolution", 5), 25)])
+@pytest.mark.parametrize("op, taps", [(SpatialOp("conv"), 9), (SpatialOp("involution"), 49), (SpatialOp("cvolution"), 49),
+                                      (SpatialOp("cvolution", 5), 25)])
 def test_output_op_is_a_3x3_conv_or_a_7x7_involution(op, taps):
     """mmdet's 3x3 output convolutions; the paper's neck variants use K=7 unless the op says otherwise."""
     params = jax.eval_shape(FPN(channels=16, op=op).init, jax.random.key(0), stages(32, 32))["params"]
     for i in range(4):
         out = params[f"output{i}"]
-        if op == "conv":
+        if op.kind == "conv":
             assert out["kernel"].shape == (3, 3, 16, 16) and out["bias"].shape == (16,)
         else:
             assert out["generator"]["span_conv"]["kernel"].shape == (1, 1, 4, taps)

@@ -1,4 +1,4 @@
-"""Which way imports run (design/style.md): read from the source with `ast`, not by importing it.
+"""Which way imports run, read from the source with `ast`, not by importing it.
 
 - `cvolution_jax/data/` never imports `cvolution_jax.detection`, `.train` or `.models`;
 - `cvolution_jax/train/` (the runner) imports no task's module (`cvolution_jax.tasks.<task>`, `.detection`), only

@@ -9,6 +9,7 @@ import pytest
 
 from cvolution_jax import models
 from cvolution_jax.detection.fpn import FPN
+from cvolution_jax.layers import SpatialOp
 from cvolution_jax.segmentation import heads
 from cvolution_jax.segmentation.encoder_decoder import EncoderDecoder, cross_entropy, init_variables
 
@@ -99,7 +100,7 @@ def test_uper_head_and_fcn_head_parameter_counts_are_mmsegs():
 
 def test_fpn_with_four_outputs_is_the_detection_fpn_without_p6():
     stages = [jax.random.normal(jax.random.key(i), (1, 32 // s, 48 // s, 8)) for i, s in enumerate((4, 8, 16, 32))]
-    five, four = FPN(16, "conv"), FPN(16, "conv", num_outs=4)
+    five, four = FPN(16, SpatialOp("conv")), FPN(16, SpatialOp("conv"), num_outs=4)
     variables = five.init(jax.random.key(0), stages)
     outs5, outs4 = five.apply(variables, stages), four.apply(variables, stages)
     assert len(outs5) == 5 and len(outs4) == 4
@@ -110,7 +111,7 @@ def test_fpn_with_four_outputs_is_the_detection_fpn_without_p6():
 
 def tiny_segmentor(aux: bool):
     backbone = models.create("resnet50", stage_sizes=(1, 1, 1, 1), widths=(4, 8, 8, 8), stem_width=8)
-    return EncoderDecoder(backbone, heads.FPNHead(3, 8), FPN(16, "conv", num_outs=4),
+    return EncoderDecoder(backbone, heads.FPNHead(3, 8), FPN(16, SpatialOp("conv"), num_outs=4),
                           heads.FCNHead(3, 8) if aux else None)
 
 

@@ -71,7 +71,7 @@ class Preprocess:
 
     def __call__(self, record: tuple[np.ndarray, int], rng: np.random.Generator | None) -> Example:
         image, label = record
-        image = transforms.resize_bilinear(image, self.image_size)[..., None]
+        image = transforms.resize_square(image, self.image_size)[..., None]
         if rng is not None:
             # Translation only: a mirrored digit is a different (or no) digit.
             image = transforms.pad_and_random_crop(image, TRANSLATE_PIXELS, rng)

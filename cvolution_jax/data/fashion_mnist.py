@@ -83,7 +83,7 @@ class Preprocess:
 
     def __call__(self, record: tuple[np.ndarray, int], rng: np.random.Generator | None) -> Example:
         image, label = record
-        image = transforms.resize_bilinear(image, self.image_size)[..., None]
+        image = transforms.resize_square(image, self.image_size)[..., None]
         if rng is not None:
             image = transforms.random_flip(transforms.pad_and_random_crop(image, self.translate_pixels, rng), rng)
         return example(transforms.normalize(image, MEAN, STD), label)

@@ -43,7 +43,7 @@ from PIL import Image
 from cvolution_jax.data import cityscapes, coco_datasets, transforms
 from cvolution_jax.data.coco import rescale_size
 from cvolution_jax.data.pipeline import Examples, to_iter_dataset, train_stream as _train_stream
-from cvolution_jax.data.semantic_records import IGNORE, SemanticRecord, read_label
+from cvolution_jax.data.semantic_records import IGNORE_INDEX, SemanticRecord, read_label
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def random_crop_box(label: np.ndarray, crop_size: tuple[int, int], cat_max_ratio
         for _ in range(10):
             crop = label[top:top + crop_size[0], left:left + crop_size[1]]
             classes, counts = np.unique(crop, return_counts=True)
-            counts = counts[classes != IGNORE]
+            counts = counts[classes != IGNORE_INDEX]
             if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
                 break
             top, left = draw()
@@ -163,7 +163,7 @@ def _resize(image: Image.Image, label: np.ndarray, size: tuple[int, int]) -> tup
 
 
 def _empty(image_shape: tuple[int, int], label_shape: tuple[int, int]) -> dict:
-    return {"image": np.zeros((*image_shape, 3), np.float32), "label": np.full(label_shape, IGNORE, np.uint8),
+    return {"image": np.zeros((*image_shape, 3), np.float32), "label": np.full(label_shape, IGNORE_INDEX, np.uint8),
             "image_size": np.zeros(2, np.int32), "corrupt": np.int32(0)}
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-IGNORE = 255
+IGNORE_INDEX = 255
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -63,13 +63,13 @@ def read_label(record: SemanticRecord, height: int, width: int, num_classes: int
         from cvolution_jax.data import cityscapes
 
         return cityscapes.train_ids(label, f"Label {record.label_path}")
-    outside = ((label < 0) | (label >= num_classes)) & (label != IGNORE)  # a 16-bit label's values past 255 too
+    outside = ((label < 0) | (label >= num_classes)) & (label != IGNORE_INDEX)  # a 16-bit label's values past 255 too
     if outside.any():
         found = np.unique(label[outside])
         raise ValueError(
             f"Label {record.label_path} holds {outside.sum()} pixels of class ids {', '.join(map(str, found[:8]))}"
             f"{' ...' if len(found) > 8 else ''}, outside this dataset's {num_classes} classes (0..{num_classes - 1}) and "
-            f"{IGNORE} (ignored){f' (PNG mode {mode}: 16-bit)' if label.dtype.itemsize > 1 else ''}. Give label maps of "
+            f"{IGNORE_INDEX} (ignored){f' (PNG mode {mode}: 16-bit)' if label.dtype.itemsize > 1 else ''}. Give label maps of "
             f"class ids (Cityscapes: the labelTrainIds PNGs, or labelIds mapped by this project).")
     return label.astype(np.uint8)
 
@@ -81,5 +81,5 @@ def paint_objects(objects, height: int, width: int) -> np.ndarray:
 
     label = np.zeros((height, width), np.uint8)
     for class_id, segmentation, crowd in objects:
-        label[decode_segmentation(segmentation, height, width) > 0] = IGNORE if crowd else class_id
+        label[decode_segmentation(segmentation, height, width) > 0] = IGNORE_INDEX if crowd else class_id
     return label

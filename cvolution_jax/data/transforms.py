@@ -26,7 +26,7 @@ def normalize(image: np.ndarray, mean, std) -> np.ndarray:
     return (np.asarray(image, np.float32) - mean) / std
 
 
-def resize_bilinear(image: np.ndarray, size: int) -> np.ndarray:
+def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     """Bilinear resize of a single-channel image. image: [H, W] -> float32 [size, size].
 
     PIL's mode "F" keeps float32 values, so no 8-bit rounding happens between resize and
@@ -129,7 +129,7 @@ def grey_eval_image(image: Image.Image, size: int, top: float, mean: float, std:
     left, upper = (image.width - side) // 2, (image.height - side) // 2
     square = image.convert("RGB").crop((left, upper, left + side, upper + side))
     grey = np.asarray(square.convert("L"), np.float32)
-    resized = resize_bilinear(grey * (top / 255.0), size)
+    resized = resize_square(grey * (top / 255.0), size)
     display = np.clip(np.round(resized * (255.0 / top)), 0, 255).astype(np.uint8)
     return normalize(resized[..., None], mean, std)[None], np.repeat(display[..., None], 3, axis=-1)
 

@@ -40,14 +40,14 @@ class FPN(nn.Module):
 
     Attributes:
       channels: output channels of every level (256 in mmdet).
-      op: the output op of each level, a ``cvolution_jax.layers.SpatialOp`` or its kind: "conv"
+      op: the output op of each level, a ``cvolution_jax.layers.SpatialOp`` of kind "conv"
         (3x3), "involution" or "cvolution" (K=7, the paper's).
       num_outs: levels returned (mmdet's ``num_outs``): 5 for the detectors (P2-P6), 4 for
         mmseg's Semantic FPN (P2-P5, no P6).
     """
 
     channels: int = 256
-    op: SpatialOp | str = SpatialOp()
+    op: SpatialOp = SpatialOp()
     dtype: Any = jnp.float32
     num_outs: int = 5
 

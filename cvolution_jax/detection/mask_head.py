@@ -29,29 +29,28 @@ class MaskHead(nn.Module):
     Attributes:
       num_classes: object classes, background excluded.
       channels: width of the 4 layers and the upsampling (256); C must equal it for the ops.
-      op: the 4 layers' op, a ``cvolution_jax.layers.SpatialOp`` or its kind: "conv" (3x3),
+      op: the 4 layers' op, a ``cvolution_jax.layers.SpatialOp`` of kind "conv" (3x3),
         "involution" or "cvolution" (K=7).
     """
 
     num_classes: int
     channels: int = 256
-    op: SpatialOp | str = SpatialOp()
+    op: SpatialOp = SpatialOp()
     num_convs: int = 4
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, features, train: bool = False):
-        op = SpatialOp(self.op) if isinstance(self.op, str) else self.op
-        if op.kind != "conv" and features.shape[-1] != self.channels:
+        if self.op.kind != "conv" and features.shape[-1] != self.channels:
             raise ValueError(
-                f"MaskHead: the {op.kind} op keeps its channels, so the RoI features must have channels="
+                f"MaskHead: the {self.op.kind} op keeps its channels, so the RoI features must have channels="
                 f"{self.channels}; got {features.shape[-1]}. Make the mask head as wide as the FPN "
                 f"(config.model.mask_channels = config.model.channels).")
         batch, rois = features.shape[:2]
         x = features.reshape(batch * rois, *features.shape[2:])
         for i in range(self.num_convs):
             # mmcv's ConvModule: conv with bias (no norm), Kaiming-normal fan-out init, ReLU.
-            x = nn.relu(spatial_op(op, self.channels, name=f"conv{i}", dtype=self.dtype, conv_bias=True)(x, train))
+            x = nn.relu(spatial_op(self.op, self.channels, name=f"conv{i}", dtype=self.dtype, conv_bias=True)(x, train))
         x = nn.relu(nn.ConvTranspose(self.channels, (2, 2), strides=(2, 2), padding="VALID", kernel_init=he_normal,
                                      dtype=self.dtype, name="upsample")(x))
         logits = nn.Conv(self.num_classes, (1, 1), kernel_init=he_normal, dtype=self.dtype, name="conv_logits")(x)

@@ -37,13 +37,13 @@ class RPNHead(nn.Module):
     Attributes:
       num_anchors: anchors per feature cell (number of ratios).
       channels: channels of the shared 3x3 layer (256 in mmdet).
-      op: the shared layer, a ``cvolution_jax.layers.SpatialOp`` or its kind: "conv" (3x3, mmdet)
+      op: the shared layer, a ``cvolution_jax.layers.SpatialOp`` of kind "conv" (3x3, mmdet)
         or "involution" / "cvolution" (K=7, the paper's head variants).
     """
 
     num_anchors: int = 3
     channels: int = 256
-    op: SpatialOp | str = SpatialOp()
+    op: SpatialOp = SpatialOp()
     dtype: Any = jnp.float32
 
     @nn.compact

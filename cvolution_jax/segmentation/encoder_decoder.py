@@ -18,9 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cvolution_jax.data.semantic_records import IGNORE_INDEX
 from cvolution_jax.segmentation.heads import resize_bilinear
-
-IGNORE_INDEX = 255
 
 
 def cross_entropy(logits, labels, ignore_index: int = IGNORE_INDEX):
