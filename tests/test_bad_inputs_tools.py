@@ -78,8 +78,8 @@ def test_lines_of_metrics_jsonl_that_are_not_records_are_dropped_and_counted(tmp
         MetricWriter(str(tmp_path), start_step=6).close()  # a run resumed from step 6
     assert read_metrics(str(tmp_path)) == good[:2]
     assert (tmp_path / "metrics.jsonl").read_text() == "".join(json.dumps(r) + "\n" for r in good[:2])
-    assert "dropped 5 lines that are not metrics records" in caplog.text
-    assert "dropped 1 records after step 6" in caplog.text
+    assert "dropped 5 line(s) that are not metrics records" in caplog.text
+    assert "dropped 1 record(s) after step 6" in caplog.text
 
 
 # ------------------------------------------------------------------ a run started over an earlier one
@@ -182,3 +182,23 @@ def test_a_negative_vis_is_refused_by_the_flag(tmp_path):
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "flag --vis=-3: -3 is not a non-negative integer" in result.stderr, result.stderr[-1000:]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_pretrained_path_without_checkpoints_is_refused_before_any_data_and_makes_no_folder(tmp_path):
+    from cvolution_jax.tasks.pretrained import check_pretrained
+
+    check_pretrained("")  # none: the backbone trains from scratch
+    with pytest.raises(FileNotFoundError, match=r"config.model.pretrained='.*nope': no checkpoint in .*nope/checkpoints. "
+                                                r"Give the --workdir of a finished experiments.imagenet run"):
+        check_pretrained(str(tmp_path / "nope"))
+    assert not (tmp_path / "nope").exists()
+
+
+def test_a_run_saved_before_configs_named_their_task_resumes_without_a_false_difference(tmp_path):
+    config = tiny_config.get_config()
+    saved = json.loads(config.to_json_best_effort())
+    del saved["task"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert loop.save_config(config, str(tmp_path), step=4) is None  # nothing new to record
+    config.base_lr = 0.2
+    assert os.path.basename(loop.save_config(config, str(tmp_path), step=4)) == "config_resume_4.json"

@@ -32,7 +32,7 @@ from cvolution_jax.detection import config_checks, evaluation, visualize
 from cvolution_jax.detection.faster_rcnn import FasterRCNN, Settings, frozen
 from cvolution_jax.detection.mask_rcnn import MaskRCNN
 from cvolution_jax.layers import SpatialOp
-from cvolution_jax.tasks.pretrained import load_pretrained
+from cvolution_jax.tasks.pretrained import check_pretrained, load_pretrained
 from cvolution_jax.train import optim, steps
 from cvolution_jax.train.loop import (DataMesh, Run, check_eval_coverage, compute_dtype, initial_state, report,
                                       schedule_length)
@@ -192,6 +192,8 @@ class Detection:
         config_checks.check_detection(config, workdir, train=train)
 
     def build(self, config: ml_collections.ConfigDict, workdir: str, mesh: DataMesh, *, train: bool) -> Run:
+        if train:
+            check_pretrained(config.model.pretrained)
         paths = coco_datasets.dataset_paths(config.data, workdir)
         eval_data = coco.load_coco(**paths["val"])
         model = create_detector(config, len(eval_data.category_ids))

@@ -12,13 +12,30 @@ from cvolution_jax.train import checkpoint
 from cvolution_jax.train.loop import report
 
 
+def checkpoints_of(path: str) -> str:
+    """The checkpoints folder of `config.model.pretrained`: a run's workdir or that folder itself."""
+    return path if os.path.basename(os.path.normpath(path)) == "checkpoints" else os.path.join(path, "checkpoints")
+
+
+def check_pretrained(path: str) -> None:
+    """FileNotFoundError unless `config.model.pretrained` (when set) holds checkpoints: said before the
+    task writes or reads its data, and without making a folder where there was none."""
+    if not path:
+        return
+    directory = checkpoints_of(path)
+    if not os.path.isdir(directory) or not os.listdir(directory):
+        raise FileNotFoundError(
+            f"config.model.pretrained={path!r}: no checkpoint in {directory}. Give the --workdir of a finished "
+            f"experiments.imagenet run of the backbone (or '' to train it from scratch).")
+
+
 def load_pretrained(variables: dict, path: str, step: int | None = None) -> dict:
     """`variables` with the backbone's replaced by those of an `experiments.imagenet` checkpoint.
 
     `path` is that run's workdir (or its `checkpoints` folder). The classifier's `fc` is dropped;
     every other array must match the backbone by name and shape (else CheckpointMismatchError).
     """
-    directory = path if os.path.basename(os.path.normpath(path)) == "checkpoints" else os.path.join(path, "checkpoints")
+    directory = checkpoints_of(path)
     ckpt = checkpoint.Checkpointer(directory, best_metric="top1")
     try:
         saved = ckpt.restore_variables(step)

@@ -32,7 +32,7 @@ from cvolution_jax.segmentation import metrics as seg_metrics
 from cvolution_jax.segmentation import visualize
 from cvolution_jax.segmentation.encoder_decoder import EncoderDecoder, init_variables
 from cvolution_jax.segmentation.heads import FCNHead, FPNHead, UPerHead
-from cvolution_jax.tasks.pretrained import load_pretrained
+from cvolution_jax.tasks.pretrained import check_pretrained, load_pretrained
 from cvolution_jax.train import config_checks, optim, steps
 from cvolution_jax.train.loop import (DataMesh, Run, check_eval_coverage, compute_dtype, initial_state, report,
                                       schedule_length)
@@ -213,6 +213,8 @@ class Segmentation:
         return {"train": False}
 
     def build(self, config: ml_collections.ConfigDict, workdir: str, mesh: DataMesh, *, train: bool) -> Run:
+        if train:
+            check_pretrained(config.model.pretrained)
         eval_data = semantic.load_split(config.data, workdir, "val")
         model = create_model(config, eval_data.num_classes)
         if train:

@@ -39,7 +39,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from cvolution_jax import files
+from cvolution_jax import files, tasks
 from cvolution_jax.train import checkpoint, steps, workdir_lock
 from cvolution_jax.train.metrics import MetricWriter, plot_curves
 
@@ -149,7 +149,10 @@ def save_config(config: ml_collections.ConfigDict, workdir: str, *, step: int = 
     else:
         try:
             with open(original) as f:
-                differences = config_differences(json.load(f), json.loads(text))
+                saved = json.load(f)
+            # A run saved before configs named their task has no config.task: it is the task it was, not a change.
+            saved.setdefault("task", tasks.name_of(ml_collections.ConfigDict(saved)))
+            differences = config_differences(saved, json.loads(text))
         except (OSError, ValueError) as error:
             differences = [f"{original} cannot be read ({error})"]
         if not differences:

@@ -54,10 +54,10 @@ class MetricWriter:
             return
         unreadable = sum(record is None for record in records)
         if unreadable:
-            log.warning("%s: dropped %d lines that are not metrics records (JSON objects with an int step and a split; "
+            log.warning("%s: dropped %d line(s) that are not metrics records (JSON objects with an int step and a split; "
                         "a line cut short by a kill, or an edit).", self.path, unreadable)
         if len(lines) - unreadable > len(kept):
-            log.info("%s: dropped %d records after step %d, the step this run resumes from.", self.path,
+            log.info("%s: dropped %d record(s) after step %d, the step this run resumes from.", self.path,
                      len(lines) - unreadable - len(kept), step)
         temporary = self.path + ".tmp"
         with open(temporary, "w") as f:
