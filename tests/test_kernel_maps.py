@@ -40,6 +40,14 @@ def random_variables(model, *init_args, seed=0):
     return jax.tree_util.tree_map_with_path(fill, abstract)
 
 
+def save_run(root, config, model, variables, step: int, best_metric: str = "top1") -> None:
+    """What a training entry point leaves in workdir `root`: config.json and checkpoint `step` of `variables`."""
+    loop.save_config(config, str(root))
+    ckpt = checkpoint.Checkpointer(str(root / "checkpoints"), best_metric=best_metric)
+    ckpt.save(step, steps.train_state(model, optax.sgd(0.1), variables))
+    ckpt.close()
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A training workdir as experiments.imagenet leaves it: config.json and a checkpoint at step 3."""
@@ -49,12 +57,7 @@ def workdir(tmp_path_factory):
     size = config.data.image_size
     model = classification.create_model(config, num_classes=10)
     variables = random_variables(model, jnp.zeros((1, size, size, 1)))
-    loop.save_config(config, str(root))
-    state = steps.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=optax.sgd(0.1),
-                                    batch_stats=variables["batch_stats"])
-    ckpt = checkpoint.Checkpointer(str(root / "checkpoints"))
-    ckpt.save(3, state)
-    ckpt.close()
+    save_run(root, config, model, variables, 3)
     image = np.random.default_rng(1).integers(0, 256, (20, 12, 3), dtype=np.uint8)  # not square: cropped
     Image.fromarray(image).save(root / "digit.png")
     return root, config, model, variables
@@ -197,12 +200,7 @@ def test_a_detection_run_draws_its_fpn_output_op(tmp_path):
     model = detection.create_detector(config, num_classes=3)
     batch = {"image": jnp.zeros((1, 64, 96, 3)), "image_size": jnp.asarray([[64, 96]], jnp.int32)}
     variables = random_variables(model, batch)
-    loop.save_config(config, str(tmp_path))
-    state = steps.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=optax.sgd(0.1),
-                                    batch_stats=variables["batch_stats"])
-    ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), best_metric="AP")
-    ckpt.save(2, state)
-    ckpt.close()
+    save_run(tmp_path, config, model, variables, 2, best_metric="AP")
     Image.fromarray(np.random.default_rng(3).integers(0, 256, (120, 200, 3), dtype=np.uint8)).save(tmp_path / "street.jpg")
 
     run = kernel_maps.load_run(str(tmp_path))
@@ -228,12 +226,7 @@ def test_a_segmentation_run_draws_its_fpn_output_op(tmp_path):
     config.data.update(scale=(64, 64), crop_size=(64, 64))
     model = segmentation.create_model(config, num_classes=4)
     variables = random_variables(model, jnp.zeros((1, 64, 64, 3)))
-    loop.save_config(config, str(tmp_path))
-    state = steps.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=optax.sgd(0.1),
-                                    batch_stats=variables["batch_stats"])
-    ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), best_metric="mIoU")
-    ckpt.save(5, state)
-    ckpt.close()
+    save_run(tmp_path, config, model, variables, 5, best_metric="mIoU")
     photo = np.random.default_rng(4).integers(0, 256, (100, 160, 3), dtype=np.uint8)
     Image.fromarray(photo).save(tmp_path / "street.png")
 

@@ -322,7 +322,7 @@ def test_bench_smoke_writes_results(tmp_path):
 
 
 def test_bench_xla_backward_smoke_covers_every_impl_and_says_when_torch_did_not_run(tmp_path):
-    paths = bench.main(["--xla-backward", "--smoke", "--out-dir", str(tmp_path), "--involution-code", str(tmp_path / "missing.py")])
+    paths = bench.main(["--xla-backward", "--smoke", "--out-dir", str(tmp_path)])  # no --involution-code: torch not run
     result = json.loads(paths[0].read_text())
     assert paths[0].name.startswith("xla_backward_") and paths[0].name.endswith("_smoke.json")
     assert result["torch"] == bench.TORCH_NOT_RUN

@@ -164,7 +164,7 @@ def test_switches_change_only_the_fields_they_name():
 @pytest.mark.parametrize("op, params", [
     (SpatialOp("conv"), {"kernel": (3, 3, 16, 16)}),
     (SpatialOp("conv", kernel_size=1), {"kernel": (1, 1, 16, 16)}),
-    ("involution", {"generator": {"reduce_conv": {"kernel": (1, 1, 16, 4)}, "span_conv": {"kernel": (1, 1, 4, 49), "bias": (49,)}}}),
+    (SpatialOp("involution"), {"generator": {"reduce_conv": {"kernel": (1, 1, 16, 4)}, "span_conv": {"kernel": (1, 1, 4, 49), "bias": (49,)}}}),
     (SpatialOp("cvolution", 3, channel_branch=False), {"generator": {"reduce_conv": {"kernel": (1, 1, 16, 4)},
                                                                      "context_conv": {"kernel": (3, 3, 4, 4)},
                                                                      "span_conv": {"kernel": (1, 1, 4, 9), "bias": (9,)}}}),
