@@ -185,7 +185,7 @@ def test_a_negative_vis_is_refused_by_the_flag(tmp_path):
 
 
 def test_a_pretrained_path_without_checkpoints_is_refused_before_any_data_and_makes_no_folder(tmp_path):
-    from cvolution_jax.tasks.pretrained import check_pretrained
+    from cvolution_jax.tasks.backbone import check_pretrained
 
     check_pretrained("")  # none: the backbone trains from scratch
     with pytest.raises(FileNotFoundError, match=r"config.model.pretrained='.*nope': no checkpoint in .*nope/checkpoints. "

@@ -20,8 +20,8 @@ from pycocotools.cocoeval import COCOeval  # noqa: E402
 from cvolution_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize  # noqa: E402
 from cvolution_jax.detection.evaluation import (  # noqa: E402
     evaluate, masks_to_rle, to_coco_results, write_results)
-from cvolution_jax.detection.visualize import (  # noqa: E402
-    class_colour, denormalize_image, draw_detections)
+from cvolution_jax.data.transforms import denormalize_image  # noqa: E402
+from cvolution_jax.detection.visualize import class_colour, draw_detections  # noqa: E402
 
 CATEGORY_IDS = (3, 7, 12)  # contiguous label i is COCO category CATEGORY_IDS[i]
 STAT_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm",

@@ -1,8 +1,10 @@
 """Which way imports run, read from the source with `ast`, not by importing it.
 
 - `cvolution_jax/data/` never imports `cvolution_jax.detection`, `.train` or `.models`;
-- `cvolution_jax/train/` (the runner) imports no task's module (`cvolution_jax.tasks.<task>`, `.detection`), only
-  the registry that names them;
+- `cvolution_jax/train/` (the runner) imports no task's module (`cvolution_jax.tasks.<task>`) and no model
+  package, only the registry that names the tasks;
+- the model packages (`models`, `necks`, `detection`, `segmentation`) import neither the runner nor a
+  task, and segmentation nothing of detection;
 - `kernels/` imports neither `cvolution_jax` nor `experiments`;
 - grain's worker processes unpickle the COCO preprocessing without jax.
 """
@@ -72,10 +74,23 @@ def test_the_runner_imports_no_task():
     task_modules = tuple(f"cvolution_jax.tasks.{os.path.basename(path)[:-3]}" for path in modules_under("cvolution_jax/tasks")
                          if not path.endswith("__init__.py"))
     assert "cvolution_jax.tasks.detection" in task_modules
-    forbidden = (*task_modules, "cvolution_jax.detection", "cvolution_jax.segmentation", "experiments")
+    forbidden = (*task_modules, "cvolution_jax.detection", "cvolution_jax.segmentation", "cvolution_jax.necks",
+                 "cvolution_jax.models", "experiments")
     assert modules_under("cvolution_jax/train")
     assert violations("cvolution_jax/train", forbidden) == []
     assert not imported_modules(os.path.join(ROOT, "cvolution_jax", "tasks", "__init__.py")) & set(task_modules)
+
+
+@pytest.mark.parametrize("package", ["cvolution_jax/models", "cvolution_jax/necks", "cvolution_jax/detection",
+                                     "cvolution_jax/segmentation"])
+def test_models_and_their_parts_import_neither_the_runner_nor_a_task(package):
+    """A model package is a library of modules: the runner and the tasks use it, never the other way.
+    Segmentation shares the FPN through `necks`, not through detection."""
+    assert modules_under(package)
+    forbidden = ("cvolution_jax.train", "cvolution_jax.tasks", "experiments")
+    if package != "cvolution_jax/detection":
+        forbidden += ("cvolution_jax.detection",)
+    assert violations(package, forbidden) == []
 
 
 def test_kernels_import_neither_the_package_nor_the_experiments():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cvolution_jax import models
-from cvolution_jax.detection.fpn import FPN
+from cvolution_jax.necks.fpn import FPN
 from cvolution_jax.layers import SpatialOp
 from cvolution_jax.segmentation import heads
 from cvolution_jax.segmentation.encoder_decoder import EncoderDecoder, cross_entropy, init_variables

@@ -146,3 +146,27 @@ def decode_rgb(encoded: bytes | str | os.PathLike) -> Image.Image:
     source = io.BytesIO(encoded) if isinstance(encoded, bytes) else encoded
     with Image.open(source) as image:
         return image.convert("RGB")
+
+
+def denormalize_image(image, image_size=None, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """One normalised model input ``[Hp, Wp, 3]`` -> uint8 ``[h, w, 3]`` RGB pixels.
+
+    Inverts ``(pixels - mean) / std`` (the input pipeline's ``normalize``), rounds and clips to
+    ``[0, 255]``, then keeps the top-left ``image_size = (h, w)``: images are padded at the
+    bottom and right up to the batch's size bucket. ``image_size=None`` keeps the whole array.
+    The image must be in the resolution the model saw; boxes drawn on it are in resized pixels.
+    """
+    image = np.asarray(image, np.float32)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(
+            f"image must be one NHWC batch element of shape [H, W, 3]; got {image.shape}. "
+            "Index the batch first (batch['image'][i]).")
+    pixels = image * np.asarray(std, np.float32) + np.asarray(mean, np.float32)
+    if image_size is not None:
+        height, width = (int(v) for v in image_size)
+        if not (0 < height <= image.shape[0] and 0 < width <= image.shape[1]):
+            raise ValueError(
+                f"image_size (h, w) = {tuple(image_size)} must be positive and fit in the padded "
+                f"image {image.shape[:2]}; pass the unpadded size of this image.")
+        pixels = pixels[:height, :width]
+    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)

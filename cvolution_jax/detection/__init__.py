@@ -10,7 +10,7 @@ Modules, from geometry to evaluation:
 - ``assign``: ``MaxIoUAssigner``, ``RandomSampler`` and ground truth as proposals.
 - ``nms``: ``batched_nms``, class-aware greedy NMS with a static output size.
 - ``roi_align``: mmcv's aligned RoIAlign (adaptive sampling) and its FPN level mapping.
-- ``fpn``: the FPN neck, output op conv / involution / C-volution.
+- the FPN neck is shared with segmentation: ``cvolution_jax.necks.fpn``.
 - ``rpn``, ``roi_head``: the heads with their targets, losses and test-time outputs.
 - ``faster_rcnn``: the detector (``FasterRCNN``) and its ``Settings``.
 - ``evaluation``: COCO results and pycocotools' ``COCOeval``; ``visualize``: pictures.

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from cvolution_jax.detection import anchors as anchors_lib
 from cvolution_jax.detection import mask_head, masks, roi_align, roi_head, rpn
-from cvolution_jax.detection.fpn import FPN
+from cvolution_jax.necks.fpn import FPN
 from cvolution_jax.layers import SpatialOp
 
 

@@ -42,7 +42,7 @@ class EncoderDecoder(nn.Module):
       backbone: a `cvolution_jax.models.ResNet`, called with `return_stages=True` (its `fc` is
         never created).
       decode_head: `FPNHead` (reads the neck's levels) or `UPerHead` (reads C2-C5).
-      neck: `cvolution_jax.detection.fpn.FPN` with `num_outs=4`, or None.
+      neck: `cvolution_jax.necks.fpn.FPN` with `num_outs=4`, or None.
       auxiliary_head: e.g. `FCNHead` on C4 (reads the backbone's stages), or None.
       aux_weight: the auxiliary loss's weight (0.4 in mmseg's UPerNet).
       ignore_index: the label of pixels that count in neither loss nor metrics.

@@ -12,7 +12,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from cvolution_jax.detection.visualize import denormalize_image
+from cvolution_jax.data.transforms import denormalize_image
 from cvolution_jax.files import atomic_open
 
 CITYSCAPES_PALETTE = np.asarray([

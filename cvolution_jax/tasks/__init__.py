@@ -4,7 +4,8 @@ its config check, model, data, loss (train step) and evaluator.
 - `classification`: image classification on `cvolution_jax.data`'s datasets (`experiments/imagenet.py`).
 - `detection`: Faster / Mask R-CNN on COCO-format data, COCOeval metrics (`experiments/coco.py`).
 - `segmentation`: Semantic FPN / UPerNet, mIoU from one confusion matrix (`experiments/cityscapes.py`).
-- `pretrained`: a backbone initialised from an `experiments.imagenet` run (detection and segmentation).
+- `backbone`: the backbone's config check (every task) and its initialisation from an `experiments.imagenet`
+  run (detection and segmentation).
 
 A config names its task (`config.task`), and every tool that reads a config or a run asks the
 task by that name for what differs (`get(config)`): its model, its evaluation's preprocessing of an

@@ -25,6 +25,7 @@ import optax
 from jax.experimental import multihost_utils
 
 from cvolution_jax import data, models
+from cvolution_jax.tasks.backbone import check_backbone
 from cvolution_jax.train import config_checks, optim, steps
 from cvolution_jax.train.loop import (DataMesh, Run, check_eval_coverage, compute_dtype, initial_state, report,
                                       schedule_length)
@@ -80,7 +81,7 @@ def check_classification(config: ml_collections.ConfigDict, workdir: str, *, tra
         raise config_checks.ConfigError(f"config.data.name must be one of {sorted(data.DATASETS)}; got {config.data.name!r}.")
     config_checks.check_int(config, "data.image_size", 1, " (images are resized to image_size x image_size)")
     config_checks.check_int(config, "data.validation_size", 0, " (Fashion-MNIST's training images held out; 0: the test set)")
-    config_checks.check_backbone(config, "model.name", "model.overrides")
+    check_backbone(config, "model.name", "model.overrides")
     config_checks.check_run(config, workdir, train=train)
 
 

@@ -25,15 +25,16 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from cvolution_jax import models
-from cvolution_jax.data import coco, coco_datasets
+from cvolution_jax import models, ops
+from cvolution_jax.data import coco, coco_datasets, transforms
 from cvolution_jax.data import masks as host_masks
-from cvolution_jax.detection import config_checks, evaluation, visualize
+from cvolution_jax.detection import evaluation, visualize
 from cvolution_jax.detection.faster_rcnn import FasterRCNN, Settings, frozen
 from cvolution_jax.detection.mask_rcnn import MaskRCNN
 from cvolution_jax.layers import SpatialOp
-from cvolution_jax.tasks.pretrained import check_pretrained, load_pretrained
+from cvolution_jax.tasks.backbone import check_backbone, check_pretrained, load_pretrained
 from cvolution_jax.train import optim, steps
+from cvolution_jax.train.config_checks import ConfigError, check_int, check_run, check_size, is_int
 from cvolution_jax.train.loop import (DataMesh, Run, check_eval_coverage, compute_dtype, initial_state, report,
                                       schedule_length)
 
@@ -46,6 +47,55 @@ _MODEL_FIELDS = ("neck_op", "rpn_op", "channels", "fc_dim", "norm_eval")
 _MASK_FIELDS = ("mask_op", "mask_convs", "mask_channels")
 # Of those, the ops: a kind in the config, a SpatialOp with the switches of config.model.op_kwargs in the detector.
 _OP_FIELDS = ("neck_op", "rpn_op", "mask_op")
+NUM_STAGES = 4  # the FPN reads C2-C5
+
+
+# ---------------------------------------------------------------------------------- the config
+
+
+def check_detection(config: ml_collections.ConfigDict, workdir: str, *, train: bool) -> None:
+    """Every field the detection task reads before it builds anything (image scale and buckets, the
+    backbone, the channel counts the ops need), then the runner's fields and the workdir."""
+    cfg = config.data
+    if config.model.detector not in DETECTORS:
+        raise ConfigError(f"config.model.detector must be one of {', '.join(DETECTORS)}; got {config.model.detector!r}.")
+    check_size(config, "data.scale")
+    buckets = tuple(cfg.buckets)
+    if not buckets or not all(isinstance(b, (tuple, list)) and len(b) == 2 and all(is_int(n) and n >= 1 for n in b)
+                              for b in buckets):
+        raise ConfigError(
+            f"config.data.buckets must be one or more padded (H, W) shapes of positive ints, e.g. ((800, 1344), "
+            f"(1344, 800)); got {cfg.buckets!r}."
+        )
+    check_int(config, "data.max_gt", 1, " (ground-truth slots per image)")
+    if config.model.detector == "mask_rcnn":
+        check_int(config, "data.mask_size", 1, " (Mask R-CNN trains on each object's mask cropped to M x M; 56 in the "
+                  "Mask R-CNN configs)")
+    if cfg.name == "shapes":
+        check_int(config, "data.image_size", 1, " (the synthetic shapes' image size)")
+    model = config.model
+    backbone = check_backbone(config, "model.backbone", "model.backbone_overrides")
+    if len(backbone.stage_sizes) != NUM_STAGES:
+        raise ConfigError(
+            f"config.model.backbone_overrides gives the backbone {len(backbone.stage_sizes)} stages "
+            f"(stage_sizes {tuple(backbone.stage_sizes)}); the FPN takes C2-C5, so give {NUM_STAGES}."
+        )
+    check_int(config, "model.channels", 1)
+    check_int(config, "model.fc_dim", 1)
+    ops_on_channels = [f"{field}={model[field]!r}" for field in ("neck_op", "rpn_op") if model[field] != "conv"]
+    if model.detector == "mask_rcnn" and model.mask_op != "conv":
+        ops_on_channels.append(f"mask_op={model.mask_op!r}")
+        if model.mask_channels != model.channels:
+            raise ConfigError(
+                f"config.model.mask_op={model.mask_op!r} keeps the FPN's channels, so config.model.mask_channels "
+                f"({model.mask_channels}) must equal config.model.channels ({model.channels}); set both alike."
+            )
+    if ops_on_channels and model.channels % ops.GROUP_CHANNELS:
+        raise ConfigError(
+            f"config.model.channels must be a multiple of {ops.GROUP_CHANNELS} with {', '.join(ops_on_channels)} "
+            f"(one kernel per {ops.GROUP_CHANNELS} channels); got {model.channels}."
+        )
+    check_run(config, workdir, train=train)
 
 
 # ---------------------------------------------------------------------------------- model, optim
@@ -189,7 +239,7 @@ class Detection:
         return {"method": backbone_neck_rpn}
 
     def check_config(self, config: ml_collections.ConfigDict, workdir: str, *, train: bool) -> None:
-        config_checks.check_detection(config, workdir, train=train)
+        check_detection(config, workdir, train=train)
 
     def build(self, config: ml_collections.ConfigDict, workdir: str, mesh: DataMesh, *, train: bool) -> Run:
         if train:
@@ -334,7 +384,7 @@ def _draw(batch, dets, dataset, out_dir, limit: int, mask_threshold: float) -> i
     for i in range(len(batch["image_id"])):
         if drawn == limit or batch["mask"][i] == 0:
             continue
-        picture = visualize.denormalize_image(batch["image"][i], batch["image_size"][i])
+        picture = transforms.denormalize_image(batch["image"][i], batch["image_size"][i])
         height, width = picture.shape[:2]
         gt, valid = batch["gt_valid"][i], dets["valid"][i]
         gt_masks = pred_masks = None

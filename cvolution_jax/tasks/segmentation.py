@@ -26,13 +26,13 @@ from jax.experimental import multihost_utils
 
 from cvolution_jax import models, ops
 from cvolution_jax.data import semantic
-from cvolution_jax.detection.fpn import FPN
+from cvolution_jax.necks.fpn import FPN
 from cvolution_jax.layers import SpatialOp
 from cvolution_jax.segmentation import metrics as seg_metrics
 from cvolution_jax.segmentation import visualize
 from cvolution_jax.segmentation.encoder_decoder import EncoderDecoder, init_variables
 from cvolution_jax.segmentation.heads import FCNHead, FPNHead, UPerHead
-from cvolution_jax.tasks.pretrained import check_pretrained, load_pretrained
+from cvolution_jax.tasks.backbone import check_backbone, check_pretrained, load_pretrained
 from cvolution_jax.train import config_checks, optim, steps
 from cvolution_jax.train.loop import (DataMesh, Run, check_eval_coverage, compute_dtype, initial_state, report,
                                       schedule_length)
@@ -85,7 +85,7 @@ def check_segmentation(config: ml_collections.ConfigDict, workdir: str, *, train
     if model.decode_head not in DECODE_HEADS:
         raise config_checks.ConfigError(
             f"config.model.decode_head must be one of {DECODE_HEADS} (Semantic FPN, UPerNet); got {model.decode_head!r}.")
-    backbone = config_checks.check_backbone(config, "model.backbone", "model.backbone_overrides")
+    backbone = check_backbone(config, "model.backbone", "model.backbone_overrides")
     if len(backbone.stage_sizes) != 4:
         raise config_checks.ConfigError(
             f"config.model.backbone_overrides gives the backbone {len(backbone.stage_sizes)} stages; the heads read "

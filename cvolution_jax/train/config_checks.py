@@ -1,7 +1,8 @@
 """Config checks run before a run builds its data or model: a mistake fails in a second, naming its field.
 
     config_checks.check_run(config, workdir, train=True)     # every task's loop
-    config_checks.check_backbone(config, "model.name", "model.overrides")
+
+The tasks check their own fields with these pieces (`cvolution_jax.tasks.<task>.check_<task>`).
 
 Each check raises `ConfigError` (a ValueError, which the entry points print as one `error:` line)
 saying which field was wrong, what it holds, what was expected and how to fix it on the command line.
@@ -16,7 +17,6 @@ from typing import Any
 
 import ml_collections
 
-from cvolution_jax import models
 from cvolution_jax.train.loop import DTYPES
 
 
@@ -29,7 +29,7 @@ def is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _get(config: ml_collections.ConfigDict, path: str) -> Any:
+def get_field(config: ml_collections.ConfigDict, path: str) -> Any:
     value = config
     for key in path.split("."):
         value = value[key]
@@ -38,21 +38,21 @@ def _get(config: ml_collections.ConfigDict, path: str) -> Any:
 
 def check_int(config: ml_collections.ConfigDict, path: str, minimum: int, why: str = "") -> None:
     """Raises ConfigError unless `config.<path>` is an int >= `minimum`."""
-    value = _get(config, path)
+    value = get_field(config, path)
     if not is_int(value) or value < minimum:
         raise ConfigError(f"config.{path} must be an int >= {minimum}{why}; got {value!r}. Set --config.{path}=N.")
 
 
 def check_int_or_unset(config: ml_collections.ConfigDict, path: str, why: str) -> None:
     """Raises ConfigError unless `config.<path>` is -1 (unset: `why` says what then) or an int >= 1."""
-    value = _get(config, path)
+    value = get_field(config, path)
     if not is_int(value) or (value != -1 and value < 1):
         raise ConfigError(f"config.{path} must be -1 ({why}) or an int >= 1; got {value!r}. Set --config.{path}=N.")
 
 
 def check_size(config: ml_collections.ConfigDict, path: str) -> None:
     """Raises ConfigError unless `config.<path>` is a positive size: N, or (H, W) of positive ints."""
-    value = _get(config, path)
+    value = get_field(config, path)
     sizes = tuple(value) if isinstance(value, (tuple, list)) else (value,)
     if len(sizes) not in (1, 2) or not all(is_int(n) and n >= 1 for n in sizes):
         raise ConfigError(f"config.{path} must be a size in pixels >= 1 (N or (H, W)); got {value!r}. Set --config.{path}=N.")
@@ -103,15 +103,3 @@ def check_run(config: ml_collections.ConfigDict, workdir: str, *, train: bool) -
     check_int(config, "checkpoint_every_steps", 1, " (a number above the run's steps saves at evaluations and at the end only)")
     check_int(config, "keep_checkpoints", 0, " (how many of the latest checkpoints to keep besides the best)")
     check_workdir(workdir, create=train)
-
-
-def check_backbone(config: ml_collections.ConfigDict, name_path: str, overrides_path: str) -> models.ResNet:
-    """The registry model `config.<name_path>` built with the ResNet fields `config.<overrides_path>`
-    (stage_sizes, widths, stem_width, ...); ConfigError naming both if it cannot be built."""
-    name, overrides = _get(config, name_path), dict(_get(config, overrides_path))
-    try:
-        return models.create(name, num_classes=1, **overrides)
-    except ValueError as error:
-        raise ConfigError(
-            f"config.{name_path}={name!r} with config.{overrides_path}={overrides}: {error}"
-        ) from error

@@ -1,5 +1,5 @@
-"""Initialising a task's backbone from an `experiments.imagenet` run: what detection and
-segmentation, whose models hold a registry network under `backbone`, both use."""
+"""A task's registry backbone: its config check (every task), and its initialisation from an
+`experiments.imagenet` run (detection and segmentation, whose models hold it under `backbone`)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,24 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
+from cvolution_jax import models
 from cvolution_jax.train import checkpoint
+from cvolution_jax.train.config_checks import ConfigError, get_field
 from cvolution_jax.train.loop import report
+
+
+def check_backbone(config: ml_collections.ConfigDict, name_path: str, overrides_path: str) -> models.ResNet:
+    """The registry model `config.<name_path>` built with the ResNet fields `config.<overrides_path>`
+    (stage_sizes, widths, stem_width, ...); ConfigError naming both if it cannot be built."""
+    name, overrides = get_field(config, name_path), dict(get_field(config, overrides_path))
+    try:
+        return models.create(name, num_classes=1, **overrides)
+    except ValueError as error:
+        raise ConfigError(
+            f"config.{name_path}={name!r} with config.{overrides_path}={overrides}: {error}"
+        ) from error
 
 
 def checkpoints_of(path: str) -> str:

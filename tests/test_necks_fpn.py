@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cvolution_jax.detection.fpn import FPN, upsample_nearest
+from cvolution_jax.necks.fpn import FPN, upsample_nearest
 from cvolution_jax.layers import SpatialOp
 
 

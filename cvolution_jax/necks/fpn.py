@@ -1,4 +1,4 @@
-"""The feature pyramid (FPN) neck of mmdet v2, with its output op chosen by name.
+"""The feature pyramid (FPN) neck of mmdet v2 (and of mmseg's Semantic FPN), with any output op.
 
 Lin et al.'s FPN as mmdet v2's ``FPN(in_channels, 256, num_outs=5)`` builds it for Faster R-CNN:
 a 1x1 lateral convolution per backbone stage C2-C5, a top-down pathway that adds each coarser
