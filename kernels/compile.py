@@ -46,7 +46,7 @@ os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from kernels import bench, fused, pallas, reference  # noqa: E402
+from kernels import bench, common, fused, pallas, reference  # noqa: E402
 
 SPECS = pathlib.Path(__file__).resolve().parent / "specs"
 DEFAULT_TARGET = SPECS / "h100_sxm.txtpb"
@@ -539,6 +539,9 @@ def main(argv: list[str] | None = None) -> int:
         target = Target.from_text(target_text)
     except ValueError as e:
         parser.error(f"--target-config {target_path}: {e}")
+    problem = args.out and common.output_problem(args.out, folder=False)
+    if problem:
+        parser.error(f"--out {args.out}: {problem}; checked before anything is compiled.")
 
     reason = missing_tools()
     if reason:
