@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cvolution_jax import models
+from cvolution_jax import models, tasks
 from cvolution_jax.tasks import classification
 from cvolution_jax.train import steps
 from kernels import common
@@ -162,7 +162,12 @@ def main(argv: list[str] | None = None) -> list[pathlib.Path]:
     if args.config and args.smoke:
         parser.error("--config and --smoke exclude each other: --config times a config's network, --smoke the narrow test nets.")
     config = load_config(args.config) if args.config else None
-    kind = None if config is None else config.get("task") or ("study" if "model" not in config else "classification")
+    kind = None
+    if config is not None:
+        try:
+            kind = tasks.name_of(config)
+        except ValueError:  # a study config names no task and has no model
+            kind = "study"
     if kind not in (None, "classification"):
         parser.error(f"--config {args.config} is a {kind} config: bench_train times the train step of a classification "
                      f"network (the op's cost, without a task's heads and data). Pass an experiments.imagenet config, "

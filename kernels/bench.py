@@ -484,7 +484,7 @@ def _main_xla_backward(args, argv: list[str], parser) -> list[pathlib.Path]:
     ops = _select_ops(args, parser, XLA_BACKWARD_OPS)
     iters = args.iters or (1 if args.smoke else 3)
     warmup = args.warmup if args.warmup is not None else 1
-    repeats = args.repeats if args.repeats is not None else (1 if args.smoke else 5)
+    repeats = args.repeats or (1 if args.smoke else 5)
     involution_cls = _torch_involution(args.involution_code)
     torch_note = f"the authors' code at {args.involution_code}" if involution_cls else TORCH_NOT_RUN
     print(f"torch_involution_naive: {torch_note}", flush=True)
@@ -548,9 +548,9 @@ def main(argv: list[str] | None = None) -> list[pathlib.Path]:
     if args.xla_backward:
         return _main_xla_backward(args, argv, parser)
     ops = _select_ops(args, parser, REDNET50_OPS)
-    iters = args.iters if args.iters is not None else (2 if args.smoke else 20)
+    iters = args.iters or (2 if args.smoke else 20)
     warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 3)
-    repeats = args.repeats if args.repeats is not None else (1 if args.smoke else 5)
+    repeats = args.repeats or (1 if args.smoke else 5)
     with_static = not args.no_static
 
     rows, fused_rows = [], []

@@ -41,8 +41,7 @@ WEIGHT_GRAD_PROGRAMS = 512
 def output_problem(path: str | os.PathLike, *, folder: bool) -> str | None:
     """Why a tool's output cannot go to `path` (a `folder` of results, made if missing, or a file),
     in one sentence; None if it can. Every tool asks before it measures anything, so a bad path
-    never throws away minutes of results. Only writing tells: permission bits say nothing to root,
-    and a read-only mount or a full disk shows on writing alone, so the folder is made and probed."""
+    never throws away minutes of results. The folder is made and probed (`write_error`)."""
     path = os.path.abspath(path)
     if folder and os.path.exists(path) and not os.path.isdir(path):
         return f"{path} is a file; give a folder (it is made if missing)"
@@ -54,12 +53,22 @@ def output_problem(path: str | os.PathLike, *, folder: bool) -> str | None:
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         return f"{existing} is a file, so {path} cannot be made under it"
+    error = write_error(directory)
+    if error:
+        return f"{directory} cannot be written ({error.strerror or error}); give a folder this user can write"
+    return None
+
+
+def write_error(directory: str | os.PathLike) -> OSError | None:
+    """Makes `directory` (and its parents) and writes a probe file there, removed at once; the
+    OSError if either fails. Trying is the only reliable test: permission bits say nothing to root,
+    and a read-only mount or a full disk shows on writing alone."""
     try:
         os.makedirs(directory, exist_ok=True)
         with tempfile.TemporaryFile(dir=directory):
             pass
     except OSError as error:
-        return f"{directory} cannot be written ({error.strerror or error}); give a folder this user can write"
+        return error
     return None
 
 

@@ -254,6 +254,8 @@ def test_a_config_file_that_does_not_exist_is_one_line(module, tmp_path):
     (["prog", "--config", "tests"], "--config tests: no such file (it is a directory);"),
     (["prog", "--config=runs/x/config.json"], "--config runs/x/config.json is a run's saved config (JSON), not a config file. To resume"),
     (["prog", "--workdir=w"], None),  # absl says that --config is required
+    (["prog", "--config=no/such.py", "--config=tests/tiny_config.py"], None),  # absl takes the last one
+    (["prog", "--config=tests/tiny_config.py", "--config"], "--config : no such file;"),  # the last has no value
 ])
 def test_config_path_problems_are_found_before_absl_parses(monkeypatch, argv, problem):
     from cvolution_jax.train import cli

@@ -258,7 +258,12 @@ def eval_sizes(dataset: SemanticSet, scale: tuple[int, int], stride: int = 32) -
                 f"{b[0]}x{b[1]}. Evaluate a set of one image size (Cityscapes: 1024x2048).")
     (height, width), = sizes
     resized = rescale_size(height, width, tuple(scale))
-    return tuple(-(-n // stride) * stride for n in resized), (height, width)
+    return _padded(resized, stride), (height, width)
+
+
+def _padded(size: tuple[int, int], stride: int) -> tuple[int, int]:
+    """`(h, w)` rounded up to multiples of `stride`: the eval pass's padded input size."""
+    return tuple(-(-n // stride) * stride for n in size)
 
 
 def preprocess_image(config: ml_collections.ConfigDict, image: Image.Image, stride: int = 32) -> tuple[np.ndarray, np.ndarray]:
@@ -269,7 +274,7 @@ def preprocess_image(config: ml_collections.ConfigDict, image: Image.Image, stri
     rgb = image.convert("RGB")
     height, width = rescale_size(rgb.height, rgb.width, tuple(config.scale))
     pixels = np.asarray(rgb.resize((width, height), Image.BILINEAR) if (height, width) != (rgb.height, rgb.width) else rgb)
-    padded = (-(-height // stride) * stride, -(-width // stride) * stride)
+    padded = _padded((height, width), stride)
     inputs = np.zeros((1, *padded, 3), np.float32)
     inputs[0, :height, :width] = transforms.normalize(pixels, transforms.IMAGENET_MEAN, transforms.IMAGENET_STD)
     display = np.zeros((*padded, 3), np.uint8)

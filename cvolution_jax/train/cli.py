@@ -46,19 +46,17 @@ def config_path_problem(argv: list[str]) -> str | None:
     ml_collections defers a missing file's error to the first use of the config, as a traceback;
     this says it before anything runs. A run's own `config.json` is not a config file either.
     """
-    for i, arg in enumerate(argv[1:], 1):
-        name, equals, value = arg.partition("=")
-        if name not in ("--config", "-config"):
-            continue
-        path = value if equals else (argv[i + 1] if i + 1 < len(argv) else "")
-        file = path.split(":", 1)[0]  # `file.py:arg` passes `arg` to get_config
-        if file.endswith(".json"):
-            return (f"--config {path} is a run's saved config (JSON), not a config file. To resume that run, rerun the "
-                    f"command that started it: its --config file (.py, get_config()) and the same --workdir, which "
-                    f"holds the checkpoints (config.json records the fields it trained with).")
-        if not os.path.isfile(file):
-            return (f"--config {path}: no such file{' (it is a directory)' if os.path.isdir(file) else ''}; give a config "
-                    f"file with get_config(), e.g. experiments/configs/default.py.")
+    path = _config_arg(argv)
+    if path is None:
+        return None
+    file = path.split(":", 1)[0]  # `file.py:arg` passes `arg` to get_config
+    if file.endswith(".json"):
+        return (f"--config {path} is a run's saved config (JSON), not a config file. To resume that run, rerun the "
+                f"command that started it: its --config file (.py, get_config()) and the same --workdir, which "
+                f"holds the checkpoints (config.json records the fields it trained with).")
+    if not os.path.isfile(file):
+        return (f"--config {path}: no such file{' (it is a directory)' if os.path.isdir(file) else ''}; give a config "
+                f"file with get_config(), e.g. experiments/configs/default.py.")
     return None
 
 
@@ -84,12 +82,14 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def _config_arg(argv: list[str]) -> str | None:
-    """The value of `--config` in `argv` (`file.py` or `file.py:argument`), or None."""
+    """The value of `--config` in `argv` (`file.py` or `file.py:argument`; "" when it has none), the
+    last one as absl takes it; None if `argv` has no `--config`."""
+    path = None
     for i, arg in enumerate(argv[1:], 1):
         name, equals, value = arg.partition("=")
         if name in ("--config", "-config"):
-            return value if equals else (argv[i + 1] if i + 1 < len(argv) else None)
-    return None
+            path = value if equals else (argv[i + 1] if i + 1 < len(argv) else "")
+    return path
 
 
 def _config_file_error(argv: list[str]) -> str | None:
@@ -116,16 +116,10 @@ def config_file_problem(path: str, parser) -> str | None:
 def _unknown_override(argv: list[str]) -> str | None:
     """What is wrong with the first `--config.a.b` override of `argv` whose field the config file
     does not have, or None if every field exists."""
-    path, overrides = None, []
-    for i, arg in enumerate(argv[1:], 1):
-        name, equals, value = arg.lstrip("-").partition("=")
-        if not arg.startswith("-"):
-            continue
-        if name == "config":
-            path = value if equals else (argv[i + 1] if i + 1 < len(argv) else None)
-        elif name.startswith("config."):
-            overrides.append(name[len("config."):])
-    if path is None:
+    path = _config_arg(argv)
+    overrides = [arg.lstrip("-").partition("=")[0][len("config."):] for arg in argv[1:]
+                 if arg.startswith("-") and arg.lstrip("-").startswith("config.")]
+    if not path:
         return None
     try:
         config = flags.FLAGS["config"].parser.parse(path)  # loads the file again, without overrides

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import numbers
 import os
-import tempfile
 from typing import Any
 
 import ml_collections
 
-from cvolution_jax.train.loop import DTYPES
+from cvolution_jax.train.loop import compute_dtype
+from kernels import common
 
 
 class ConfigError(ValueError):
@@ -60,22 +60,15 @@ def check_size(config: ml_collections.ConfigDict, path: str) -> None:
 
 def check_workdir(workdir: str, *, create: bool = True) -> None:
     """Creates `workdir` if needed (`create`; else a missing one is left for the checkpoint restore
-    to report) and writes a probe file there; ConfigError if either fails.
-
-    Trying is the only reliable test: permission bits say nothing to root, and a read-only mount
-    or a full disk shows only on writing.
-    """
+    to report) and writes a probe file there (`kernels.common.write_error`); ConfigError if either fails."""
     if not workdir:
         raise ConfigError("--workdir is empty; give the directory for checkpoints, metrics and the config.")
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ConfigError(f"--workdir {workdir} is a file, not a directory; give a directory (it is created if missing).")
     if not create and not os.path.exists(workdir):
         return
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        with tempfile.TemporaryFile(dir=workdir):
-            pass
-    except OSError as error:
+    error = common.write_error(workdir)
+    if error:
         raise ConfigError(
             f"--workdir {workdir} cannot be written ({error.strerror or error}); give a directory this user can write."
         ) from error
@@ -87,8 +80,10 @@ def check_run(config: ml_collections.ConfigDict, workdir: str, *, train: bool) -
     `train`: whether the run trains (a training length is only needed then).
     """
     check_int(config, "batch_size", 1, " (the global batch)")
-    if config.get("dtype", "float32") not in DTYPES:
-        raise ConfigError(f"config.dtype must be one of {sorted(DTYPES)}; got {config.dtype!r}.")
+    try:
+        compute_dtype(config)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     check_int_or_unset(config, "num_train_steps", "unset: config.num_epochs says how long")
     check_int_or_unset(config, "eval_every_steps", "once per epoch")
     check_int_or_unset(config, "checkpoint_step", "the latest checkpoint")
