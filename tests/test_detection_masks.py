@@ -10,7 +10,7 @@ from pycocotools import mask as mask_utils
 
 from cvolution_jax.data import coco, coco_files, shapes
 from cvolution_jax.data import masks as host_masks
-from cvolution_jax.detection import evaluation, mask_head, masks
+from cvolution_jax.detection import evaluation, mask_head
 
 
 def bilinear_zero_padded(grid, y, x):
@@ -98,7 +98,7 @@ def test_mask_targets_from_crops_match_roi_align_of_the_full_mask():
     gt_box = np.asarray([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1], np.float32)
     rois = np.asarray([[10.0, 10.0, 66.0, 50.0], [15.5, 14.0, 40.0, 47.5], gt_box], np.float32)
     crop = host_masks.crop_mask(full, gt_box, 112) >= 0.5
-    targets = np.asarray(masks.mask_targets(jnp.asarray(rois), jnp.tile(jnp.asarray(gt_box), (3, 1)),
+    targets = np.asarray(mask_head.mask_targets(jnp.asarray(rois), jnp.tile(jnp.asarray(gt_box), (3, 1)),
                                             jnp.tile(jnp.asarray(crop, jnp.uint8), (3, 1, 1)), 28))
     for roi, target in zip(rois, targets):
         reference = roi_align_reference(full.astype(np.float64), roi, 28)

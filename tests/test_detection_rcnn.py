@@ -9,6 +9,7 @@ import pytest
 
 from cvolution_jax import models
 from cvolution_jax.data import masks
+from cvolution_jax.detection import Detector
 from cvolution_jax.detection.faster_rcnn import FasterRCNN, Settings, frozen
 from cvolution_jax.detection.mask_rcnn import MaskRCNN
 from cvolution_jax.layers import SpatialOp
@@ -103,6 +104,7 @@ def test_mask_rcnn_is_faster_rcnn_with_the_mask_branch_on():
     mask_rcnn = shapes(tiny_detector())
     assert shapes(tiny_detector(cls=lambda **kw: FasterRCNN(mask_op=SpatialOp("conv"), mask_channels=32, **kw))) == mask_rcnn
     assert {k: v for k, v in mask_rcnn["params"].items() if k != "mask_head"} == shapes(tiny_detector(cls=FasterRCNN))["params"]
+    assert isinstance(tiny_detector(), Detector) and isinstance(tiny_detector(cls=FasterRCNN), Detector)
     assert tiny_detector().loss_names == ("rpn_cls", "rpn_reg", "rcnn_cls", "rcnn_reg", "rcnn_mask")
     assert tiny_detector(cls=FasterRCNN).loss_names == ("rpn_cls", "rpn_reg", "rcnn_cls", "rcnn_reg")
 

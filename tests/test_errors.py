@@ -213,6 +213,16 @@ def test_detection_fields_are_checked(tmp_path):
                         workdir, train=True)
     with pytest.raises(ConfigError, match=r"mask_channels \(32\) must equal config.model.channels \(64\)"):
         check_detection(detection_config(mask_op="cvolution"), workdir, train=True)
+    # Faster R-CNN takes no mask fields, so a mask op in its config groups no channels.
+    check_detection(detection_config(detector="faster_rcnn", mask_op="cvolution", channels=24, neck_op="conv"), workdir,
+                    train=True)
+    small_stem = detection_config(backbone_overrides={"stage_sizes": (1, 1, 1, 1), "widths": (16, 32, 64, 128),
+                                                      "stem_width": 32, "stem": "small"})
+    with pytest.raises(ConfigError, match=r"strides\[:4\] = \(4, 8, 16, 32\) are not the strides of the backbone's "
+                                          r"C2-C5, \(2, 4, 8, 16\) \(its stem 'small'\)"):
+        check_detection(small_stem, workdir, train=True)
+    with pytest.raises(ConfigError, match=r"config.model.settings has unknown fields \['anchor_scales'\]"):
+        check_detection(detection_config(settings={"anchor_scales": 4.0}), workdir, train=True)
     config = detection_config()
     config.data.buckets = ((128, 0),)
     with pytest.raises(ConfigError, match=r"config.data.buckets must be one or more padded \(H, W\) shapes .*got \(\(128, 0\),\)"):

@@ -24,6 +24,45 @@ def test_unknown_name_lists_valid_names(name):
         models.create(name)
 
 
+def test_registry_maps_names_to_constructors_with_the_papers_layouts():
+    """Each name is a constructor: the family's op and stem at the depth's stage sizes (the zoo's)."""
+    expected = {"resnet": (SpatialOp("conv", kernel_size=3), "resnet"),
+                "rednet": (SpatialOp("involution", kernel_size=7), "rednet"),
+                "cednet": (SpatialOp("cvolution", kernel_size=7), "rednet")}
+    for name, constructor in models.MODELS.items():
+        family, depth = name[:6], int(name[6:])
+        model = constructor(num_classes=3)
+        assert (model.op, model.stem) == expected[family]
+        assert tuple(model.stage_sizes) == models.STAGE_SIZES[depth] and model.num_classes == 3
+    assert dict(models.STAGE_SIZES) == {26: (1, 2, 4, 1), 38: (2, 3, 5, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3),
+                                        152: (3, 8, 36, 3)}
+
+
+def test_op_kwargs_and_overrides_reach_the_network():
+    model = models.create("cednet50", op_kwargs={"kernel_size": 5}, widths=(16, 32, 48, 64), stem="small")
+    assert model.op == SpatialOp("cvolution", kernel_size=5) and model.stem == "small"
+    assert tuple(model.widths) == (16, 32, 48, 64) and tuple(model.stage_sizes) == (3, 4, 6, 3)
+    with pytest.raises(ValueError, match=r"cednet50: op_kwargs .*kernel_sise"):
+        models.create("cednet50", op_kwargs={"kernel_sise": 5})
+    with pytest.raises(ValueError, match=r"Unknown ResNet field\(s\) depth .*valid: stage_sizes"):
+        models.create("cednet50", depth=3)
+
+
+@pytest.mark.parametrize("name,stem,size", [("resnet50", "resnet", 67), ("rednet26", "rednet", 64),
+                                            ("cednet26", "small", 33)])
+def test_backbone_contract_stage_channels_and_strides_are_the_stages(name, stem, size):
+    """`stage_channels` and `stage_strides` (the `Backbone` contract detectors and segmentors read)
+    are what `return_stages=True` gives, sizes rounded up, for each stem."""
+    model = models.create(name, stem=stem, stage_sizes=(1, 1, 1, 1), widths=(16, 16, 32, 32), stem_width=32)
+    assert isinstance(model, models.Backbone)
+    stages = jax.eval_shape(lambda x: model.init_with_output(jax.random.key(0), x, return_stages=True)[0],
+                            jnp.zeros((1, size, size, 3)))
+    assert model.stage_channels == (64, 64, 128, 128)
+    assert [s.shape for s in stages] == [(1, -(-size // stride), -(-size // stride), channels)
+                                         for stride, channels in zip(model.stage_strides, model.stage_channels)]
+    assert model.stage_strides == ((2, 4, 8, 16) if stem == "small" else (4, 8, 16, 32))
+
+
 # The RedNet/CedNet size is odd so stride-2 ops see odd inputs (ceil-mode pooling in the generator).
 # The K=7 networks compile for 20-45 s on 2 CPU cores: slow; their ops are tested in test_layers and
 # test_ops, and a small CedNet trains in test_experiments_imagenet.

@@ -109,3 +109,18 @@ def test_an_unknown_task_is_refused_with_the_list():
 
     with pytest.raises(ValueError, match=r"config.task must be one of classification, detection, segmentation; got 'retina'"):
         tasks.name_of(ml_collections.ConfigDict({"task": "retina", "model": {"name": "x"}}))
+
+
+def test_every_registered_detector_keeps_the_detector_contract(tmp_path):
+    """`DETECTORS` is the one place a detector is named: each entry builds a `Detector` whose
+    `with_mask` says whether it has the mask branch (the task asks it, not the name)."""
+    from cvolution_jax.detection import Detector
+
+    built = {}
+    for name in detection.DETECTORS:
+        config = tiny_detection_config(tmp_path)
+        config.model.detector = name
+        built[name] = detection.create_detector(config, num_classes=3)
+        assert isinstance(built[name], Detector) and built[name].num_classes == 3
+    assert {name: model.with_mask for name, model in built.items()} == {"faster_rcnn": False, "mask_rcnn": True}
+    assert built["faster_rcnn"].mask_op is None  # the mask fields are Mask R-CNN's alone

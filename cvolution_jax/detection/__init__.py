@@ -11,11 +11,44 @@ Modules, from geometry to evaluation:
 - ``nms``: ``batched_nms``, class-aware greedy NMS with a static output size.
 - ``roi_align``: mmcv's aligned RoIAlign (adaptive sampling) and its FPN level mapping.
 - the FPN neck is shared with segmentation: ``cvolution_jax.necks.fpn``.
-- ``rpn``, ``roi_head``: the heads with their targets, losses and test-time outputs.
+- ``rpn``, ``roi_head``, ``mask_head``: the heads with their targets, losses and test-time outputs.
 - ``faster_rcnn``: the detector (``FasterRCNN``) and its ``Settings``.
 - ``evaluation``: COCO results and pycocotools' ``COCOeval``; ``visualize``: pictures.
 
 Data comes from ``cvolution_jax.data.coco`` (COCO-format annotations, size buckets, padded
 ground truth) and ``cvolution_jax.data.shapes`` (the synthetic default); training and evaluation
 runs are the task ``cvolution_jax.tasks.detection`` (``experiments/coco.py``).
+
+A detector is any flax module with the ``Detector`` contract; the task builds one by name
+(``cvolution_jax.tasks.detection.DETECTORS``).
 """
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+
+@runtime_checkable
+class Detector(Protocol):
+    """What the detection task, ``cvolution_jax.kernel_maps`` and inference need of a detector.
+
+    A batch is ``{"image" [B, H, W, 3] float (normalised, padded), "image_size" [B, 2] (the
+    resized image's h, w inside the padding)}`` and, to train, the padded ground truth
+    ``"boxes" [B, G, 4]``, ``"labels" [B, G]``, ``"gt_valid" [B, G]`` (and ``"masks" [B, G, M, M]``
+    with a mask branch), as ``cvolution_jax.data.coco`` makes it.
+    """
+
+    backbone: object  # a cvolution_jax.models.Backbone
+    with_mask: bool  # detections and training add instance masks
+    loss_names: tuple[str, ...]  # the entries of `losses` summed into the training objective
+
+    def features(self, images, train: bool = False):
+        """The neck's levels, each ``[B, H / s, W / s, C]``: what the heads see."""
+
+    def __call__(self, batch):
+        """Static-shape detections ``{"boxes" [B, D, 4], "scores" [B, D], "labels" [B, D],
+        "valid" [B, D]}`` in the resized image's pixels (plus ``"masks" [B, D, m, m]`` over each
+        box with a mask branch)."""
+
+    def losses(self, batch, key):
+        """A dict of scalars: every name of ``loss_names``, plus any metric worth logging."""

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from cvolution_jax.detection import anchors as anchors_lib
-from cvolution_jax.detection import mask_head, masks, roi_align, roi_head, rpn
+from cvolution_jax.detection import mask_head, roi_align, roi_head, rpn
 from cvolution_jax.necks.fpn import FPN
 from cvolution_jax.layers import SpatialOp
 
@@ -224,7 +224,7 @@ class FasterRCNN(nn.Module):
             array, gt_index.reshape(*gt_index.shape, *(1,) * (array.ndim - 2)), axis=1)
         logits = self._mask_head(levels, rois, train=True)
         size = logits.shape[2]
-        targets = jax.vmap(lambda r, b, m: masks.mask_targets(r, b, m, size))(
+        targets = jax.vmap(lambda r, b, m: mask_head.mask_targets(r, b, m, size))(
             rois, take(batch["boxes"]), take(batch["masks"]))
         return mask_head.loss(logits, take(batch["labels"]), targets, positive)
 

@@ -8,7 +8,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import functools
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import jax.numpy as jnp
 
@@ -23,20 +24,56 @@ STAGE_SIZES = {
     152: (3, 8, 36, 3),
 }
 
-# family -> (depths, ResNet fields)
-FAMILIES = {
-    "resnet": ((50, 101, 152), dict(op=SpatialOp("conv", kernel_size=3), stem="resnet")),
-    "rednet": ((26, 38, 50, 101, 152), dict(op=SpatialOp("involution", kernel_size=7), stem="rednet")),
-    "cednet": ((26, 38, 50, 101, 152), dict(op=SpatialOp("cvolution", kernel_size=7), stem="rednet")),
-}
-
 # The ResNet fields `create` takes as overrides (num_classes and dtype are its own arguments).
 OVERRIDABLE = tuple(f.name for f in dataclasses.fields(ResNet) if f.name not in ("parent", "name", "num_classes", "dtype"))
 
 
+@runtime_checkable
+class Backbone(Protocol):
+    """What a detector or segmentor needs of its backbone (the registry's ResNets all have it).
+
+    `backbone(images [B, H, W, 3], train, return_stages=True)` returns the stage outputs C2-C5, the
+    i-th `[B, H / stage_strides[i], W / stage_strides[i], stage_channels[i]]` (sizes rounded up);
+    without `return_stages` it is a classifier. Its parameters are a classifier's minus the head,
+    so an `experiments.imagenet` checkpoint initialises it (`cvolution_jax.tasks.backbone`).
+    """
+
+    stage_channels: tuple[int, ...]
+    stage_strides: tuple[int, ...]
+
+    def __call__(self, x, train: bool = False, return_stages: bool = False): ...
+
+
+def _bottleneck_network(depth: int, **fields) -> ResNet:
+    return ResNet(**{"stage_sizes": STAGE_SIZES[depth], **fields})
+
+
+def resnet(depth: int, **fields) -> ResNet:
+    """ResNet-`depth` (He et al. 2016, mmcls's ResNet-v1b): 3x3 convolutions, the 7x7 convolution stem."""
+    return _bottleneck_network(depth, **{"op": SpatialOp("conv", kernel_size=3), "stem": "resnet", **fields})
+
+
+def rednet(depth: int, **fields) -> ResNet:
+    """RedNet-`depth` (Li et al. 2021): 7x7 involutions, the involution stem."""
+    return _bottleneck_network(depth, **{"op": SpatialOp("involution", kernel_size=7), "stem": "rednet", **fields})
+
+
+def cednet(depth: int, **fields) -> ResNet:
+    """CedNet-`depth` (the C-volution paper): RedNet with 7x7 C-volutions."""
+    return _bottleneck_network(depth, **{"op": SpatialOp("cvolution", kernel_size=7), "stem": "rednet", **fields})
+
+
+# name -> constructor `(**fields) -> module`. A new network is its constructor and one line here.
+MODELS: dict[str, Callable[..., ResNet]] = {
+    **{f"resnet{depth}": functools.partial(resnet, depth) for depth in (50, 101, 152)},
+    **{f"rednet{depth}": functools.partial(rednet, depth) for depth in (26, 38, 50, 101, 152)},
+    **{f"cednet{depth}": functools.partial(cednet, depth) for depth in (26, 38, 50, 101, 152)},
+}
+
+
 def names() -> list[str]:
     """Every registered model name, e.g. `resnet50`, `rednet26`, `cednet152`."""
-    return [f"{family}{depth}" for family, (depths, _) in FAMILIES.items() for depth in depths]
+    return list(MODELS)
 
 
 def create(name: str, *, num_classes: int = 1000, dtype: Any = jnp.float32, op_kwargs=(), **overrides) -> ResNet:
@@ -51,22 +88,21 @@ def create(name: str, *, num_classes: int = 1000, dtype: Any = jnp.float32, op_k
         `{"kernel_size": 5}`, `{"impl": "xla"}`.
       **overrides: other `ResNet` fields, e.g. `stage_sizes=(1, 1, 1), widths=(16, 32, 64)`.
     """
+    if name not in MODELS:
+        raise ValueError(f"Unknown model {name!r}. Valid names: {', '.join(names())}.")
     unknown = sorted(set(overrides) - set(OVERRIDABLE))
     if unknown:
         raise ValueError(
             f"Unknown ResNet field(s) {', '.join(unknown)} in the overrides of {name!r}; valid: {', '.join(OVERRIDABLE)}, "
             f"and op_kwargs for the op's switches.")
-    for family, (depths, fields) in FAMILIES.items():
-        suffix = name[len(family):]
-        if name.startswith(family) and suffix.isdigit() and int(suffix) in depths:
-            fields = {"stage_sizes": STAGE_SIZES[int(suffix)], **fields, **overrides}
-            if op_kwargs and isinstance(fields["op"], SpatialOp):  # any other op fails ResNet's own check
-                try:
-                    fields["op"] = fields["op"].with_switches(op_kwargs)
-                except (TypeError, ValueError) as error:
-                    raise ValueError(f"{name}: op_kwargs {op_kwargs!r}: {error}") from None
-            return ResNet(num_classes=num_classes, dtype=dtype, **fields)
-    raise ValueError(f"Unknown model {name!r}. Valid names: {', '.join(names())}.")
+    model = MODELS[name](num_classes=num_classes, dtype=dtype, **overrides)
+    if op_kwargs and isinstance(model.op, SpatialOp):  # any other op fails ResNet's own check
+        try:
+            model = model.clone(op=model.op.with_switches(op_kwargs))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{name}: op_kwargs {op_kwargs!r}: {error}") from None
+    return model
 
 
-__all__ = ["Bottleneck", "ResNet", "STAGE_SIZES", "FAMILIES", "OVERRIDABLE", "names", "create"]
+__all__ = ["Backbone", "Bottleneck", "ResNet", "STAGE_SIZES", "OVERRIDABLE", "MODELS", "resnet", "rednet", "cednet", "names",
+           "create"]

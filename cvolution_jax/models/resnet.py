@@ -71,6 +71,18 @@ class ResNet(nn.Module):
     stem_width: int = 64
     dtype: Any = jnp.float32
 
+    @property
+    def stage_channels(self) -> tuple[int, ...]:
+        """Channels of the stage outputs C2-C5 (`return_stages`): 4x each stage's width."""
+        return tuple(EXPANSION * w for w in self.widths)
+
+    @property
+    def stage_strides(self) -> tuple[int, ...]:
+        """Strides of the stage outputs: 4, 8, 16, 32 after the resnet and rednet stems (stride 4),
+        2, 4, 8, 16 after the small one (stride 2)."""
+        stem_stride = 2 if self.stem == "small" else 4
+        return tuple(stem_stride * 2 ** i for i in range(len(self.stage_sizes)))
+
     def __post_init__(self):
         # At construction, so a bad field fails before any tracing or compilation, naming itself.
         check_fields(self)

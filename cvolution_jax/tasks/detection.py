@@ -41,11 +41,16 @@ from cvolution_jax.train.loop import (DataMesh, Run, check_eval_coverage, comput
 # Right panel of curves.png: the R-CNN's accuracy on its sampled RoIs and the eval AP.
 CURVES = (("train", "rcnn_accuracy", "train R-CNN accuracy"), ("eval", "AP", "eval AP"), ("eval", "AP50", "eval AP50"),
           ("eval", "segm_AP", "eval segm AP"))
-DETECTORS = {"faster_rcnn": FasterRCNN, "mask_rcnn": MaskRCNN}
-# config.model fields a detector takes; one absent from the config keeps the module's default.
-_MODEL_FIELDS = ("neck_op", "rpn_op", "channels", "fc_dim", "norm_eval")
+# config.model fields the two-stage detectors take; one absent from the config keeps the module's default.
+_TWO_STAGE_FIELDS = ("neck_op", "rpn_op", "channels", "fc_dim", "norm_eval")
 _MASK_FIELDS = ("mask_op", "mask_convs", "mask_channels")
-# Of those, the ops: a kind in the config, a SpatialOp with the switches of config.model.op_kwargs in the detector.
+# The detectors by config.model.detector: each a `cvolution_jax.detection.Detector` module and the
+# config.model fields it takes. A new detector is its module(s), its configs and one line here.
+DETECTORS = {
+    "faster_rcnn": (FasterRCNN, _TWO_STAGE_FIELDS),
+    "mask_rcnn": (MaskRCNN, _TWO_STAGE_FIELDS + _MASK_FIELDS),
+}
+# Of those fields, the ops: a kind in the config, a SpatialOp with the switches of config.model.op_kwargs in the detector.
 _OP_FIELDS = ("neck_op", "rpn_op", "mask_op")
 NUM_STAGES = 4  # the FPN reads C2-C5
 
@@ -68,32 +73,39 @@ def check_detection(config: ml_collections.ConfigDict, workdir: str, *, train: b
             f"(1344, 800)); got {cfg.buckets!r}."
         )
     check_int(config, "data.max_gt", 1, " (ground-truth slots per image)")
-    if config.model.detector == "mask_rcnn":
-        check_int(config, "data.mask_size", 1, " (Mask R-CNN trains on each object's mask cropped to M x M; 56 in the "
-                  "Mask R-CNN configs)")
     if cfg.name == "shapes":
         check_int(config, "data.image_size", 1, " (the synthetic shapes' image size)")
-    model = config.model
     backbone = check_backbone(config, "model.backbone", "model.backbone_overrides")
-    if len(backbone.stage_sizes) != NUM_STAGES:
+    if len(backbone.stage_strides) != NUM_STAGES:
         raise ConfigError(
-            f"config.model.backbone_overrides gives the backbone {len(backbone.stage_sizes)} stages "
+            f"config.model.backbone_overrides gives the backbone {len(backbone.stage_strides)} stages "
             f"(stage_sizes {tuple(backbone.stage_sizes)}); the FPN takes C2-C5, so give {NUM_STAGES}."
         )
     check_int(config, "model.channels", 1)
     check_int(config, "model.fc_dim", 1)
-    ops_on_channels = [f"{field}={model[field]!r}" for field in ("neck_op", "rpn_op") if model[field] != "conv"]
-    if model.detector == "mask_rcnn" and model.mask_op != "conv":
-        ops_on_channels.append(f"mask_op={model.mask_op!r}")
-        if model.mask_channels != model.channels:
+    try:
+        detector = create_detector(config, num_classes=1)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    if backbone.stage_strides != tuple(detector.settings.strides[:NUM_STAGES]):
+        raise ConfigError(
+            f"config.model.settings.strides[:{NUM_STAGES}] = {tuple(detector.settings.strides[:NUM_STAGES])} are not the "
+            f"strides of the backbone's C2-C5, {backbone.stage_strides} (its stem {backbone.stem!r}); the anchors and "
+            f"RoIAlign would read the wrong places. Use the 'resnet' or 'rednet' stem, or set the strides to match.")
+    if detector.with_mask:
+        check_int(config, "data.mask_size", 1, " (Mask R-CNN trains on each object's mask cropped to M x M; 56 in the "
+                  "Mask R-CNN configs)")
+        if detector.mask_op.kind != "conv" and detector.mask_channels != detector.channels:
             raise ConfigError(
-                f"config.model.mask_op={model.mask_op!r} keeps the FPN's channels, so config.model.mask_channels "
-                f"({model.mask_channels}) must equal config.model.channels ({model.channels}); set both alike."
+                f"config.model.mask_op={config.model.mask_op!r} keeps the FPN's channels, so config.model.mask_channels "
+                f"({detector.mask_channels}) must equal config.model.channels ({detector.channels}); set both alike."
             )
-    if ops_on_channels and model.channels % ops.GROUP_CHANNELS:
+    ops_on_channels = [f"{field}={getattr(detector, field).kind!r}" for field in _OP_FIELDS
+                       if getattr(detector, field, None) is not None and getattr(detector, field).kind != "conv"]
+    if ops_on_channels and detector.channels % ops.GROUP_CHANNELS:
         raise ConfigError(
             f"config.model.channels must be a multiple of {ops.GROUP_CHANNELS} with {', '.join(ops_on_channels)} "
-            f"(one kernel per {ops.GROUP_CHANNELS} channels); got {model.channels}."
+            f"(one kernel per {ops.GROUP_CHANNELS} channels); got {detector.channels}."
         )
     check_run(config, workdir, train=train)
 
@@ -114,15 +126,16 @@ def create_detector(config: ml_collections.ConfigDict, num_classes: int) -> Fast
     cfg = config.model
     if cfg.detector not in DETECTORS:
         raise ValueError(f"config.model.detector must be one of {sorted(DETECTORS)}; got {cfg.detector!r}.")
+    module, config_fields = DETECTORS[cfg.detector]
     settings = dict(cfg.get("settings", {}))
     unknown = sorted(set(settings) - set(Settings.__dataclass_fields__))
     if unknown:
         raise ValueError(f"config.model.settings has unknown fields {unknown}; valid: {sorted(Settings.__dataclass_fields__)}.")
-    fields = {k: cfg[k] for k in _MODEL_FIELDS + (_MASK_FIELDS if cfg.detector == "mask_rcnn" else ()) if k in cfg}
+    fields = {k: cfg[k] for k in config_fields if k in cfg}
     op_kwargs = cfg.get("op_kwargs", {})
     fields.update({k: SpatialOp.named(kind, op_kwargs) for k, kind in fields.items() if k in _OP_FIELDS})
     backbone = models.create(cfg.backbone, num_classes=1, dtype=dtype, **dict(cfg.get("backbone_overrides", {})))
-    return DETECTORS[cfg.detector](
+    return module(
         backbone=backbone, num_classes=num_classes, dtype=dtype,
         settings=Settings(**{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in settings.items()}),
         **fields)

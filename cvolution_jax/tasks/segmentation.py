@@ -86,9 +86,9 @@ def check_segmentation(config: ml_collections.ConfigDict, workdir: str, *, train
         raise config_checks.ConfigError(
             f"config.model.decode_head must be one of {DECODE_HEADS} (Semantic FPN, UPerNet); got {model.decode_head!r}.")
     backbone = check_backbone(config, "model.backbone", "model.backbone_overrides")
-    if len(backbone.stage_sizes) != 4:
+    if len(backbone.stage_strides) != 4:
         raise config_checks.ConfigError(
-            f"config.model.backbone_overrides gives the backbone {len(backbone.stage_sizes)} stages; the heads read "
+            f"config.model.backbone_overrides gives the backbone {len(backbone.stage_strides)} stages; the heads read "
             f"C2-C5, so give 4.")
     for path in ("model.channels", "model.head_channels", "model.aux_channels"):
         config_checks.check_int(config, path, 1)
