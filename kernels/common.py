@@ -23,8 +23,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from kernels import reference
 
-# jax 0.11 deprecated the Pallas Triton backend these kernels lower through (README, "Pallas on
-# Triton"). It warns at every kernel's lowering, dozens of times for one network, and Python's
+# jax 0.11 deprecated the Pallas Triton backend these kernels lower through (docs/kernels.md,
+# "Pallas on Triton"). It warns at every kernel's lowering, dozens of times for one network, and Python's
 # default filters hide it, as it comes from jax's own module. Shown once per process instead:
 # this message only, so every other deprecation is shown as before.
 TRITON_DEPRECATION = "The Pallas Triton backend is deprecated"

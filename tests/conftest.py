@@ -49,7 +49,7 @@ def pytest_report_header(config):
     """The Pallas Triton deprecation, once: pyproject filters it from the tests that lower kernels."""
     if jax.__version_info__ >= (0, 11):
         return (f"jax {jax.__version__}: the Pallas Triton backend the kernels lower through is deprecated since jax 0.11 "
-                "(DeprecationWarning jax-pallas-triton; filtered from the tests, README \"Pallas on Triton\")")
+                "(DeprecationWarning jax-pallas-triton; filtered from the tests, docs/kernels.md \"Pallas on Triton\")")
     return None
 
 

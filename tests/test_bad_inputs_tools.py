@@ -1,4 +1,4 @@
-"""Bad input to the tools, by class of case (README, "Reliability"): a config file that is not one,
+"""Bad input to the tools, by class of case (docs/training.md, "Reliability"): a config file that is not one,
 a metrics file that was edited, an output path that cannot be written, counts below one, a run
 started over an earlier run's records. Each ends in one sentence before anything is measured or
 trained, or is skipped and counted; nothing is lost."""

@@ -13,8 +13,8 @@ from cvolution_jax import count, models
 from tests.conftest import CONFIGS, ROOT
 
 CONFIG_DIR = os.path.join(ROOT, "experiments", "configs")
-with open(os.path.join(ROOT, "README.md")) as f:
-    README = f.read()
+with open(os.path.join(ROOT, "docs", "detection.md")) as f:
+    DETECTION_PAGE = f.read()
 
 
 @pytest.fixture(scope="module")
@@ -79,10 +79,10 @@ def test_cli_rejects_unknown_model(capsys):
 # --------------------------------------------------------------------- a run's config: detectors
 
 
-def readme_detector_rows() -> dict:
-    """`{config (with its overrides): (params, MACs)}` of the README's Faster and Mask R-CNN tables."""
+def documented_detector_rows() -> dict:
+    """`{config (with its overrides): (params, MACs)}` of the Faster and Mask R-CNN tables in docs/detection.md."""
     rows = {}
-    for line in README.splitlines():
+    for line in DETECTION_PAGE.splitlines():
         match = re.match(r"\| `((?:faster|mask)_rcnn_\w+_1x\.py)((?: --config\.[\w.]+=\w+)*)` \|(.*)", line)
         if match:
             cells = [cell.strip() for cell in match.group(3).split("|")]
@@ -91,25 +91,25 @@ def readme_detector_rows() -> dict:
     return rows
 
 
-README_ROWS = readme_detector_rows()
+DOCUMENTED_ROWS = documented_detector_rows()
 
 
 @functools.cache
 def counted(row: str) -> dict:
-    """`count` of a README row: its config file with its overrides, as `--config` loads them."""
+    """`count` of a row of docs/detection.md: its config file with its overrides, as `--config` loads them."""
     path, *overrides = row.split(" ")
     return count.count_config(count.load_config(os.path.join(CONFIG_DIR, path), tuple(overrides)))
 
 
-def test_the_readme_lists_every_detector_config():
+def test_the_detection_page_lists_every_detector_config():
     configs = {os.path.basename(p) for p in CONFIGS if os.path.basename(p).startswith(("faster_rcnn", "mask_rcnn"))}
-    assert {row.split(" ")[0] for row in README_ROWS} == configs
-    assert "faster_rcnn_rednet50_fpn_1x.py --config.model.neck_op=cvolution" in README_ROWS
+    assert {row.split(" ")[0] for row in DOCUMENTED_ROWS} == configs
+    assert "faster_rcnn_rednet50_fpn_1x.py --config.model.neck_op=cvolution" in DOCUMENTED_ROWS
 
 
-@pytest.mark.parametrize("row", sorted(README_ROWS))
-def test_every_detector_config_counts_as_the_readme_says(row):
-    result, (params_m, macs_g) = counted(row), README_ROWS[row]
+@pytest.mark.parametrize("row", sorted(DOCUMENTED_ROWS))
+def test_every_detector_config_counts_as_the_detection_page_says(row):
+    result, (params_m, macs_g) = counted(row), DOCUMENTED_ROWS[row]
     assert (round(result["params"] / 1e6, 2), round(result["macs"] / 1e9, 1)) == (params_m, macs_g)
     assert (result["input"], result["classes"]) == ("800x1280", 80)
 
@@ -131,7 +131,7 @@ def test_detector_parameters_match_the_published_counts(row, published, toleranc
 
 def test_cednet50_detector_is_the_paper_row_plus_the_cednet_backbone():
     """The paper's 29.8M CedNet-50-FPN row is a RedNet-50 backbone with a C-volution neck; a real
-    CedNet-50 backbone adds exactly its extra parameters over RedNet-50 (README)."""
+    CedNet-50 backbone adds exactly its extra parameters over RedNet-50 (docs/detection.md)."""
     backbone = lambda name: count.count(models.create(name))["params"]  # noqa: E731
     paper_row = counted("faster_rcnn_rednet50_fpn_1x.py --config.model.neck_op=cvolution")["params"]
     assert counted("faster_rcnn_cednet50_fpn_1x.py")["params"] - paper_row == backbone("cednet50") - backbone("rednet50")
@@ -172,7 +172,7 @@ def test_a_classification_config_is_counted_by_the_classification_builder():
     config = count.load_config(os.path.join(CONFIG_DIR, "cednet50.py"))
     assert count.task_count(config) is count.COUNTS["classification"]
     result = count.count_config(config)
-    # The README's model-zoo row for cednet50 (16.44M, 2.77G at 224x224, 1000 classes).
+    # The model zoo's row (docs/zoo.md) for cednet50 (16.44M, 2.77G at 224x224, 1000 classes).
     assert (round(result["params"] / 1e6, 2), round(result["macs"] / 1e9, 2)) == (16.44, 2.77)
     assert (result["input"], result["classes"]) == ("224x224", 1000)
 

@@ -112,8 +112,8 @@ def test_cityscapes_without_its_folders_names_the_data_dir_field(tmp_path):
 
 # Published (params M, GFLOPs) of the involution code's Cityscapes table; CedNet-50 has none.
 PUBLISHED = {"fpn_rednet50": (18.5, 293.9), "fpn_rednet50_neck": (16.4, 205.2), "upernet_rednet50": (56.4, 1825.6)}
-with open(f"{ROOT}/README.md") as f:
-    README = f.read()
+with open(f"{ROOT}/docs/segmentation.md") as f:
+    SEGMENTATION_PAGE = f.read()
 SEGMENTATION_CONFIGS = [c for c in CONFIGS if c.endswith("_512x1024_80k_cityscapes.py")]
 
 
@@ -150,8 +150,8 @@ def test_upernet_params_include_the_auxiliary_head_macs_do_not():
 
 
 @pytest.mark.parametrize("name", ["fpn_rednet50", "fpn_rednet50_neck", "fpn_cednet50", "upernet_rednet50", "upernet_cednet50"])
-def test_the_readme_table_is_what_count_prints(name):
-    row = next(line for line in README.splitlines() if line.startswith(f"| `{name}_512x1024_80k_cityscapes` |"))
+def test_the_segmentation_page_table_is_what_count_prints(name):
+    row = next(line for line in SEGMENTATION_PAGE.splitlines() if line.startswith(f"| `{name}_512x1024_80k_cityscapes` |"))
     params_m, macs_g = (float(cell) for cell in row.split("|")[2:4])
     result = counted(name)
     assert (round(result["params"] / 1e6, 2), round(result["macs"] / 1e9, 1)) == (params_m, macs_g)

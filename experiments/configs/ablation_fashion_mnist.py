@@ -13,7 +13,7 @@ the study runs it (`get_config("cednet")` is that row's run config with seed 0):
 
 The recipe was chosen on a validation split (`--config.recipe.data.validation_size=10000`: 10000
 training images held out and evaluated instead of the test set); the test images were only
-evaluated by the final grid. Expected (measured 2026-12-01/02, 2-core CPU, 1 h 46 min for the grid; README,
+evaluated by the final grid. Expected (measured 2026-12-01/02, 2-core CPU, 1 h 46 min for the grid; docs/ablation.md,
 "Does C-volution help?"): test top-1 mean ± std over seeds 0-2, resnet 89.34 ± 0.44, resnet_matched
 89.11 ± 0.26, rednet 88.58 ± 0.21, cednet_context 88.98 ± 0.19, cednet_channel 89.09 ± 0.63, cednet
 88.93 ± 0.34; no difference exceeds the seeds' spread.
@@ -44,11 +44,11 @@ def recipe() -> ml_collections.ConfigDict:
     """The training recipe of every run: all fields of an `experiments.imagenet` config but the
     model and the seed, which each run sets."""
     config = fashion_mnist.get_config()
-    # Chosen on the validation split (README): 1560 steps of 128 (4 epochs of the 50000 images left
+    # Chosen on the validation split (docs/ablation.md): 1560 steps of 128 (4 epochs of the 50000 images left
     # for training there, 3.3 of the 60000) kept a C-volution run near 8 minutes on 2 CPU cores
     # (about 6 since 2026-12-02's faster dS); translations of up to 2 pixels beat 4 there (CedNet
     # 89.56% vs 88.47%); batch 64 (3124 steps) did not beat 128 (88.41% vs 88.47%). The static
-    # kernel's zero init and 0.1x / 10x learning rate moved CedNet by 0.3 at most (README).
+    # kernel's zero init and 0.1x / 10x learning rate moved CedNet by 0.3 at most (docs/ablation.md).
     config.num_train_steps = 1560
     config.data.translate_pixels = 2
     config.log_every_steps = 100

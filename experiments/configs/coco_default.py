@@ -12,7 +12,7 @@ RoIAlign features (14x14 masks) trained on 8 positive RoIs per image.
 
 Measured 2026-12-01 (jax 0.10.2, an idle 2-core CPU machine): bbox AP 0.556 (AP50 0.828), segm AP
 0.622 (AP50 0.839) on the 200 held-out images in 7 min 9 s for the whole command (median of two
-runs from an empty workdir, dataset writing and `--vis 8` included; README, with where the time goes).
+runs from an empty workdir, dataset writing and `--vis 8` included; docs/detection.md, with where the time goes).
 """
 
 from experiments.configs import common

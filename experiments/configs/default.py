@@ -6,7 +6,7 @@ Real data with nothing to download: the 1797 8x8 UCI digits (a fixed stratified 
 resized to 32x32. The model is CedNet with C-volution ops (dilated-3x3 context, static channel
 branch; K=3 in the stem, K=7 in three single-block stages of widths 16/32/64), behind the "small"
 stem (one stride-2 conv, no max pool). Expected: 99.72% test top-1 (359/360) after 15 epochs,
-about 1.5 min on 2 CPU cores (measured 2026-12-07; 98.89% on 2026-12-02, README).
+about 1.5 min on 2 CPU cores (measured 2026-12-07; 98.89% on 2026-12-02, docs/ablation.md).
 """
 
 from experiments.configs import common

@@ -14,7 +14,7 @@ COCOeval's maxDets are raised to (10, 100, 200), above the 125 nuclei of the who
 microscopy images.
 
 Measured 2026-11-25 (jax 0.10.2, 2 CPU cores): bbox AP 0.571 (AP50 0.861), segm AP 0.582 (AP50
-0.861) on the held-out strip in 4 min 42 s for the whole command, wheel download included (README).
+0.861) on the held-out strip in 4 min 42 s for the whole command, wheel download included (docs/detection.md).
 """
 
 from experiments.configs import coco_default

@@ -15,7 +15,7 @@ and mmseg's poly SGD at a higher rate (0.1) for the short run.
 
 Measured 2026-12-01 (jax 0.10.2, 2 CPU cores, nearly idle): mIoU 39.99 (aAcc 88.03, mAcc 49.99)
 on the 200 held-out images, 7 min 4 s for the whole command from an empty workdir, dataset
-writing and `--vis 4` included (README, "Semantic segmentation"). 1000 steps gave mIoU 31.17 in
+writing and `--vis 4` included (docs/segmentation.md). 1000 steps gave mIoU 31.17 in
 3 min 0 s: the shape classes were still being learned.
 """
 

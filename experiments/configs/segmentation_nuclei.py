@@ -11,7 +11,7 @@ the strip is evaluated whole.
 
 Measured 2026-12-01 (jax 0.10.2, 2 CPU cores shared, load average 7.5): mIoU 91.97 (background IoU
 97.19, nucleus 86.75) on the held-out strip, 4 min 54 s from an empty workdir, wheel download,
-tiling and `--vis 1` included (README, "Semantic segmentation").
+tiling and `--vis 1` included (docs/segmentation.md).
 """
 
 from experiments.configs import segmentation_default
