@@ -246,7 +246,7 @@ def load_run(path: str, step: int | None = None) -> RestoredRun:
         step = ckpt.restored_step  # not the latest when that one is damaged
     finally:
         ckpt.close()
-    model = task.create_model(config, task.num_classes(variables))
+    model = task.create_model(config, task.num_classes(config, variables))
     return RestoredRun(workdir, config, task.name, model, variables, int(step), task.inference_kwargs())
 
 

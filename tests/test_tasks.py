@@ -1,6 +1,8 @@
 """The tasks' own parts: the detection schedule against mmdet's formula, and eval mode, which
 builds the eval split alone."""
 
+import inspect
+
 import jax
 import ml_collections
 import numpy as np
@@ -9,6 +11,7 @@ import pytest
 from cvolution_jax import data
 from cvolution_jax.data import coco
 from cvolution_jax.tasks import classification, detection
+from cvolution_jax.train import loop
 from cvolution_jax.train.loop import DataMesh
 from tests import tiny_config
 from tests.conftest import tiny_detection_config
@@ -99,6 +102,10 @@ def test_every_config_names_its_task_and_a_saved_one_without_the_field_is_still_
     assert config.task == name and tasks.name_of(config) == name
     task = tasks.get(config)
     assert (task.name, task.entry_point) == (name, entry_point)
+    for runner_and_tools in (loop.Task, tasks.UsableTask):  # every method the protocols name, with their arguments
+        for method in [m for m in vars(runner_and_tools) if callable(getattr(runner_and_tools, m)) and not m.startswith("_")]:
+            assert (inspect.signature(getattr(type(task), method)).parameters.keys()
+                    == inspect.signature(getattr(runner_and_tools, method)).parameters.keys()), (name, method)
     # A config.json saved before configs named their task: told from the model's fields.
     legacy = ml_collections.ConfigDict({k: v for k, v in config.items() if k != "task"})
     assert tasks.name_of(legacy) == name

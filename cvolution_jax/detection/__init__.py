@@ -45,6 +45,14 @@ class Detector(Protocol):
     def features(self, images, train: bool = False):
         """The neck's levels, each ``[B, H / s, W / s, C]``: what the heads see."""
 
+    def dense_head_outputs(self, images):
+        """The dense head's outputs (mmdet's ``dense_heads``: RPN, RetinaHead) on ``features``, at
+        inference: every layer whose spatial op sees only the image."""
+
+    @staticmethod
+    def num_classes_in(variables: dict) -> int:
+        """The object classes (background excluded) a trained detector's ``variables`` predict."""
+
     def __call__(self, batch):
         """Static-shape detections ``{"boxes" [B, D, 4], "scores" [B, D], "labels" [B, D],
         "valid" [B, D]}`` in the resized image's pixels (plus ``"masks" [B, D, m, m]`` over each

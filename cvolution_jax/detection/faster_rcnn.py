@@ -130,6 +130,17 @@ class FasterRCNN(nn.Module):
         stages = self.backbone(images, train=train and not self.norm_eval, return_stages=True)
         return self.neck(stages, train)
 
+    def dense_head_outputs(self, images):
+        """The RPN head's ``(logits, deltas)`` per level on the FPN levels of ``images [B, H, W, 3]``,
+        at inference: every layer with a spatial op that sees only the image (the mask head's need
+        boxes, which come later). What ``cvolution_jax.kernel_maps`` runs."""
+        return self.rpn_head(self.features(images), train=False)
+
+    @staticmethod
+    def num_classes_in(variables: dict) -> int:
+        """The object classes of a trained detector's ``variables``: its box classifier's outputs but background."""
+        return int(variables["params"]["box_head"]["fc_cls"]["bias"].shape[0]) - 1
+
     def _anchors(self, image_shape, levels):
         per_level = anchors_lib.anchors_for_levels(
             image_shape, self.settings.strides, self.settings.anchor_scale, self.settings.anchor_ratios)

@@ -14,13 +14,39 @@ image, its entry point. A new task is its module and one line of `TASKS`.
     task = tasks.get(config)                      # a Classification, Detection or Segmentation
     model = task.create_model(config, num_classes)
     inputs, display = task.preprocess_image(config, PIL.Image.open("cat.jpg"))
+
+Each task is the runner's `cvolution_jax.train.loop.Task` (`check_config`, `build`) and a `UsableTask`
+(what the tools ask of a config or a trained run).
 """
 
 from __future__ import annotations
 
 import importlib
+from typing import ClassVar, Protocol
 
 import ml_collections
+
+
+class UsableTask(Protocol):
+    """What every task gives the tools that use a config or a trained run (count, visualize,
+    kernel maps, and inference): no data is read, nothing is trained."""
+
+    name: ClassVar[str]  # the key of TASKS, and config.task
+    entry_point: ClassVar[str]  # the module that trains it, e.g. "experiments.coco"
+
+    def create_model(self, config: ml_collections.ConfigDict, num_classes: int):
+        """The flax module of `config.model` predicting `num_classes` classes (background excluded)."""
+
+    def num_classes(self, config: ml_collections.ConfigDict, variables: dict) -> int:
+        """The classes a trained model of `config` with `variables` predicts."""
+
+    def preprocess_image(self, config: ml_collections.ConfigDict, image):
+        """`(inputs [1, H, W, C] float32, display [H, W, 3] uint8)` of a PIL image, as the config's
+        evaluation sees it."""
+
+    def inference_kwargs(self) -> dict:
+        """`model.apply`'s keyword arguments that run, at inference on an image batch, every layer
+        whose spatial op sees only the image."""
 
 # config.task -> "module:class" of the task (imported on first use, so that an entry point loads its own task only).
 TASKS = {

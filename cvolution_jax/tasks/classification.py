@@ -165,7 +165,7 @@ class Classification:
     def create_model(self, config: ml_collections.ConfigDict, num_classes: int):
         return create_model(config, num_classes)
 
-    def num_classes(self, variables: dict) -> int:
+    def num_classes(self, config: ml_collections.ConfigDict, variables: dict) -> int:
         """The classes of a trained model's `variables`: its classifier's outputs."""
         return int(variables["params"]["fc"]["bias"].shape[0])
 

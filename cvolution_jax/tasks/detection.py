@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +28,7 @@ from jax.experimental import multihost_utils
 from cvolution_jax import models, ops
 from cvolution_jax.data import coco, coco_datasets, transforms
 from cvolution_jax.data import masks as host_masks
-from cvolution_jax.detection import evaluation, visualize
+from cvolution_jax.detection import Detector, evaluation, visualize
 from cvolution_jax.detection.faster_rcnn import FasterRCNN, Settings, frozen
 from cvolution_jax.detection.mask_rcnn import MaskRCNN
 from cvolution_jax.layers import SpatialOp
@@ -46,9 +46,15 @@ _TWO_STAGE_FIELDS = ("neck_op", "rpn_op", "channels", "fc_dim", "norm_eval")
 _MASK_FIELDS = ("mask_op", "mask_convs", "mask_channels")
 # The detectors by config.model.detector: each a `cvolution_jax.detection.Detector` module and the
 # config.model fields it takes. A new detector is its module(s), its configs and one line here.
+class Registered(NamedTuple):
+    module: type  # the flax module, a `cvolution_jax.detection.Detector`
+    settings: type  # the dataclass of its `settings` field, filled from config.model.settings
+    config_fields: tuple[str, ...]  # the config.model fields it takes
+
+
 DETECTORS = {
-    "faster_rcnn": (FasterRCNN, _TWO_STAGE_FIELDS),
-    "mask_rcnn": (MaskRCNN, _TWO_STAGE_FIELDS + _MASK_FIELDS),
+    "faster_rcnn": Registered(FasterRCNN, Settings, _TWO_STAGE_FIELDS),
+    "mask_rcnn": Registered(MaskRCNN, Settings, _TWO_STAGE_FIELDS + _MASK_FIELDS),
 }
 # Of those fields, the ops: a kind in the config, a SpatialOp with the switches of config.model.op_kwargs in the detector.
 _OP_FIELDS = ("neck_op", "rpn_op", "mask_op")
@@ -113,7 +119,7 @@ def check_detection(config: ml_collections.ConfigDict, workdir: str, *, train: b
 # ---------------------------------------------------------------------------------- model, optim
 
 
-def create_detector(config: ml_collections.ConfigDict, num_classes: int) -> FasterRCNN:
+def create_detector(config: ml_collections.ConfigDict, num_classes: int) -> Detector:
     """The detector of `config.model`: a registry backbone plus FPN, RPN and box head (and for
     `detector="mask_rcnn"` the mask head).
 
@@ -126,18 +132,19 @@ def create_detector(config: ml_collections.ConfigDict, num_classes: int) -> Fast
     cfg = config.model
     if cfg.detector not in DETECTORS:
         raise ValueError(f"config.model.detector must be one of {sorted(DETECTORS)}; got {cfg.detector!r}.")
-    module, config_fields = DETECTORS[cfg.detector]
+    module, settings_type, config_fields = DETECTORS[cfg.detector]
     settings = dict(cfg.get("settings", {}))
-    unknown = sorted(set(settings) - set(Settings.__dataclass_fields__))
+    unknown = sorted(set(settings) - set(settings_type.__dataclass_fields__))
     if unknown:
-        raise ValueError(f"config.model.settings has unknown fields {unknown}; valid: {sorted(Settings.__dataclass_fields__)}.")
+        raise ValueError(
+            f"config.model.settings has unknown fields {unknown}; valid: {sorted(settings_type.__dataclass_fields__)}.")
     fields = {k: cfg[k] for k in config_fields if k in cfg}
     op_kwargs = cfg.get("op_kwargs", {})
     fields.update({k: SpatialOp.named(kind, op_kwargs) for k, kind in fields.items() if k in _OP_FIELDS})
     backbone = models.create(cfg.backbone, num_classes=1, dtype=dtype, **dict(cfg.get("backbone_overrides", {})))
     return module(
         backbone=backbone, num_classes=num_classes, dtype=dtype,
-        settings=Settings(**{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in settings.items()}),
+        settings=settings_type(**{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in settings.items()}),
         **fields)
 
 
@@ -209,11 +216,6 @@ def train_step(state: steps.TrainState, batch, key, frozen_stages: int, loss_nam
     return state, {**losses, "loss": loss, "param_norm": optax.tree.norm(state.params)}
 
 
-def backbone_neck_rpn(detector: FasterRCNN, images):
-    """The RPN head's outputs on the FPN levels of `images [B, H, W, 3]` (for `Detection.inference_kwargs`)."""
-    return detector.rpn_head(detector.features(images), train=False)
-
-
 def predict_step(state: steps.TrainState, batch):
     return state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, batch)
 
@@ -235,21 +237,21 @@ class Detection:
     best_metric: str = "AP"
     curves: dict = dataclasses.field(default_factory=lambda: {"scores": CURVES, "score_title": "score"})
 
-    def create_model(self, config: ml_collections.ConfigDict, num_classes: int) -> FasterRCNN:
+    def create_model(self, config: ml_collections.ConfigDict, num_classes: int) -> Detector:
         return create_detector(config, num_classes)
 
-    def num_classes(self, variables: dict) -> int:
-        """The classes of a trained detector's `variables`: its box classifier's outputs but background."""
-        return int(variables["params"]["box_head"]["fc_cls"]["bias"].shape[0]) - 1
+    def num_classes(self, config: ml_collections.ConfigDict, variables: dict) -> int:
+        """The object classes of a trained detector's `variables` (its `num_classes_in`)."""
+        return DETECTORS[config.model.detector].module.num_classes_in(variables)
 
     def preprocess_image(self, config: ml_collections.ConfigDict, image) -> tuple[np.ndarray, np.ndarray]:
         """`(inputs [1, H, W, 3] float32, display [H, W, 3] uint8)`: a PIL image as evaluation sees one."""
         return coco.preprocess_image(config.data, image)
 
     def inference_kwargs(self) -> dict:
-        """`model.apply`'s keyword arguments that run every layer holding a spatial op (backbone, FPN,
-        RPN head) on an image batch `[B, H, W, 3]`: the mask head's ops need boxes, which come later."""
-        return {"method": backbone_neck_rpn}
+        """`model.apply`'s keyword arguments that run every layer holding a spatial op that sees only
+        an image batch `[B, H, W, 3]` (the detector's `dense_head_outputs`)."""
+        return {"method": "dense_head_outputs"}
 
     def check_config(self, config: ml_collections.ConfigDict, workdir: str, *, train: bool) -> None:
         check_detection(config, workdir, train=train)
@@ -295,7 +297,7 @@ class Detection:
 
 def stream_args(config: ml_collections.ConfigDict, mesh: DataMesh, with_mask: bool) -> dict:
     """The keyword arguments of `coco.train_stream` and `coco.eval_pass` that `config` and `mesh`
-    give, for a detector with a mask branch or without (`FasterRCNN.with_mask`)."""
+    give, for a detector with a mask branch or without (its `with_mask`)."""
     cfg = config.data
     # Only a detector with a mask head reads instance masks; Faster R-CNN does not pay for decoding them.
     mask_size = cfg.mask_size if with_mask else 0
@@ -310,7 +312,7 @@ class Evaluation:
 
     config: ml_collections.ConfigDict
     mesh: DataMesh
-    model: FasterRCNN
+    model: Detector
     eval_data: coco.CocoDataset
 
 

@@ -200,7 +200,7 @@ class Segmentation:
     def create_model(self, config: ml_collections.ConfigDict, num_classes: int) -> EncoderDecoder:
         return create_model(config, num_classes)
 
-    def num_classes(self, variables: dict) -> int:
+    def num_classes(self, config: ml_collections.ConfigDict, variables: dict) -> int:
         """The classes of a trained segmentor's `variables`: its decode head's outputs."""
         return int(variables["params"]["decode_head"]["cls_seg"]["conv_seg"]["bias"].shape[0])
 
