@@ -200,10 +200,9 @@ def images_per_sec(workdir: str) -> float:
 
 
 def describe(model: ml_collections.ConfigDict) -> dict:
-    """The op of a row's model config (its registry family's, with the row's switches) and, for
+    """The op of a row's model config (its registry model's, with the row's overrides) and, for
     C-volution, its two switches, for the table."""
-    family = models.FAMILIES[model.name.rstrip("0123456789")][1]
-    op = family["op"].with_switches(model.overrides.get("op_kwargs", ()))
+    op = models.create(model.name, num_classes=1, **dict(model.overrides)).op
     if op.kind == "cvolution":
         return {"op": op.kind, "context": op.context, "channel_branch": op.channel_branch}
     name = f"conv{op.kernel_size}x{op.kernel_size}" if op.kind == "conv" else op.kind
