@@ -36,13 +36,17 @@ TRITON_CALL = "__gpu$xla.gpu.triton"
 # seeds), and compiling them again was most of their time: a tiny classification run takes
 # 16.7 s cold and 9.0 s with the cache. Only compiles over jax's default 1 s are stored. The cache
 # lives in a temporary folder removed at the end, so nothing carries over between sessions.
-XLA_CACHE = tempfile.mkdtemp(prefix="cvolution-jax-tests-xla-cache-")
+# With pytest-xdist the workers inherit the controller's environment and share its cache; the
+# controller, which made it, removes it.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+XLA_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] if WORKER else tempfile.mkdtemp(prefix="cvolution-jax-tests-xla-cache-")
 os.environ["JAX_COMPILATION_CACHE_DIR"] = XLA_CACHE
 jax.config.update("jax_compilation_cache_dir", XLA_CACHE)
 
 
 def pytest_sessionfinish(session, exitstatus):
-    shutil.rmtree(XLA_CACHE, ignore_errors=True)
+    if not WORKER:
+        shutil.rmtree(XLA_CACHE, ignore_errors=True)
 
 
 def pytest_report_header(config):

@@ -157,6 +157,7 @@ def test_count_loads_a_config_file_as_the_entry_points_do(tmp_path, capsys):
     from cvolution_jax import count
 
     (tmp_path / "noget.py").write_text("X = 1\n")
+    count.load_config("experiments/configs/default.py")  # its get_config must not be taken for noget.py's
     with pytest.raises(SystemExit):
         count.main(["--config", str(tmp_path / "noget.py")])
     assert (f"error: --config {tmp_path / 'noget.py'} could not be loaded (AttributeError: module 'config_config' has no "

@@ -102,6 +102,10 @@ def config_file_problem(path: str, parser) -> str | None:
     """What goes wrong loading config file `path` (`file.py` or `file.py:argument`) on its own with
     ml_collections' flag `parser`, in one sentence: a syntax error, no `get_config`, `get_config`
     raising or returning something else than a ConfigDict. None if it loads."""
+    # ml_collections loads the file as module `<flag>_config` with SourceFileLoader.load_module,
+    # which runs a file inside the module of that name if one is loaded already: the get_config of
+    # a config loaded earlier in this process would survive into a file that defines none.
+    sys.modules.pop(f"{parser.name}_config", None)
     try:
         config = parser.parse(path)
     except Exception as error:  # noqa: BLE001 - whatever the user's file raises is the message
