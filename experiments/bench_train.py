@@ -93,7 +93,7 @@ def measure(name: str, *, batch: int, image_size: int, dtype: str, warmup: int, 
     data = {
         "image": jax.random.normal(keys[0], (batch, image_size, image_size, 3)),
         "label": jax.random.randint(keys[1], (batch,), 0, 1000),
-        "mask": jnp.ones((batch,)),
+        "valid": jnp.ones((batch,)),
     }
     train_step = jax.jit(functools.partial(classification.train_step, label_smoothing=0.1), donate_argnums=0)
     for _ in range(warmup):

@@ -239,6 +239,18 @@ def assert_batches_equal(a, b):
             np.testing.assert_array_equal(x[key], y[key], err_msg=key)
 
 
+def coco_stream(dataset, *, train, batch_size, seed=0, process_index=0, process_count=1, num_threads=2,
+                num_workers=0, **transform):
+    """`dataset`'s batches as the detection task builds them: `coco_transforms.examples(dataset, train=...,
+    **transform)` through the pipeline's train stream or eval pass."""
+    from cvolution_jax.data import coco_transforms, pipeline
+
+    examples = coco_transforms.examples(dataset, train=train, **transform)
+    loader = dict(batch_size=batch_size, process_index=process_index, process_count=process_count,
+                  num_threads=num_threads, num_workers=num_workers)
+    return pipeline.train_stream(examples, seed=seed, **loader) if train else pipeline.eval_pass(examples, **loader)
+
+
 def write_coco(folder, images, annotations, categories, *, files=True, extra=None):
     """A hand-made COCO file; images [(id, height, width)] become seeded random PNGs."""
     os.makedirs(folder / "images", exist_ok=True)

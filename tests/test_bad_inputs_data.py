@@ -19,16 +19,14 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from cvolution_jax import data
-from cvolution_jax.data import coco, imagenet
+from cvolution_jax.data import coco, coco_transforms, imagenet, masks, registry
 from cvolution_jax.detection import evaluation
 from cvolution_jax.tasks import classification
 from cvolution_jax.tasks import detection as detection_task
 from cvolution_jax.train import checkpoint, loop
 from experiments.configs import coco_default
 from tests import tiny_config as tiny
-from tests.conftest import CATEGORIES, annotation, take, write_coco
-
-STREAM = dict(num_threads=1, num_workers=0)
+from tests.conftest import CATEGORIES, annotation, coco_stream, take, write_coco
 
 
 def _truncated_jpeg(path, seed):
@@ -185,23 +183,21 @@ def _broken_png(image_dir, image_id):
         f.truncate(30)  # the signature and part of the header survive
 
 
-def test_coco_undecodable_image_is_a_masked_slot_that_keeps_its_id(tmp_path, caplog):
+def test_coco_undecodable_image_is_an_invalid_slot_that_keeps_its_id(tmp_path, caplog):
     path, image_dir = write_coco(tmp_path, [(1, 8, 8), (2, 8, 8)], [annotation(1, 1, 7, [1, 1, 4, 4]),
                                                                     annotation(2, 2, 3, [2, 2, 4, 4])], CATEGORIES)
     _broken_png(image_dir, 2)
     dataset = coco.load_coco(path, image_dir)
-    with caplog.at_level(logging.WARNING, logger="cvolution_jax.data.coco"):
-        batches = list(coco.eval_pass(dataset, batch_size=3, scale=(8, 8), buckets=((8, 8),), max_gt=2,
-                                      process_index=0, process_count=1, **STREAM))
-        train = next(iter(coco.train_stream(dataset, batch_size=2, seed=0, scale=(8, 8), buckets=((8, 8),),
-                                            max_gt=2, flip_prob=0.0, process_index=0, process_count=1, **STREAM)))
+    with caplog.at_level(logging.WARNING, logger="cvolution_jax.data.coco_transforms"):
+        batches = list(coco_stream(dataset, train=False, batch_size=3, scale=(8, 8), buckets=((8, 8),), max_gt=2))
+        train = next(iter(coco_stream(dataset, train=True, batch_size=2, scale=(8, 8), buckets=((8, 8),), max_gt=2)))
     assert os.path.join(image_dir, "2.png") in caplog.text and "COCO image id 2" in caplog.text
     (batch,) = batches
     np.testing.assert_array_equal(batch["image_id"], [1, 2, -1])  # the third slot is padding
-    np.testing.assert_array_equal(batch["mask"], [1, 0, 0])
+    np.testing.assert_array_equal(batch["valid"], [1, 0, 0])
     np.testing.assert_array_equal(batch["corrupt"], [0, 1, 0])
     assert not batch["image"][1].any() and not batch["gt_valid"][1].any()
-    # Training goes on too: the damaged image is a masked slot without ground truth.
+    # Training goes on too: the damaged image is an invalid slot without ground truth.
     order = np.argsort(train["image_id"])
     np.testing.assert_array_equal(train["image_id"][order], [1, 2])
     np.testing.assert_array_equal(train["corrupt"][order], [0, 1])
@@ -280,9 +276,9 @@ def _segmentations():
 
 def test_segmentation_error_accepts_coco_forms_and_names_what_is_wrong():
     for name, segmentation, valid in _segmentations():
-        assert (coco.segmentation_error(segmentation, 20, 20) is None) == valid, name
-    assert "differs from the image" in coco.segmentation_error(_rle(np.zeros((20, 24))), 20, 20)
-    assert "at least 6" in coco.segmentation_error([[1.0, 1.0, 5.0, 5.0]], 20, 20)
+        assert (masks.segmentation_error(segmentation, 20, 20) is None) == valid, name
+    assert "differs from the image" in masks.segmentation_error(_rle(np.zeros((20, 24))), 20, 20)
+    assert "at least 6" in masks.segmentation_error([[1.0, 1.0, 5.0, 5.0]], 20, 20)
 
 
 def test_compressed_rle_runs_match_pycocotools():
@@ -293,8 +289,8 @@ def test_compressed_rle_runs_match_pycocotools():
         if trial % 5 == 0:
             mask[:] = trial % 10 == 0  # all background or all foreground: a zero first run
         rle = _rle(mask)
-        assert coco.segmentation_error(rle, height, width) is None
-        runs = coco._compressed_rle_counts(rle["counts"])
+        assert masks.segmentation_error(rle, height, width) is None
+        runs = masks._compressed_rle_counts(rle["counts"])
         # The runs alternate background/foreground over the column-major pixels.
         decoded = np.repeat(np.arange(len(runs)) % 2, runs).reshape(width, height).T
         np.testing.assert_array_equal(decoded, mask)
@@ -324,14 +320,14 @@ def test_mask_targets_leave_out_malformed_objects_as_if_absent(tmp_path):
     (clean_path, clean_dir), _ = _segmentation_file(tmp_path / "clean", valid_only=True)
     record = coco.load_coco(path, image_dir).records[0]
     clean = coco.load_coco(clean_path, clean_dir).records[0]
-    preprocess = coco.Preprocess((20, 20), ((20, 20),), max_gt=12, flip_prob=1.0, mask_size=8)
+    preprocess = coco_transforms.Preprocess((20, 20), ((20, 20),), max_gt=12, flip_prob=1.0, mask_size=8)
     got = preprocess(record, np.random.default_rng(0))
     expected = preprocess(clean, np.random.default_rng(0))
     assert got["gt_valid"].sum() == 3
     for key in expected:
         np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
     # Box-only training keeps every box.
-    assert coco.Preprocess((20, 20), ((20, 20),), max_gt=12)(record, None)["gt_valid"].sum() == 12
+    assert coco_transforms.Preprocess((20, 20), ((20, 20),), max_gt=12)(record, None)["gt_valid"].sum() == 12
 
 
 def test_a_mask_that_fails_to_decode_in_a_batch_skips_the_object_not_the_run(tmp_path, caplog):
@@ -345,9 +341,8 @@ def test_a_mask_that_fails_to_decode_in_a_batch_skips_the_object_not_the_run(tmp
     # A check that missed a bad mask: pycocotools itself then fails on it while the batch is built.
     first = dataclasses.replace(dataset.records[0], segmentation_ok=np.ones(2, bool))
     dataset = dataclasses.replace(dataset, records=(first, dataset.records[1]))
-    stream = coco.train_stream(dataset, batch_size=2, seed=0, scale=(20, 20), buckets=((20, 20),), max_gt=3,
-                               flip_prob=0.0, process_index=0, process_count=1, mask_size=8, **STREAM)
-    with caplog.at_level(logging.WARNING, logger="cvolution_jax.data.coco"):
+    stream = coco_stream(dataset, train=True, batch_size=2, scale=(20, 20), buckets=((20, 20),), max_gt=3, mask_size=8)
+    with caplog.at_level(logging.WARNING, logger="cvolution_jax.data.coco_transforms"):
         (batch,) = take(iter(stream), 1)
     row = int(np.flatnonzero(batch["image_id"] == 1)[0])
     np.testing.assert_array_equal(batch["gt_valid"][row], [True, False, False])
@@ -367,8 +362,7 @@ def test_training_on_a_file_without_usable_annotations_says_so(tmp_path, annotat
     path, image_dir = write_coco(tmp_path, [(1, 8, 8), (2, 8, 8)], annotations, CATEGORIES)
     dataset = coco.load_coco(path, image_dir)
     with pytest.raises(ValueError, match=f"instances.json has no usable annotations for training: {why}"):
-        coco.train_stream(dataset, batch_size=1, seed=0, scale=(8, 8), buckets=((8, 8),), max_gt=2, flip_prob=0.0,
-                          process_index=0, process_count=1, **STREAM)
+        coco_transforms.examples(dataset, train=True, scale=(8, 8), buckets=((8, 8),), max_gt=2)
 
 
 def test_mask_training_on_a_file_without_a_wellformed_segmentation_says_so(tmp_path):
@@ -376,8 +370,7 @@ def test_mask_training_on_a_file_without_a_wellformed_segmentation_says_so(tmp_p
                                  CATEGORIES)
     dataset = coco.load_coco(path, image_dir)
     with pytest.raises(ValueError, match="none of its 1 usable annotations has a well-formed segmentation"):
-        coco.train_stream(dataset, batch_size=1, seed=0, scale=(8, 8), buckets=((8, 8),), max_gt=2, flip_prob=0.0,
-                          process_index=0, process_count=1, mask_size=4, **STREAM)
+        coco_transforms.examples(dataset, train=True, scale=(8, 8), buckets=((8, 8),), max_gt=2, mask_size=4)
 
 
 def test_the_segm_ground_truth_check_refuses_what_pycocotools_cannot_read(tmp_path):
@@ -417,10 +410,11 @@ def test_mask_rcnn_refuses_an_eval_file_pycocotools_cannot_read_before_it_builds
 
     (path, image_dir), _ = _segmentation_file(tmp_path)
     split = {"annotation_file": path, "image_dir": image_dir}
-    monkeypatch.setattr(detection_task.coco_datasets, "dataset_paths", lambda data, workdir: {"train": split, "val": split})
+    config = tiny_detection_config(tmp_path / "unused")
+    monkeypatch.setitem(registry.DATASETS["detection"], config.data.name,
+                        registry.DetectionDataset(lambda data, workdir: {"train": split, "val": split}))
     # Building the module is free (it decides whether there is a mask head); initialising it is not.
     monkeypatch.setattr(detection_task.FasterRCNN, "init", lambda *args, **kwargs: pytest.fail("the model was built"))
-    config = tiny_detection_config(tmp_path / "unused")
     assert config.model.detector == "mask_rcnn"
     for train in (True, False):
         with pytest.raises(ValueError, match=r"instances.json: 8 annotations have a segmentation that COCOeval cannot "

@@ -243,7 +243,7 @@ def test_cli_writes_a_checkpoint_that_evaluate_restores(tmp_path, capsys):
     batches = list(split.dataset)
     images = np.concatenate([b["image"] for b in batches]).transpose(0, 3, 1, 2)
     labels = torch.from_numpy(np.concatenate([b["label"] for b in batches]).astype(np.int64))
-    assert np.concatenate([b["mask"] for b in batches]).all()
+    assert np.concatenate([b["valid"] for b in batches]).all()
     with torch.no_grad():
         logits = torch_model(torch.from_numpy(images))
     assert np.isclose(metrics["loss"], F.cross_entropy(logits, labels).item(), rtol=1e-5)

@@ -106,7 +106,7 @@ def test_pad_and_random_crop_is_a_translation_over_all_offsets():
 
 
 @pytest.mark.parametrize("process_count", [1, 2, 3])
-def test_eval_covers_every_example_once_with_padding_masked(process_count):
+def test_eval_covers_every_example_once_with_padding_invalid(process_count):
     from sklearn.datasets import load_digits
 
     raw, labels = load_digits().images, load_digits().target
@@ -123,12 +123,12 @@ def test_eval_covers_every_example_once_with_padding_masked(process_count):
         assert split.num_examples == 360
         # Same number of batches in every process, so collectives line up.
         assert len(batches) == num_batches
-        mask = np.concatenate([b["mask"] for b in batches])
+        valid = np.concatenate([b["valid"] for b in batches])
         label = np.concatenate([b["label"] for b in batches])
         image = np.concatenate([b["image"] for b in batches])[..., 0]
         ids = test[p::process_count]  # process p reads examples p, p + P, ... in order
         n = len(ids)
-        np.testing.assert_array_equal(mask, np.r_[np.ones(n), np.zeros(len(mask) - n)])
+        np.testing.assert_array_equal(valid, np.r_[np.ones(n), np.zeros(len(valid) - n)])
         np.testing.assert_array_equal(label[:n], labels[ids])
         np.testing.assert_allclose(image[:n], (raw[ids] - mean) / std, atol=1e-5)
         assert np.all(image[n:] == 0) and np.all(label[n:] == 0)
@@ -153,9 +153,9 @@ def test_train_stream_is_deterministic_in_seed():
     assert not np.array_equal(a[0]["image"], c[0]["image"])
     batch = a[0]
     assert batch["image"].shape == (32, 16, 16, 1) and batch["image"].dtype == np.float32
-    assert batch["label"].dtype == np.int32 and batch["mask"].dtype == np.float32
+    assert batch["label"].dtype == np.int32 and batch["valid"].dtype == np.float32
     assert batch["corrupt"].dtype == np.int32
-    assert np.all(batch["mask"] == 1) and np.all(batch["corrupt"] == 0)
+    assert np.all(batch["valid"] == 1) and np.all(batch["corrupt"] == 0)
     assert set(np.concatenate([x["label"] for x in a])) <= set(range(10))
 
 
@@ -258,9 +258,9 @@ def image_folder(tmp_path_factory):
 
 
 def _check_decoded(batch, caplog, root, split):
-    good = batch["mask"] == 1
+    good = batch["valid"] == 1
     assert good.sum() == 9 and batch["corrupt"].sum() == 2
-    np.testing.assert_array_equal(batch["corrupt"], 1 - batch["mask"])
+    np.testing.assert_array_equal(batch["corrupt"], 1 - batch["valid"])
     assert np.all(batch["image"][~good] == 0)
     # The uniform colour of each good image names its class.
     mean, std = np.array(transforms.IMAGENET_MEAN), np.array(transforms.IMAGENET_STD)
@@ -393,7 +393,7 @@ def test_fashion_mnist_sizes_labels_and_statistics():
     assert (train.num_examples, test.num_examples) == (60000, 10000)
     assert train.num_classes == 10 and train.image_shape == (28, 28, 1)
     batch = next(iter(test.dataset))
-    assert batch["image"].shape == (500, 28, 28, 1) and np.all(batch["mask"] == 1)
+    assert batch["image"].shape == (500, 28, 28, 1) and np.all(batch["valid"] == 1)
 
     with gzip.open(os.path.join(FASHION_MNIST, "t10k-labels-idx1-ubyte.gz")) as f:
         labels = np.frombuffer(f.read(), np.uint8, offset=8)
@@ -430,7 +430,7 @@ def test_fashion_mnist_validation_split_holds_out_training_images(tmp_path):
         train = name == "train"
         split = data.create_split(cfg, train=train, batch_size=10, seed=seed, process_index=0, process_count=1)
         batches = itertools.islice(iter(split.dataset), 8) if train else iter(split.dataset)
-        pixels = np.concatenate([b["image"][b["mask"] > 0, 14, 14, 0] for b in batches])  # centre: never cropped off
+        pixels = np.concatenate([b["image"][b["valid"] > 0, 14, 14, 0] for b in batches])  # centre: never cropped off
         return split.num_examples, set(np.rint(pixels * fashion_mnist.STD + fashion_mnist.MEAN).astype(int).tolist())
 
     (num_val, val), (num_train, train) = indices("validation", 0), indices("train", 0)
@@ -452,7 +452,8 @@ def test_fashion_mnist_missing_files_name_the_debian_package(tmp_path):
 
 
 def test_unknown_dataset_lists_the_valid_names():
-    with pytest.raises(ValueError, match="digits, fashion_mnist, imagenet, synthetic"):
+    with pytest.raises(ValueError, match="config.data.name must be one of digits, fashion_mnist, imagenet, synthetic "
+                                         "for classification; got 'cifar'"):
         data.create_split(config(name="cifar"), train=True, batch_size=4, seed=0, process_index=0, process_count=1)
 
 
@@ -466,4 +467,20 @@ def test_synthetic_is_deterministic_from_seed_and_sized_by_config():
     assert not np.array_equal(a[0]["image"], c[0]["image"])
     labels = np.concatenate([x["label"] for x in a])[:30]
     assert labels.min() >= 0 and labels.max() < 7
-    assert np.concatenate([x["mask"] for x in a]).sum() == 30
+    assert np.concatenate([x["valid"] for x in a]).sum() == 30
+
+
+def test_an_epoch_is_the_samplers_whole_batches_of_the_records_it_trains_on():
+    """`batches_per_epoch` (what a schedule counts epochs in) is where the stream's epoch turns: per
+    bucket, its training records // the global batch; records left out of training count for nothing."""
+    from cvolution_jax.data import pipeline
+
+    bucket_of = np.array([0, 0, 0, 1, 1, 1, 1, 1, 0, 1], np.int32)
+    sampler = pipeline.GroupSampler(((8, 16), (16, 8)), bucket_of, train_ids=np.array([0, 1, 3, 4, 5, 6, 7, 9]))
+    # Bucket 0 trains on records 0, 1 (one batch of 2), bucket 1 on 3, 4, 5, 6, 7, 9 (three).
+    assert sampler.batches_per_epoch(10, 2) == 4 and pipeline.DefaultSampler().batches_per_epoch(10, 3) == 3
+    batches = sampler.train_batches(10, 2, 1, seed=0)
+    epochs = [int(batches[t][1].max()) for t in range(9)]
+    assert epochs == [0] * 4 + [1] * 4 + [2]
+    examples = pipeline.Examples(list(range(10)), None, None, 1, sampler)
+    assert pipeline.batches_per_epoch(examples, 2) == 4

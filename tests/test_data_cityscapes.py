@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cvolution_jax.data import cityscapes, semantic, transforms
-from cvolution_jax.data.semantic_records import SemanticRecord, paint_objects, read_label
+from cvolution_jax.data import cityscapes, pipeline, registry, semantic, transforms
+from cvolution_jax.data.semantic_records import SemanticRecord, SemanticSet, from_coco, paint_objects, read_label
 from tests.conftest import write_cityscapes
 
 # cityscapesscripts' labels.py, (id, trainId) of all 34 labels (-1 license plate is never in a PNG).
@@ -37,8 +37,8 @@ def test_find_records_reads_the_official_layout_and_prefers_label_train_ids(tmp_
         "frankfurt_000000_000000_leftImg8bit.png", "lindau_000000_000000_leftImg8bit.png",
         "lindau_000000_000001_leftImg8bit.png"]
     mapped, train_ids = records[1], records[2]
-    assert mapped.label_path.endswith("_gtFine_labelIds.png") and mapped.label_map == "cityscapes"
-    assert train_ids.label_path.endswith("_gtFine_labelTrainIds.png") and train_ids.label_map == ""
+    assert mapped.label_path.endswith("_gtFine_labelIds.png") and mapped.label_map is cityscapes.train_ids
+    assert train_ids.label_path.endswith("_gtFine_labelTrainIds.png") and train_ids.label_map is None
     table = dict(LABELS_PY)
     want = np.vectorize(lambda i: table.get(int(i), 255))(written["lindau_000000_000000"])
     np.testing.assert_array_equal(read_label(mapped, 64, 128, 19), want)
@@ -64,14 +64,14 @@ def _label(tmp_path, values, name="a_gtFine_labelIds.png"):
 def test_cityscapes_label_ids_outside_0_to_33_are_named_not_ignored(tmp_path):
     image, label = _label(tmp_path, np.array([7, 8, 33, 0, 34, 40, 7, 7], np.uint8))
     with pytest.raises(ValueError, match=r"a_gtFine_labelIds.png holds 2 pixels of ids 34, 40 outside Cityscapes' label ids 0..33"):
-        read_label(SemanticRecord(image, label, label_map="cityscapes"), 2, 4, 19)
+        read_label(SemanticRecord(image, label, label_map=cityscapes.train_ids), 2, 4, 19)
 
 
 def test_a_16_bit_instance_ids_file_given_as_label_ids_is_refused_not_wrapped(tmp_path):
     """26001 (car, instance 1) mod 256 is 145; read as labelIds it would have trained as something else."""
     image, label = _label(tmp_path, np.array([26001, 26002, 7, 7, 24000, 7, 7, 7], np.uint16))
     with pytest.raises(ValueError, match=r"ids 24000, 26001, 26002 outside Cityscapes' label ids 0..33.*instanceIds"):
-        read_label(SemanticRecord(image, label, label_map="cityscapes"), 2, 4, 19)
+        read_label(SemanticRecord(image, label, label_map=cityscapes.train_ids), 2, 4, 19)
 
 
 def test_a_16_bit_label_whose_values_fit_is_read_as_they_are(tmp_path):
@@ -101,7 +101,7 @@ def test_a_float_or_rgb_label_is_refused(tmp_path):
 
 def test_check_labels_reads_every_label_or_a_spread_sample_and_leaves_damaged_files_to_the_pipeline(tmp_path):
     write_cityscapes(tmp_path, "val", {"lindau": 5})
-    dataset = semantic.SemanticSet(tuple(cityscapes.find_records(str(tmp_path), "val")), cityscapes.CLASSES)
+    dataset = SemanticSet(tuple(cityscapes.find_records(str(tmp_path), "val")), cityscapes.CLASSES)
     assert semantic.check_labels(dataset) == 5 and semantic.check_labels(dataset, sample=2) == 2
     (tmp_path / "gtFine" / "val" / "lindau" / "lindau_000000_000001_gtFine_labelIds.png").write_bytes(b"not a png")
     assert semantic.check_labels(dataset) == 5  # skipped and counted later, as in training
@@ -200,15 +200,23 @@ def data_config(root, **fields):
                                       **fields})
 
 
+def load_split(root, split="val"):
+    return registry.get("segmentation", "cityscapes").load(data_config(root), str(root), split)
+
+
+def eval_pass(dataset, root, *, batch_size, process_index=0, process_count=1):
+    return pipeline.eval_pass(semantic.examples(dataset, data_config(root), train=False), batch_size=batch_size,
+                              process_index=process_index, process_count=process_count, num_workers=0, num_threads=1)
+
+
 def test_eval_pass_covers_every_image_once_over_processes_with_padding(tmp_path):
     write_cityscapes(tmp_path, "val", {"bonn": 3})
-    dataset = semantic.load_split(data_config(tmp_path), str(tmp_path), "val")
+    dataset = load_split(tmp_path)
     seen = []
     for process in range(2):
-        for batch in semantic.eval_pass(dataset, data_config(tmp_path), batch_size=1, process_index=process,
-                                        process_count=2):
+        for batch in eval_pass(dataset, tmp_path, batch_size=1, process_index=process, process_count=2):
             assert batch["image"].shape == (1, 64, 128, 3) and batch["label"].shape == (1, 64, 128)
-            if batch["mask"][0]:
+            if batch["valid"][0]:
                 seen.append(batch["label"][0])
             else:
                 assert (batch["label"] == 255).all()
@@ -220,7 +228,7 @@ def test_eval_pass_covers_every_image_once_over_processes_with_padding(tmp_path)
 def test_eval_of_mixed_image_sizes_names_two_of_them(tmp_path):
     write_cityscapes(tmp_path, "val", {"bonn": 1})
     write_cityscapes(tmp_path, "val", {"koeln": 1}, size=(32, 64))
-    dataset = semantic.load_split(data_config(tmp_path), str(tmp_path), "val")
+    dataset = load_split(tmp_path)
     with pytest.raises(ValueError, match="bonn.* is 64x128 and .*koeln.* is 32x64"):
         semantic.eval_sizes(dataset, (128, 64))
 
@@ -228,13 +236,11 @@ def test_eval_of_mixed_image_sizes_names_two_of_them(tmp_path):
 def test_a_damaged_image_is_a_corrupt_slot_with_ignored_labels(tmp_path):
     write_cityscapes(tmp_path, "val", {"bonn": 2})
     (tmp_path / "leftImg8bit" / "val" / "bonn" / "bonn_000000_000001_leftImg8bit.png").write_bytes(b"not a png")
-    dataset = semantic.load_split(data_config(tmp_path), str(tmp_path), "val")
-    dataset = semantic.SemanticSet(tuple(semantic.SemanticRecord(r.image_path, r.label_path, r.label_map, height=64,
-                                                                 width=128) for r in dataset.records),
-                                   dataset.class_names)
-    batch = next(iter(semantic.eval_pass(dataset, data_config(tmp_path), batch_size=2, process_index=0,
-                                         process_count=1)))
-    assert batch["mask"].tolist() == [1, 0] and batch["corrupt"].tolist() == [0, 1]
+    dataset = load_split(tmp_path)
+    dataset = SemanticSet(tuple(SemanticRecord(r.image_path, r.label_path, r.label_map, height=64, width=128)
+                                for r in dataset.records), dataset.class_names)
+    batch = next(iter(eval_pass(dataset, tmp_path, batch_size=2)))
+    assert batch["valid"].tolist() == [1, 0] and batch["corrupt"].tolist() == [0, 1]
     assert (batch["label"][1] == 255).all()
 
 
@@ -242,7 +248,7 @@ def test_shapes_semantic_labels_paint_each_class(tmp_path):
     from cvolution_jax.data import shapes
 
     paths = shapes.write_shapes(tmp_path, num_train=2, num_val=1, image_size=32)
-    records = semantic.from_coco(**paths["train"])
+    records = from_coco(**paths["train"])
     content = json.loads(open(paths["train"]["annotation_file"]).read())
     assert len(records) == 2
     label = read_label(records[0], 32, 32, 4)

@@ -1,5 +1,6 @@
-"""COCO detection input and the synthetic shapes data set: files, validation, resizing, flips,
-buckets, padding, determinism, resumption, multi-process slicing and eval coverage."""
+"""COCO detection input and the synthetic shapes data set: files, validation (`coco`), resizing,
+flips, buckets, padding (`coco_transforms`), and through the pipeline's `GroupSampler` determinism,
+resumption, multi-process slicing and eval coverage."""
 
 import json
 import logging
@@ -11,10 +12,8 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from cvolution_jax.data import coco, shapes, transforms
-from tests.conftest import CATEGORIES, annotation, assert_batches_equal, take, write_coco
-
-STREAM = dict(num_threads=2, num_workers=0)
+from cvolution_jax.data import coco, coco_transforms, pipeline, shapes, transforms
+from tests.conftest import CATEGORIES, annotation, assert_batches_equal, coco_stream, take, write_coco
 
 # pycocotools' decode under numpy 2; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -228,10 +227,10 @@ def test_undecodable_image_is_skipped_naming_it(tmp_path, caplog):
     path, image_dir = write_coco(tmp_path, [(1, 8, 8)], [annotation(1, 1, 3, [1, 1, 4, 4])], CATEGORIES)
     open(os.path.join(image_dir, "1.png"), "wb").write(b"not a png")
     record = coco.load_coco(path, image_dir).records[0]
-    with caplog.at_level(logging.WARNING, logger="cvolution_jax.data.coco"):
-        slot = coco.Preprocess((8, 8), ((8, 8),), 4)(record, None)
+    with caplog.at_level(logging.WARNING, logger="cvolution_jax.data.coco_transforms"):
+        slot = coco_transforms.Preprocess((8, 8), ((8, 8),), 4)(record, None)
     assert os.path.join(image_dir, "1.png") in caplog.text
-    assert (slot["mask"], slot["corrupt"], slot["image_id"]) == (0, 1, 1)
+    assert (slot["corrupt"], slot["image_id"]) == (1, 1)  # the pipeline makes it a slot with valid 0
     assert not slot["image"].any() and not slot["gt_valid"].any() and slot["image"].shape == (8, 8, 3)
 
 
@@ -240,13 +239,13 @@ def test_undecodable_image_is_skipped_naming_it(tmp_path, caplog):
 
 def test_rescale_size_follows_mmcv():
     # factor = min(40 / 100, 20 / 50) = 0.4
-    assert coco.rescale_size(100, 50, (40, 20)) == (40, 20)
-    assert coco.rescale_size(50, 100, (40, 20)) == (20, 40)
-    assert coco.rescale_size(50, 100, (20, 40)) == (20, 40)  # either order of (long, short)
+    assert transforms.rescale_size(100, 50, (40, 20)) == (40, 20)
+    assert transforms.rescale_size(50, 100, (40, 20)) == (20, 40)
+    assert transforms.rescale_size(50, 100, (20, 40)) == (20, 40)  # either order of (long, short)
     # COCO's 480 x 640 at (1333, 800): factor min(1333 / 640, 800 / 480) = 5/3 -> 1066.67 + 0.5.
-    assert coco.rescale_size(480, 640, (1333, 800)) == (800, 1067)
+    assert transforms.rescale_size(480, 640, (1333, 800)) == (800, 1067)
     # A long thin image is limited by the long side: 1333 / 1000 -> (133.3 + 0.5, 1333).
-    assert coco.rescale_size(100, 1000, (1333, 800)) == (133, 1333)
+    assert transforms.rescale_size(100, 1000, (1333, 800)) == (133, 1333)
 
 
 def test_resize_flip_normalise_and_padding_by_hand(tmp_path):
@@ -261,8 +260,8 @@ def test_resize_flip_normalise_and_padding_by_hand(tmp_path):
     blue = (np.float32([0, 0, 200]) - transforms.IMAGENET_MEAN) / transforms.IMAGENET_STD
 
     # Resized to 20 x 40 (factor 0.4), in bucket (24, 48) after skipping the too small (16, 64).
-    process = coco.Preprocess(scale=(40, 20), buckets=((16, 64), (24, 48), (48, 48)), max_gt=3, flip_prob=1.0)
-    plain = coco.Preprocess(scale=(40, 20), buckets=((16, 64), (24, 48), (48, 48)), max_gt=3)(record, None)
+    process = coco_transforms.Preprocess(scale=(40, 20), buckets=((16, 64), (24, 48), (48, 48)), max_gt=3, flip_prob=1.0)
+    plain = coco_transforms.Preprocess(scale=(40, 20), buckets=((16, 64), (24, 48), (48, 48)), max_gt=3)(record, None)
     flipped = process(record, np.random.default_rng(0))
     for out, left, right in ((plain, red, blue), (flipped, blue, red)):
         assert out["image"].shape == (24, 48, 3) and out["image"].dtype == np.float32
@@ -271,7 +270,7 @@ def test_resize_flip_normalise_and_padding_by_hand(tmp_path):
         assert not out["image"][20:].any() and not out["image"][:, 40:].any()
         np.testing.assert_array_equal(out["image_size"], [20, 40])
         np.testing.assert_allclose(out["scale"], [0.4, 0.4])
-        assert out["image_id"] == 1 and out["mask"] == 1
+        assert out["image_id"] == 1 and out["corrupt"] == 0
         np.testing.assert_array_equal(out["labels"], [1, -1, -1])
         np.testing.assert_array_equal(out["gt_valid"], [True, False, False])
         np.testing.assert_array_equal(out["boxes"][1:], 0)
@@ -279,7 +278,7 @@ def test_resize_flip_normalise_and_padding_by_hand(tmp_path):
     np.testing.assert_allclose(plain["boxes"][0], [4, 2, 16, 8], rtol=1e-6)
     np.testing.assert_allclose(flipped["boxes"][0], [24, 2, 36, 8], rtol=1e-6)
     assert not plain["flipped"] and flipped["flipped"]
-    assert not coco.Preprocess((40, 20), ((24, 48),), 3, flip_prob=0.0)(record, np.random.default_rng(0))["flipped"]
+    assert not coco_transforms.Preprocess((40, 20), ((24, 48),), 3, flip_prob=0.0)(record, np.random.default_rng(0))["flipped"]
 
 
 def test_boxes_scale_per_axis_and_clip_to_the_image(tmp_path):
@@ -287,7 +286,7 @@ def test_boxes_scale_per_axis_and_clip_to_the_image(tmp_path):
     # = 14 x 20, so the axes scale by 14/30 (rows) and 20/44 (columns), not by one factor.
     path, image_dir = write_coco(tmp_path, [(1, 30, 44)], [annotation(1, 1, 3, [4, 6, 44, 30])], CATEGORIES)
     record = coco.load_coco(path, image_dir).records[0]
-    out = coco.Preprocess((20, 14), ((32, 32),), 2)(record, None)
+    out = coco_transforms.Preprocess((20, 14), ((32, 32),), 2)(record, None)
     np.testing.assert_array_equal(out["image_size"], [14, 20])
     np.testing.assert_allclose(out["scale"], [14 / 30, 20 / 44], rtol=1e-6)
     # xyxy (4, 6, 48, 36): x2 = 48 * 20/44 = 21.8 and y2 = 36 * 14/30 = 16.8 lie past the
@@ -296,17 +295,17 @@ def test_boxes_scale_per_axis_and_clip_to_the_image(tmp_path):
 
 
 def test_bucket_choice_and_the_error_when_none_fits(tmp_path):
-    assert coco.choose_bucket(20, 40, ((16, 16), (24, 48), (48, 48))) == 1
-    assert coco.choose_bucket(20, 40, ((48, 48), (24, 48))) == 0  # the first that fits
-    assert coco.choose_bucket(20, 40, ((40, 20),)) is None
+    assert pipeline.choose_bucket(20, 40, ((16, 16), (24, 48), (48, 48))) == 1
+    assert pipeline.choose_bucket(20, 40, ((48, 48), (24, 48))) == 0  # the first that fits
+    assert pipeline.choose_bucket(20, 40, ((40, 20),)) is None
     path, image_dir = write_coco(tmp_path, [(1, 20, 20), (2, 50, 100)], [], CATEGORIES)
     dataset = coco.load_coco(path, image_dir)
-    options = dict(batch_size=1, scale=(40, 20), buckets=((40, 20),), max_gt=2, process_index=0, process_count=1)
+    options = dict(scale=(40, 20), buckets=((40, 20),), max_gt=2)
     with pytest.raises(ValueError, match=r"2\.png \(id 2, 50x100\) is 20x40") as error:
-        coco.eval_pass(dataset, **options, **STREAM)
+        coco_transforms.examples(dataset, train=False, **options)
     assert "buckets must cover" in str(error.value)
     with pytest.raises(ValueError, match=r"2\.png"):
-        coco.train_stream(dataset, seed=0, flip_prob=0.5, drop_empty=False, **options, **STREAM)
+        coco_transforms.examples(dataset, train=True, flip_prob=0.5, drop_empty=False, **options)
 
 
 # ------------------------------------------------------------------------------- streams
@@ -327,11 +326,9 @@ def mixed(tmp_path):
 BUCKETS = ((24, 48), (48, 24))
 
 
-def train(dataset, *, batch_size=4, seed=0, process_index=0, process_count=1, **kw):
-    return coco.train_stream(
-        dataset, batch_size=batch_size, seed=seed, scale=(40, 20), buckets=BUCKETS, max_gt=4, flip_prob=0.5,
-        process_index=process_index, process_count=process_count, **{**STREAM, **kw},
-    )
+def train(dataset, *, batch_size=4, **kw):
+    return coco_stream(dataset, train=True, batch_size=batch_size, scale=(40, 20), buckets=BUCKETS, max_gt=4,
+                       flip_prob=0.5, **kw)
 
 
 def test_train_stream_groups_buckets_and_covers_each_epoch(mixed):
@@ -340,7 +337,7 @@ def test_train_stream_groups_buckets_and_covers_each_epoch(mixed):
         assert batch["image"].shape[1:3] in BUCKETS
         landscape = batch["image"].shape[1:3] == (24, 48)
         np.testing.assert_array_equal(batch["image_size"], [[20, 40] if landscape else [40, 20]] * 4)
-        assert batch["mask"].tolist() == [1] * 4
+        assert batch["valid"].tolist() == [1] * 4
         assert batch["boxes"].shape == (4, 4, 4) and batch["labels"].dtype == np.int32
         # Targets come from the right image: as many valid slots as its annotations.
         np.testing.assert_array_equal(batch["gt_valid"].sum(1), 1 + batch["image_id"] % 3)
@@ -385,16 +382,15 @@ def test_drop_empty_and_global_batch_too_large(tmp_path):
         tmp_path, [(1, 10, 10), (2, 10, 10), (3, 10, 10)], [annotation(1, 1, 3, [1, 1, 4, 4])], CATEGORIES
     )
     dataset = coco.load_coco(path, image_dir)
-    options = dict(
-        seed=0, scale=(10, 10), buckets=((10, 10),), max_gt=2, flip_prob=0.0, process_index=0, process_count=1
-    )
-    ids = [b["image_id"].tolist() for b in take(iter(coco.train_stream(dataset, batch_size=1, **options, **STREAM)), 3)]
+    options = dict(train=True, scale=(10, 10), buckets=((10, 10),), max_gt=2, flip_prob=0.0)
+    ids = [b["image_id"].tolist() for b in take(iter(coco_stream(dataset, batch_size=1, **options)), 3)]
     assert ids == [[1]] * 3
-    ids = np.concatenate([b["image_id"] for b in take(iter(coco.train_stream(
-        dataset, batch_size=1, drop_empty=False, **options, **STREAM)), 3)])
+    ids = np.concatenate([b["image_id"] for b in take(iter(coco_stream(
+        dataset, batch_size=1, drop_empty=False, **options)), 3)])
     assert sorted(ids.tolist()) == [1, 2, 3]
-    with pytest.raises(ValueError, match="No bucket holds a whole global batch"):
-        coco.train_stream(dataset, batch_size=2, **options, **STREAM)
+    with pytest.raises(ValueError, match=r"No bucket holds a whole global batch \(2 x 1 processes = 2 images\): "
+                                         r"training images per bucket \[1\] \(buckets \(\(10, 10\),\)\)"):
+        coco_stream(dataset, batch_size=2, **options)
 
 
 def test_truncation_to_max_gt_is_logged(tmp_path, caplog):
@@ -402,30 +398,25 @@ def test_truncation_to_max_gt_is_logged(tmp_path, caplog):
         tmp_path, [(1, 10, 10)], [annotation(k, 1, 3, [k, 0, 1, 1]) for k in range(1, 6)], CATEGORIES
     )
     dataset = coco.load_coco(path, image_dir)
-    with caplog.at_level(logging.WARNING, logger="cvolution_jax.data.coco"):
-        batch = next(iter(coco.eval_pass(
-            dataset, batch_size=1, scale=(10, 10), buckets=((10, 10),), max_gt=3, process_index=0, process_count=1,
-            **STREAM,
-        )))
+    with caplog.at_level(logging.WARNING, logger="cvolution_jax.data.coco_transforms"):
+        batch = next(iter(coco_stream(dataset, train=False, batch_size=1, scale=(10, 10), buckets=((10, 10),), max_gt=3)))
     assert "1 images have more than max_gt=3 boxes (up to 5)" in caplog.text
     np.testing.assert_array_equal(batch["boxes"][0, :, 0], [1, 2, 3])  # the first three, in file order
 
 
 def test_eval_pass_covers_every_image_once_with_equal_batch_counts(mixed):
     def run(process_index, process_count, batch_size=3):
-        return list(coco.eval_pass(
-            mixed, batch_size=batch_size, scale=(40, 20), buckets=BUCKETS, max_gt=4,
-            process_index=process_index, process_count=process_count, **STREAM,
-        ))
+        return list(coco_stream(mixed, train=False, batch_size=batch_size, scale=(40, 20), buckets=BUCKETS, max_gt=4,
+                                process_index=process_index, process_count=process_count))
 
     per_process = [run(p, 2) for p in range(2)]
     # Global batches of 6: landscape 10 -> 2 batches, portrait 6 -> 1 batch.
     assert len(per_process[0]) == len(per_process[1]) == 3
-    ids = np.concatenate([b["image_id"][b["mask"] == 1] for batches in per_process for b in batches])
+    ids = np.concatenate([b["image_id"][b["valid"] == 1] for batches in per_process for b in batches])
     assert sorted(ids.tolist()) == list(range(1, 17))
     for batches in per_process:
         for b in batches:
-            real = b["mask"] == 1
+            real = b["valid"] == 1
             assert not b["flipped"].any()
             np.testing.assert_array_equal(b["image_id"][~real], -1)
             np.testing.assert_array_equal(b["labels"][~real], -1)
@@ -453,8 +444,8 @@ def test_instance_masks_are_box_crops_of_the_segmentation_flipped_with_the_image
     ], CATEGORIES)
     record = coco.load_coco(path, image_dir).records[0]
     size = 16
-    plain = coco.Preprocess((30, 20), ((24, 32),), max_gt=3, mask_size=size)(record, None)
-    flipped = coco.Preprocess((30, 20), ((24, 32),), max_gt=3, flip_prob=1.0, mask_size=size)(record, np.random.default_rng(0))
+    plain = coco_transforms.Preprocess((30, 20), ((24, 32),), max_gt=3, mask_size=size)(record, None)
+    flipped = coco_transforms.Preprocess((30, 20), ((24, 32),), max_gt=3, flip_prob=1.0, mask_size=size)(record, np.random.default_rng(0))
     full = [mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(triangle, 40, 60))), disk]
     boxes = [(6, 4, 30, 30), (43, 11, 60, 30)]  # original pixels, the disk's clipped to the width 60
     assert plain["masks"].shape == (3, size, size) and plain["masks"].dtype == np.uint8
@@ -472,11 +463,11 @@ def test_instance_masks_are_box_crops_of_the_segmentation_flipped_with_the_image
         np.testing.assert_array_equal(plain["masks"][i][inside], nearest[inside])
         np.testing.assert_array_equal(flipped["masks"][i], plain["masks"][i][:, ::-1])
     assert not plain["masks"][2].any()
-    assert "masks" not in coco.Preprocess((30, 20), ((24, 32),), max_gt=3)(record, None)
+    assert "masks" not in coco_transforms.Preprocess((30, 20), ((24, 32),), max_gt=3)(record, None)
 
 
 def test_instance_masks_need_a_segmentation(tmp_path):
     path, image_dir = write_coco(tmp_path, [(1, 20, 20)], [annotation(1, 1, 7, [2, 2, 8, 8])], CATEGORIES)
     record = coco.load_coco(path, image_dir).records[0]
     with pytest.raises(ValueError, match="no 'segmentation'.*mask_size=0"):
-        coco.Preprocess((20, 20), ((20, 20),), max_gt=2, mask_size=8)(record, None)
+        coco_transforms.Preprocess((20, 20), ((20, 20),), max_gt=2, mask_size=8)(record, None)

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from cvolution_jax import data
-from cvolution_jax.data import coco, digits, fashion_mnist, imagenet, shapes, synthetic
+from cvolution_jax.data import coco, coco_transforms, digits, fashion_mnist, imagenet, shapes, synthetic
 
 
 def data_config(name, **fields):
@@ -57,13 +57,14 @@ def test_detection_sees_a_photo_as_the_coco_eval_pass_without_the_padding(tmp_pa
     paths = shapes.write_shapes(tmp_path, num_train=1, num_val=1, image_size=40)
     record = coco.load_coco(**paths["val"]).records[0]
     config = ml_collections.ConfigDict({"scale": (64, 24)})  # 40x40 -> 24x24, padded to a 32x32 bucket
-    example = coco.Preprocess(scale=(64, 24), buckets=((32, 32),), max_gt=8)(record, None)
-    inputs, display = coco.preprocess_image(config, Image.open(record.path))
+    example = coco_transforms.Preprocess(scale=(64, 24), buckets=((32, 32),), max_gt=8)(record, None)
+    inputs, display = coco_transforms.preprocess_image(config, Image.open(record.path))
     assert inputs.shape == (1, 24, 24, 3) and display.shape == (24, 24, 3)
     np.testing.assert_array_equal(inputs[0], example["image"][:24, :24])
     assert (example["image"][24:] == 0).all()
 
 
 def test_an_unknown_dataset_is_named():
-    with pytest.raises(ValueError, match=r"Unknown data.name 'mnist'. Valid names: digits, fashion_mnist"):
+    with pytest.raises(ValueError, match=r"config.data.name must be one of digits, fashion_mnist, .* for "
+                                         r"classification; got 'mnist'"):
         data.preprocess_image(data_config("mnist"), Image.new("RGB", (4, 4)))

@@ -9,6 +9,7 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from cvolution_jax.data import coco, coco_files, shapes
+from tests.conftest import coco_stream
 from cvolution_jax.data import masks as host_masks
 from cvolution_jax.detection import evaluation, mask_head
 
@@ -157,9 +158,8 @@ def test_ground_truth_masks_as_detections_give_segm_ap_one(tmp_path):
     the original image by to_coco_results, RLE, COCOeval segm."""
     shapes.write_shapes(tmp_path, num_train=1, num_val=12, image_size=96, seed=3)
     dataset = coco.load_coco(**coco_files.split_paths(tmp_path, "val"))
-    batch = next(iter(coco.eval_pass(
-        dataset, batch_size=12, scale=(96, 96), buckets=((96, 96),), max_gt=8, process_index=0, process_count=1,
-        num_threads=1, num_workers=0, mask_size=96)))
+    batch = next(iter(coco_stream(dataset, train=False, batch_size=12, scale=(96, 96), buckets=((96, 96),), max_gt=8,
+                                  mask_size=96)))
     sizes = {r.image_id: (r.height, r.width) for r in dataset.records}
     results = evaluation.to_coco_results(
         batch["image_id"], batch["boxes"], np.ones(batch["labels"].shape), np.maximum(batch["labels"], 0),

@@ -126,7 +126,7 @@ def test_data_and_model_fields_are_named():
         check_classification(config, "unused", train=True)
     config = tiny()
     config.data.name = "mnist"
-    with pytest.raises(ConfigError, match=r"config.data.name must be one of \['digits', .*got 'mnist'"):
+    with pytest.raises(ConfigError, match=r"config.data.name must be one of digits, .* for classification; got 'mnist'"):
         check_classification(config, "unused", train=True)
 
 

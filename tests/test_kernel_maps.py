@@ -14,6 +14,7 @@ from PIL import Image
 
 from cvolution_jax import kernel_maps
 from cvolution_jax.data import semantic
+from cvolution_jax.data.semantic_records import SemanticRecord
 from cvolution_jax.tasks import classification, detection, segmentation
 from cvolution_jax.train import checkpoint, loop, steps
 from experiments import visualize
@@ -238,7 +239,7 @@ def test_a_segmentation_run_draws_its_fpn_output_op(tmp_path):
     assert inputs.shape == (1, 64, 64, 3) and display.shape == (64, 64, 3)
     assert not display[40:].any() and not inputs[0, 40:].any()  # the eval pass's zero padding
     # The eval pass's own transform of the same file gives the same input.
-    record = semantic.SemanticRecord(str(tmp_path / "street.png"), height=100, width=160)  # painted: all background
+    record = SemanticRecord(str(tmp_path / "street.png"), height=100, width=160)  # painted: all background
     example = semantic.EvalTransform(4, (64, 64), (64, 64), (100, 160))(record)
     np.testing.assert_array_equal(example["image"], inputs[0])
     kernels = kernel_maps.dynamic_kernels(run.model, run.variables, inputs, "neck/output0", **run.apply_kwargs)

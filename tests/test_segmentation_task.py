@@ -34,7 +34,7 @@ def test_sgd_decays_every_parameter_before_momentum():
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("data.name", "ade20k", "config.data.name must be one of cityscapes, shapes, nuclei; got 'ade20k'"),
+    ("data.name", "ade20k", "config.data.name must be one of cityscapes, shapes, nuclei for segmentation; got 'ade20k'"),
     ("data.crop_size", (512,), r"config.data.crop_size must be two positive ints; got \(512,\)"),
     ("data.ratio_range", (2.0, 0.5), r"config.data.ratio_range must be \(low, high\) with 0 < low <= high"),
     ("model.decode_head", "psp", r"config.model.decode_head must be one of \('fpn', 'uper'\)"),

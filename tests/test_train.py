@@ -185,14 +185,14 @@ def test_bfloat16_training_runs_with_float32_parameters(tmp_path):
     final = loop.train_and_evaluate(Classification(), config, str(tmp_path))
     assert math.isfinite(final["loss"])
     # The reported top-1 against one recomputed here: the final checkpoint's variables applied to
-    # every eval example (mask-0 padding dropped), argmax and count in numpy.
+    # every eval example (valid-0 padding dropped), argmax and count in numpy.
     variables = checkpoint.Checkpointer(str(tmp_path / "checkpoints")).restore_variables(3)
     eval_split = data.create_split(config.data, train=False, batch_size=config.batch_size, seed=config.seed)
     model = models.create(config.model.name, num_classes=eval_split.num_classes, dtype=jnp.bfloat16, **config.model.overrides)
     apply = jax.jit(lambda images: model.apply(variables, images, train=False))
     correct = examples = 0
     for batch in eval_split.dataset:
-        real = np.asarray(batch["mask"]) > 0
+        real = np.asarray(batch["valid"]) > 0
         predicted = np.asarray(apply(batch["image"])).argmax(-1)
         correct += int((predicted == np.asarray(batch["label"]))[real].sum())
         examples += int(real.sum())

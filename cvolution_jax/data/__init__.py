@@ -1,12 +1,29 @@
-"""Input pipelines: `create_split(config.data, train=..., batch_size=..., seed=...)` -> `Split`.
+"""Input pipelines for the three tasks, host side: numpy, PIL and grain; jax only inside the
+functions that ask it for the process index, so that grain's worker processes never import it.
+
+Its modules, by job (shared first, then each task's):
+  registry          every dataset, by task and name (`DATASETS[task][name]`, `get(task, name)`)
+  pipeline          the one grain core: `Examples` (records, preprocess, padding, sampler),
+                    `train_stream`, `eval_pass`, the `DefaultSampler` and the size-bucket `GroupSampler`
+  transforms        per-image operations every task shares (resize, crop, flip, normalise, decode)
+  classification:   `create_split` (this file) and the datasets `digits`, `fashion_mnist`, `imagenet`,
+                    `synthetic`
+  detection:        `coco` (reading and validating COCO instance files), `coco_transforms` (mmdet's
+                    per-image transforms and the size buckets), `masks` (instance masks: validity,
+                    decoding, box crops, pasting), `coco_files` (the one COCO writer), and the written
+                    datasets `shapes` (synthetic) and `nuclei` (a real sample)
+  segmentation:     `semantic` (mmseg's transforms, whole-image eval), `semantic_records` (an image and
+                    its label map), `cityscapes` (the official layout and its label ids)
+
+Classification, `create_split(config.data, train=..., batch_size=..., seed=...)` -> `Split`:
 
     split = cvolution_jax.data.create_split(config.data, train=True, batch_size=128, seed=0)
     it = iter(split.dataset)
-    batch = next(it)   # {"image": f32 [128, H, W, C], "label": i32 [128], "mask": f32 [128],
+    batch = next(it)   # {"image": f32 [128, H, W, C], "label": i32 [128], "valid": f32 [128],
                        #  "corrupt": i32 [128]}
     state = it.get_state()   # JSON-serialisable; `it.set_state(state)` resumes exactly here
 
-Datasets, by `config.name` (see `default_config` for every field):
+Its datasets, by `config.name` (see `default_config` for every field):
   digits         scikit-learn's 1797 8x8 digits, fixed stratified split (no files needed)
   fashion_mnist  60000/10000 28x28 from the Debian package dataset-fashion-mnist
   imagenet       ILSVRC2012 from an ImageFolder tree or tensorflow-datasets (user-provided)
@@ -15,19 +32,8 @@ Datasets, by `config.name` (see `default_config` for every field):
 `preprocess_image(config, image)` gives one PIL image as dataset `config.name`'s evaluation sees
 its data (each dataset module's own `preprocess_image`).
 
-Detection data has its own modules, used by `cvolution_jax.tasks.detection`: `coco_datasets`
-(the datasets by name: COCO 2017, `shapes`, `nuclei`), `coco` (COCO-format annotations through
-grain, images padded to size buckets, ground truth padded with a validity mask), `coco_files`
-(the one COCO writer), `shapes` (the synthetic default) and `nuclei` (a real sample), and
-`masks` (host-side instance-mask geometry: decoding, box crops, pasting).
-
-Semantic segmentation data has its own modules, used by `cvolution_jax.tasks.segmentation`:
-`semantic` (the datasets by name: `cityscapes`, `shapes`, `nuclei`; mmseg's training transforms
-and the whole-image eval pass), `cityscapes` (the official layout and its label-id table) and
-`semantic_records` (one image and how its label map is read or painted).
-
 `batch_size` is per process; the global batch is `batch_size * process_count`. Each batch's
-`mask` is 1 for a real example and 0 for eval padding or an image that failed to decode;
+`valid` is 1 for a real example and 0 for eval padding or an image that failed to decode;
 losses and metrics must weight examples by it. `corrupt` marks the decode failures so the
 training and evaluation loops can count them (evaluation reports its metrics over the images
 that decoded, and how many did not).
@@ -41,31 +47,15 @@ import logging
 import grain
 import ml_collections
 
-from cvolution_jax.data import digits, fashion_mnist, imagenet, synthetic
-from cvolution_jax.data.pipeline import Examples, eval_pass, train_stream
+from cvolution_jax.data import pipeline, registry
 
 log = logging.getLogger(__name__)
-
-# name -> create(config, *, train, seed) -> Examples
-DATASETS = {
-    "digits": digits.create,
-    "fashion_mnist": fashion_mnist.create,
-    "imagenet": imagenet.create,
-    "synthetic": synthetic.create,
-}
-# name -> preprocess_image(config, PIL image) -> (inputs [1, H, W, C] float32, display [H, W, 3] uint8)
-EVAL_IMAGE = {
-    "digits": digits.preprocess_image,
-    "fashion_mnist": fashion_mnist.preprocess_image,
-    "imagenet": imagenet.preprocess_image,
-    "synthetic": synthetic.preprocess_image,
-}
 
 
 def default_config() -> ml_collections.ConfigDict:
     """The `data` sub-config with every field; each dataset reads only the fields it needs."""
     config = ml_collections.ConfigDict()
-    config.name = "digits"  # one of DATASETS: "digits" | "fashion_mnist" | "imagenet" | "synthetic"
+    config.name = "digits"  # one of registry.DATASETS["classification"]: digits, fashion_mnist, imagenet, synthetic
     config.image_size = 32  # output height = width in pixels (224 for ImageNet)
     config.num_workers = 0  # grain worker processes per host; 0 decodes in the main process
     config.num_threads = 4  # threads per process (main or worker), each building one batch at a time
@@ -91,7 +81,7 @@ class Split:
 
     Attributes:
       dataset: `iter(dataset)` gives a grain DatasetIterator (with `get_state`/`set_state`)
-        of batches {"image": float32 [b, H, W, C], "label": int32 [b], "mask": float32 [b],
+        of batches {"image": float32 [b, H, W, C], "label": int32 [b], "valid": float32 [b],
         "corrupt": int32 [b]}, b the per-process batch size. Train: infinite. Eval: one pass,
         the same number of batches in every process.
       num_examples: real examples in the split over all processes (before padding/dropping).
@@ -120,62 +110,28 @@ def create_split(
       config: the `data` sub-config (fields in `default_config`).
       train: True: infinite stream of this process's shard, reshuffled every epoch, augmented,
         bit-for-bit reproducible from `seed`. False: one unshuffled pass, padded to whole
-        batches with mask-0 examples; over all processes every example appears exactly once.
+        batches with valid-0 examples; over all processes every example appears exactly once.
       batch_size: examples per batch in THIS process.
       seed: shuffling and augmentation seed (a non-negative int). It never changes which
         examples form a split.
       process_index, process_count: this process's place among the data-parallel processes;
         default `jax.process_index()` / `jax.process_count()`.
     """
-    if config.name not in DATASETS:
-        raise ValueError(f"Unknown data.name {config.name!r}. Valid names: {', '.join(DATASETS)}.")
-    if process_index is None or process_count is None:
-        # Imported here so grain's worker processes, which import this package to unpickle the
-        # pipeline, need not import jax.
-        import jax
-
-        process_index = jax.process_index() if process_index is None else process_index
-        process_count = jax.process_count() if process_count is None else process_count
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index must be in [0, process_count), got {process_index} of {process_count}.")
-    if batch_size < 1:
-        raise ValueError(f"batch_size (per process) must be >= 1, got {batch_size}.")
-    if seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed}.")
-    if config.num_workers < 0 or config.num_threads < 1:
-        raise ValueError(
-            f"data.num_workers must be >= 0 and data.num_threads >= 1, got {config.num_workers} "
-            f"and {config.num_threads}."
-        )
-
-    examples: Examples = DATASETS[config.name](config, train=train, seed=seed)
-    options = dict(
-        batch_size=batch_size,
-        process_index=process_index,
-        process_count=process_count,
-        num_workers=config.num_workers,
-        num_threads=config.num_threads,
-    )
-    dataset = train_stream(examples, seed=seed, **options) if train else eval_pass(examples, **options)
-    log.info(
-        "%s %s: %d examples, %d classes, images %s; process %d of %d, batch %d per process.",
-        config.name, "train" if train else "eval", len(examples.records), examples.num_classes,
-        examples.image_shape, process_index, process_count, batch_size,
-    )
-    return Split(
-        dataset=dataset,
-        num_examples=len(examples.records),
-        num_classes=examples.num_classes,
-        image_shape=examples.image_shape,
-    )
+    examples = registry.get("classification", config.name).create(config, train=train, seed=seed)
+    options = dict(batch_size=batch_size, process_index=process_index, process_count=process_count,
+                   num_workers=config.num_workers, num_threads=config.num_threads)
+    dataset = pipeline.train_stream(examples, seed=seed, **options) if train else pipeline.eval_pass(examples, **options)
+    image_shape = examples.padding(0)["image"].shape  # one bucket: every image has the empty slot's shape
+    log.info("%s %s: %d examples, %d classes, images %s.", config.name, "train" if train else "eval",
+             len(examples.records), examples.num_classes, image_shape)
+    return Split(dataset=dataset, num_examples=len(examples.records), num_classes=examples.num_classes,
+                 image_shape=image_shape)
 
 
 def preprocess_image(config: ml_collections.ConfigDict, image) -> tuple:
     """One PIL image as dataset `config.name`'s evaluation sees its data (`config` the `data` sub-config):
     `(inputs [1, H, W, C] float32, display [H, W, 3] uint8)`, `display` what the model saw, as pixels."""
-    if config.name not in EVAL_IMAGE:
-        raise ValueError(f"Unknown data.name {config.name!r}. Valid names: {', '.join(EVAL_IMAGE)}.")
-    return EVAL_IMAGE[config.name](config, image)
+    return registry.get("classification", config.name).preprocess_image(config, image)
 
 
-__all__ = ["DATASETS", "EVAL_IMAGE", "Split", "create_split", "default_config", "preprocess_image"]
+__all__ = ["Split", "create_split", "default_config", "preprocess_image"]

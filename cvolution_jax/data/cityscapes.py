@@ -73,7 +73,7 @@ def find_records(root: str, split: str) -> list[SemanticRecord]:
         if os.path.exists(base + "labelTrainIds.png"):
             records.append(SemanticRecord(image, label_path=base + "labelTrainIds.png"))
         elif os.path.exists(base + "labelIds.png"):
-            records.append(SemanticRecord(image, label_path=base + "labelIds.png", label_map="cityscapes"))
+            records.append(SemanticRecord(image, label_path=base + "labelIds.png", label_map=train_ids))
         else:
             unlabelled.append(base + "labelIds.png")
     if unlabelled:

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from cvolution_jax.data import transforms
-from cvolution_jax.data.pipeline import ArrayRecords, Example, Examples, example
+from cvolution_jax.data.pipeline import ArrayRecords, Example, Examples, ImagePadding, example
 
 NUM_CLASSES = 10
 SIZE = 28
@@ -121,8 +121,8 @@ def create(config: ml_collections.ConfigDict, *, train: bool, seed: int) -> Exam
     return Examples(
         records=ArrayRecords(images, labels),
         preprocess=Preprocess(config.image_size, translate_pixels),
+        padding=ImagePadding((config.image_size, config.image_size, 1)),
         num_classes=NUM_CLASSES,
-        image_shape=(config.image_size, config.image_size, 1),
     )
 
 

@@ -5,7 +5,7 @@ Eval view: shorter side to round(image_size / 0.875) (256 for 224), central imag
 Both normalised with the ImageNet mean/std. Images are decoded with PIL on the host.
 
 A file that fails to decode (corrupt, truncated, not an image, unreadable) never stops a run:
-it becomes a zero image with mask 0 and corrupt 1, and a warning names the file.
+it becomes a zero image with corrupt 1 (so valid 0), and a warning names the file.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageFile
 
 from cvolution_jax.data import transforms
-from cvolution_jax.data.pipeline import Example, Examples, example
+from cvolution_jax.data.pipeline import Example, Examples, ImagePadding, example
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class Preprocess:
             image = transforms.decode_rgb(encoded)
         except Exception as error:  # any failure to read one file must not stop the run
             log.warning(
-                "Skipping image %s: it could not be decoded (%s: %s). It is a zero image with mask 0.",
+                "Skipping image %s: it could not be decoded (%s: %s). It is a zero image with valid 0.",
                 name, type(error).__name__, error,
             )
             return example(np.zeros((self.image_size, self.image_size, 3), np.float32), label, corrupt=True)
@@ -183,8 +183,8 @@ def create(config: ml_collections.ConfigDict, *, train: bool, seed: int) -> Exam
     return Examples(
         records=records,
         preprocess=Preprocess(config.image_size),
+        padding=ImagePadding((config.image_size, config.image_size, 3)),
         num_classes=num_classes,
-        image_shape=(config.image_size, config.image_size, 3),
     )
 
 

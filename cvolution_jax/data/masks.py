@@ -1,5 +1,5 @@
-"""Host-side instance-mask geometry (numpy): COCO segmentations in, box crops for the input
-pipeline, pasted masks for evaluation.
+"""Host-side instance masks (numpy): COCO segmentations checked and decoded, box crops for the
+input pipeline, pasted masks for evaluation.
 
 Two resamplings, both bilinear with zero padding outside the source, both separable (a weight
 matrix per axis, ``out = Wy @ mask @ Wx.T``):
@@ -8,13 +8,15 @@ matrix per axis, ``out = Wy @ mask @ Wx.T``):
   ground-truth box, sampled at the centres of an ``M x M`` grid over the box. Batches carry
   these box crops (``[G, M, M]`` uint8) instead of image-size masks, so the ground truth of a
   1344x800 image with 100 objects is 100 x 56 x 56 bytes, not 100 x 1344 x 800. The device side,
-  ``cvolution_jax.detection.masks.mask_targets``, aligns them to the RoIs.
+  ``cvolution_jax.detection.mask_head.mask_targets``, aligns them to the RoIs.
 - ``paste_masks`` (evaluation): the ``28 x 28`` probabilities of each detection -> a binary mask
   of the original image, mmdet's ``_do_paste_mask`` (``grid_sample`` with ``align_corners=False``
   of the mask over its box) thresholded at ``>= 0.5``.
 
-``decode_segmentation`` turns a COCO ``segmentation`` (polygons, uncompressed or compressed
-RLE) into a binary mask with pycocotools, as ``COCO.annToMask`` does.
+``segmentation_error`` says why a COCO ``segmentation`` cannot be a mask of its image (checked in
+Python: pycocotools' C decoder writes past the mask on runs that overrun it), and
+``decode_segmentation`` turns a valid one (polygons, uncompressed or compressed RLE) into a binary
+mask with pycocotools, as ``COCO.annToMask`` does.
 
 No jax here: grain's worker processes import this module when they unpickle the COCO
 preprocessing.
@@ -23,6 +25,7 @@ preprocessing.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -116,3 +119,73 @@ def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray:
             f"segmentation must be polygons (a list of coordinate lists) or RLE (a dict with 'size' and "
             f"'counts'); got {str(segmentation)[:100]!r}.")
     return mask_utils.decode(rle)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def segmentation_error(segmentation: Any, height: int, width: int) -> str | None:
+    """Why a COCO `segmentation` cannot be a mask of a `height` x `width` image; None if it can.
+
+    Polygons: a non-empty list of polygons, each an even number (>= 6, three points) of finite
+    coordinates. pycocotools raises on fewer points, or (for a first polygon of exactly 4
+    numbers) silently reads a box. RLE: `size` equal to [height, width] and `counts` (a list of
+    non-negative ints, or COCO's compressed string) whose runs cover exactly height * width
+    pixels. Checked in Python, without pycocotools, because its C decoder writes past the mask
+    when the runs add up to more than the image.
+    """
+    if isinstance(segmentation, list):
+        if not segmentation:
+            return "segmentation is an empty list of polygons"
+        for k, polygon in enumerate(segmentation):
+            if not isinstance(polygon, list) or not all(_is_number(v) for v in polygon):
+                return f"polygon {k} is not a list of finite numbers"
+            if len(polygon) < 6 or len(polygon) % 2:
+                return (f"polygon {k} has {len(polygon)} coordinates; a polygon needs an even number, at least 6 "
+                        f"(3 points)")
+        return None
+    if not isinstance(segmentation, dict) or "size" not in segmentation or "counts" not in segmentation:
+        return f"segmentation is neither polygons nor RLE (a dict with 'size' and 'counts'): {str(segmentation)[:60]!r}"
+    size = segmentation["size"]
+    if not isinstance(size, (list, tuple)) or list(size) != [height, width]:
+        return f"RLE size {size!r} differs from the image's [height, width] [{height}, {width}]"
+    counts = segmentation["counts"]
+    if isinstance(counts, (str, bytes)):
+        counts = _compressed_rle_counts(counts.decode("ascii", "replace") if isinstance(counts, bytes) else counts)
+        if counts is None:
+            return "RLE counts is not a valid compressed RLE string"
+    elif not isinstance(counts, list) or not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
+        return "RLE counts must be a list of ints or a compressed RLE string"
+    if any(c < 0 for c in counts) or sum(counts) != height * width:
+        return f"RLE runs cover {sum(counts)} pixels (or hold a negative run), not height * width = {height * width}"
+    return None
+
+
+def _compressed_rle_counts(text: str) -> list[int] | None:
+    """The runs of COCO's compressed RLE string (pycocotools' `rleFrString`); None if malformed.
+
+    Each run is a little-endian sequence of 5-bit groups, one per character (value + 48), with
+    0x20 set on every group but the last and 0x10 of the last the sign; from the third run on a
+    run is stored as the difference to the run two before.
+    """
+    counts: list[int] = []
+    position = 0
+    while position < len(text):
+        value, shift, more = 0, 0, True
+        while more:
+            if position == len(text):
+                return None  # the string ends inside a run
+            group = ord(text[position]) - 48
+            if not 0 <= group < 64:
+                return None
+            value |= (group & 0x1F) << shift
+            more = bool(group & 0x20)
+            position += 1
+            shift += 5
+            if not more and group & 0x10:
+                value -= 1 << shift
+        if len(counts) > 2:
+            value += counts[-2]
+        counts.append(value)
+    return counts

@@ -1,16 +1,11 @@
-"""Semantic segmentation input through grain: mmseg's training pipeline and whole-image eval.
+"""Semantic segmentation examples: mmseg's training transforms and its whole-image evaluation.
 
-    dataset = semantic.load_split(config.data, workdir, "train")    # records + class names
-    stream = semantic.train_stream(dataset, config.data, batch_size=4, seed=0, process_index=0,
-                                   process_count=1)
-    batch = next(iter(stream))   # {"image": f32 [b, h, w, 3], "label": u8 [b, h, w], "mask": f32 [b], ...}
+    dataset = registry.get("segmentation", config.data.name).load(config.data, workdir, "train")
+    stream = pipeline.train_stream(semantic.examples(dataset, config.data, train=True), batch_size=4,
+                                   seed=0, num_workers=0, num_threads=4)
+    batch = next(iter(stream))   # {"image": f32 [b, h, w, 3], "label": u8 [b, h, w], "valid": f32 [b], ...}
 
-Datasets, by `config.name`:
-  cityscapes  the user's download in its official layout under `data_dir` (`cityscapes.py`), 19 classes
-  shapes      the synthetic shapes (`shapes.py`, written on first use): background + rectangle,
-              ellipse, triangle, each object's visible mask painted with its class
-  nuclei      the real nuclei sample (`nuclei.py`, written on first use): background + nucleus; crowd
-              fragments (nuclei cut to slivers by a tile border) are ignored (255)
+The datasets (cityscapes, shapes, nuclei) are `registry.DATASETS["segmentation"]`'s.
 
 Training, per image (mmseg's Cityscapes pipeline, host side): resize keeping the aspect ratio to
 `scale` x a ratio drawn from `ratio_range` (image bilinear, label nearest), a random crop of
@@ -23,80 +18,24 @@ padded to the eval input size; the label stays at the original resolution, and t
 prediction is resized back to it (`EncoderDecoder.predict`). Every eval image must therefore have
 one original size and one resized size (checked, with the sizes found named).
 
-`batch_size` is per process, as in `pipeline.py`; a slot with `mask` 0 is padding or an image that
-failed to decode (`corrupt` 1), its label all 255.
+A slot with `valid` 0 is padding or an image that failed to decode (`corrupt` 1), its label all 255.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
-from collections.abc import Sequence
 
-import grain
 import ml_collections
 import numpy as np
 from PIL import Image
 
-from cvolution_jax.data import cityscapes, coco_datasets, transforms
-from cvolution_jax.data.coco import rescale_size
-from cvolution_jax.data.pipeline import Examples, to_iter_dataset, train_stream as _train_stream
-from cvolution_jax.data.semantic_records import IGNORE_INDEX, SemanticRecord, read_label
+from cvolution_jax.data import transforms
+from cvolution_jax.data.pipeline import Examples
+from cvolution_jax.data.semantic_records import IGNORE_INDEX, SemanticRecord, SemanticSet, read_label
+from cvolution_jax.data.transforms import rescale_size
 
 log = logging.getLogger(__name__)
-
-NAMES = ("cityscapes", "shapes", "nuclei")
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class SemanticSet:
-    """One split: its records and the class names (class i is `class_names[i]`)."""
-
-    records: tuple[SemanticRecord, ...]
-    class_names: tuple[str, ...]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-
-def class_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    """The classes of dataset `config.name` (the `data` sub-config), known without reading it."""
-    if config.name == "cityscapes":
-        return cityscapes.CLASSES
-    if config.name == "shapes":
-        from cvolution_jax.data import shapes
-
-        return ("background", *shapes.CATEGORIES)
-    if config.name == "nuclei":
-        return ("background", "nucleus")
-    raise ValueError(f"config.data.name must be one of {', '.join(NAMES)} for segmentation; got {config.name!r}.")
-
-
-def load_split(config: ml_collections.ConfigDict, workdir: str, split: str) -> SemanticSet:
-    """The `split` ("train" or "val") of dataset `config.name`, writing shapes / nuclei first if needed."""
-    names = class_names(config)
-    if config.name == "cityscapes":
-        return SemanticSet(tuple(cityscapes.find_records(config.data_dir, split)), names)
-    paths = coco_datasets.dataset_paths(config, workdir)[split]
-    return SemanticSet(from_coco(**paths), names)
-
-
-def from_coco(annotation_file: str, image_dir: str) -> tuple[SemanticRecord, ...]:
-    """Records of a COCO instances file whose label maps are painted from its segmentations:
-    category ids in sorted order become classes 1, 2, ... (0 is background), crowds 255."""
-    with open(annotation_file) as f:
-        content = json.load(f)
-    class_of = {c["id"]: i + 1 for i, c in enumerate(sorted(content["categories"], key=lambda c: c["id"]))}
-    objects = {image["id"]: [] for image in content["images"]}
-    for annotation in content["annotations"]:
-        objects[annotation["image_id"]].append(
-            (class_of[annotation["category_id"]], annotation["segmentation"], bool(annotation.get("iscrowd", 0))))
-    return tuple(SemanticRecord(os.path.join(image_dir, image["file_name"]), objects=tuple(objects[image["id"]]),
-                                height=int(image["height"]), width=int(image["width"]))
-                 for image in content["images"])
 
 
 # ------------------------------------------------------------------------------ transforms
@@ -163,6 +102,7 @@ def _resize(image: Image.Image, label: np.ndarray, size: tuple[int, int]) -> tup
 
 
 def _empty(image_shape: tuple[int, int], label_shape: tuple[int, int]) -> dict:
+    """An empty slot: zero image `[*image_shape, 3]`, label `label_shape` all ignored, corrupt 0."""
     return {"image": np.zeros((*image_shape, 3), np.float32), "label": np.full(label_shape, IGNORE_INDEX, np.uint8),
             "image_size": np.zeros(2, np.int32), "corrupt": np.int32(0)}
 
@@ -173,7 +113,7 @@ def _decode(record: SemanticRecord, num_classes: int):
         image = transforms.decode_rgb(record.image_path)
         return image, read_label(record, image.height, image.width, num_classes)
     except (OSError, SyntaxError) as error:  # a damaged file never stops a run; a size mismatch does
-        log.warning("Skipping %s: it or its label could not be decoded (%s: %s). Its slot has mask 0 and corrupt 1.",
+        log.warning("Skipping %s: it or its label could not be decoded (%s: %s). Its slot has valid 0 and corrupt 1.",
                     record.image_path, type(error).__name__, error)
         return None
 
@@ -195,7 +135,7 @@ class TrainTransform:
     def __call__(self, record: SemanticRecord, rng: np.random.Generator) -> dict:
         decoded = _decode(record, self.num_classes)
         if decoded is None:
-            return {**_empty(self.crop_size, self.crop_size), "corrupt": np.int32(1)}
+            return {**self.padding(0), "corrupt": np.int32(1)}
         image, label = decoded
         ratio = rng.uniform(*self.ratio_range)
         target = (int(self.scale[0] * ratio), int(self.scale[1] * ratio))
@@ -206,12 +146,16 @@ class TrainTransform:
         if rng.random() < self.flip_prob:
             pixels, label = pixels[:, ::-1], label[:, ::-1]
         pixels = photometric_distortion(pixels, rng) if self.photometric else pixels
-        out = _empty(self.crop_size, self.crop_size)
+        out = self.padding(0)
         height, width = label.shape
         out["image"][:height, :width] = transforms.normalize(pixels, transforms.IMAGENET_MEAN, transforms.IMAGENET_STD)
         out["label"][:height, :width] = label
         out["image_size"][:] = (height, width)
         return out
+
+    def padding(self, bucket: int) -> dict:
+        """The empty slot: a zero `crop_size` image, its label all ignored (one bucket: `bucket` is 0)."""
+        return _empty(self.crop_size, self.crop_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,18 +171,22 @@ class EvalTransform:
     def __call__(self, record: SemanticRecord, rng=None) -> dict:
         decoded = _decode(record, self.num_classes)
         if decoded is None:
-            return {**_empty(self.input_size, self.label_size), "corrupt": np.int32(1)}
+            return {**self.padding(0), "corrupt": np.int32(1)}
         image, label = decoded
         if label.shape != self.label_size:
             raise ValueError(f"Eval image {record.image_path} is {label.shape[0]}x{label.shape[1]}; the eval set was "
                              f"planned for {self.label_size[0]}x{self.label_size[1]} from its first image.")
         height, width = rescale_size(image.height, image.width, self.scale)
         pixels = np.asarray(image.resize((width, height), Image.BILINEAR) if (height, width) != label.shape else image)
-        out = _empty(self.input_size, self.label_size)
+        out = self.padding(0)
         out["image"][:height, :width] = transforms.normalize(pixels, transforms.IMAGENET_MEAN, transforms.IMAGENET_STD)
         out["label"][:] = label
         out["image_size"][:] = (height, width)
         return out
+
+    def padding(self, bucket: int) -> dict:
+        """The empty slot: a zero `input_size` image, a `label_size` label all ignored (one bucket)."""
+        return _empty(self.input_size, self.label_size)
 
 
 def eval_sizes(dataset: SemanticSet, scale: tuple[int, int], stride: int = 32) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -302,44 +250,15 @@ def check_labels(dataset: SemanticSet, *, sample: int | None = None) -> int:
     return len(records)
 
 
-def train_stream(dataset: SemanticSet, config: ml_collections.ConfigDict, *, batch_size: int, seed: int,
-                 process_index: int, process_count: int) -> grain.IterDataset:
-    """Infinite augmented batches (`pipeline.train_stream`'s order, sharding and resumability) of
-    `TrainTransform` with the `data` sub-config's `scale`, `ratio_range`, `crop_size`,
-    `cat_max_ratio`, `flip_prob`, `photometric`."""
-    transform = TrainTransform(dataset.num_classes, tuple(config.scale), tuple(config.ratio_range), tuple(config.crop_size),
-                               config.cat_max_ratio, config.flip_prob, config.photometric)
-    examples = Examples(dataset.records, transform, dataset.num_classes, (*transform.crop_size, 3))
-    return _train_stream(examples, batch_size=batch_size, seed=seed, process_index=process_index,
-                         process_count=process_count, num_workers=config.num_workers, num_threads=config.num_threads)
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class _EvalSlot:
-    """Position in this process's padded pass -> example with mask (padding past the shard)."""
-
-    records: Sequence[SemanticRecord]
-    transform: EvalTransform
-    process_index: int
-    process_count: int
-
-    def __call__(self, position: int) -> dict:
-        index = self.process_index + position * self.process_count
-        if index >= len(self.records):
-            return {**_empty(self.transform.input_size, self.transform.label_size), "mask": np.float32(0)}
-        example = self.transform(self.records[index])
-        return {**example, "mask": np.float32(1 - example["corrupt"])}
-
-
-def eval_pass(dataset: SemanticSet, config: ml_collections.ConfigDict, *, batch_size: int, process_index: int,
-              process_count: int) -> grain.IterDataset:
-    """One unaugmented pass: process p gets images p, p + P, ..., every process the same number of
-    batches, slots past its share padded (label 255, mask 0). Sizes from `eval_sizes`."""
-    input_size, label_size = eval_sizes(dataset, tuple(config.scale))
-    transform = EvalTransform(dataset.num_classes, tuple(config.scale), input_size, label_size)
-    per_process = -(-len(dataset.records) // process_count)
-    num_batches = -(-per_process // batch_size)
-    ds = grain.MapDataset.range(num_batches * batch_size).map(
-        _EvalSlot(dataset.records, transform, process_index, process_count))
-    return to_iter_dataset(ds.batch(batch_size, drop_remainder=True), num_workers=config.num_workers,
-                           num_threads=config.num_threads)
+def examples(dataset: SemanticSet, config: ml_collections.ConfigDict, *, train: bool) -> Examples:
+    """`dataset` as the pipeline's `Examples` (one bucket, `DefaultSampler`), `config` the `data`
+    sub-config. Train: `TrainTransform` with its `scale`, `ratio_range`, `crop_size`,
+    `cat_max_ratio`, `flip_prob`, `photometric`. Eval: `EvalTransform` at `scale`, sizes from
+    `eval_sizes` (ValueError if the images differ in size)."""
+    if train:
+        transform = TrainTransform(dataset.num_classes, tuple(config.scale), tuple(config.ratio_range),
+                                   tuple(config.crop_size), config.cat_max_ratio, config.flip_prob, config.photometric)
+    else:
+        input_size, label_size = eval_sizes(dataset, tuple(config.scale))
+        transform = EvalTransform(dataset.num_classes, tuple(config.scale), input_size, label_size)
+    return Examples(dataset.records, transform, transform.padding, dataset.num_classes)

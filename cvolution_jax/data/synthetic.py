@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 
 from cvolution_jax.data.imagenet import preprocess_image  # noqa: F401  random images stand in for ImageNet's
-from cvolution_jax.data.pipeline import Example, Examples, example
+from cvolution_jax.data.pipeline import Example, Examples, ImagePadding, example
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +57,6 @@ def create(config: ml_collections.ConfigDict, *, train: bool, seed: int) -> Exam
     return Examples(
         records=Records(config.num_examples),
         preprocess=Preprocess(config.image_size, config.num_classes, seed),
+        padding=ImagePadding((config.image_size, config.image_size, 3)),
         num_classes=config.num_classes,
-        image_shape=(config.image_size, config.image_size, 3),
     )

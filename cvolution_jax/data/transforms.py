@@ -26,6 +26,17 @@ def normalize(image: np.ndarray, mean, std) -> np.ndarray:
     return (np.asarray(image, np.float32) - mean) / std
 
 
+def rescale_size(height: int, width: int, scale: tuple[int, int]) -> tuple[int, int]:
+    """mmcv's `rescale_size` with keep_ratio: (new_height, new_width).
+
+    factor = min(long_max / max(h, w), short_max / min(h, w)) with long_max, short_max the
+    larger and smaller entry of `scale` (e.g. (1333, 800)); sizes round half up.
+    """
+    long_max, short_max = max(scale), min(scale)
+    factor = min(long_max / max(height, width), short_max / min(height, width))
+    return int(height * factor + 0.5), int(width * factor + 0.5)
+
+
 def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     """Bilinear resize of a single-channel image. image: [H, W] -> float32 [size, size].
 

@@ -15,8 +15,8 @@ Modules, from geometry to evaluation:
 - ``faster_rcnn``: the detector (``FasterRCNN``) and its ``Settings``.
 - ``evaluation``: COCO results and pycocotools' ``COCOeval``; ``visualize``: pictures.
 
-Data comes from ``cvolution_jax.data.coco`` (COCO-format annotations, size buckets, padded
-ground truth) and ``cvolution_jax.data.shapes`` (the synthetic default); training and evaluation
+Data comes from ``cvolution_jax.data``: ``coco`` (COCO-format annotations), ``coco_transforms`` (size
+buckets, padded ground truth) and ``shapes`` (the synthetic default); training and evaluation
 runs are the task ``cvolution_jax.tasks.detection`` (``experiments/coco.py``).
 
 A detector is any flax module with the ``Detector`` contract; the task builds one by name

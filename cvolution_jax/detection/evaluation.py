@@ -32,7 +32,6 @@ import os
 
 import numpy as np
 
-from cvolution_jax.data import coco as coco_data
 from cvolution_jax.data import masks as masks_lib
 from cvolution_jax.files import atomic_open
 
@@ -61,7 +60,7 @@ def segm_ground_truth_problems(annotation_file: str | os.PathLike) -> list[str]:
     that are not numbers) raise; RLE runs covering more pixels than the image make its C code
     write past the mask. Polygons are tried with ``frPyObjects`` itself, so whatever the
     official evaluation reads passes (a first part of 4 numbers is read as a box, short or odd
-    later parts are kept); RLE is checked in Python by ``coco.segmentation_error``.
+    later parts are kept); RLE is checked in Python by ``masks.segmentation_error``.
     """
     _, _, mask_utils = _import_pycocotools()
     with open(annotation_file) as f:
@@ -74,7 +73,7 @@ def segm_ground_truth_problems(annotation_file: str | os.PathLike) -> list[str]:
         if segmentation is None:
             problem = "it has no segmentation"
         elif isinstance(segmentation, dict):
-            problem = coco_data.segmentation_error(segmentation, height, width)
+            problem = masks_lib.segmentation_error(segmentation, height, width)
         else:
             try:
                 mask_utils.frPyObjects(segmentation, height, width)

@@ -3,7 +3,7 @@
 Mask R-CNN is this detector with the RoI head's mask branch on (``mask_op``; ``MaskRCNN``).
 
     detector = FasterRCNN(backbone=models.create("cednet50"), num_classes=80, neck_op=SpatialOp("cvolution"))
-    variables = detector.init(key, batch)                        # batch: see cvolution_jax.data.coco
+    variables = detector.init(key, batch)                        # batch: see cvolution_jax.data.coco_transforms
     dets = detector.apply(variables, batch)                      # boxes/scores/labels/valid [B, 100, ...]
     losses, updates = detector.apply(variables, batch, key, method=FasterRCNN.losses,
                                      mutable=["batch_stats"])

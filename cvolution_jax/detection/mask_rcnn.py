@@ -6,7 +6,7 @@
 As mmdet builds it, Mask R-CNN is the two-stage detector with the RoI head's mask branch on
 (``FasterRCNN.mask_op``): same modules, same parameters, nothing overridden. Training adds the mask
 loss (``rcnn_mask``) on the positive RoIs of the R-CNN sample; the batch then also needs
-``masks [B, G, M, M]``, each ground truth's mask cropped to its box (``cvolution_jax.data.coco``
+``masks [B, G, M, M]``, each ground truth's mask cropped to its box (``cvolution_jax.data.coco_transforms``
 with ``mask_size=M``).
 
 At test time the mask head runs on the final detection boxes and returns each detection's

@@ -38,10 +38,10 @@ def side_by_side(pixels: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> np.
 
 
 def draw_batch(batch: dict, pred: np.ndarray, out_dir: str, limit: int, start: int) -> int:
-    """Writes up to `limit` pictures of the real slots (mask 1) of an eval `batch` with predictions
+    """Writes up to `limit` pictures of the real slots (valid 1) of an eval `batch` with predictions
     `pred [b, H, W]` as `<out_dir>/image_<start + k>.png`; returns how many."""
     drawn = 0
-    for i in np.flatnonzero(np.asarray(batch["mask"]) > 0)[:limit]:
+    for i in np.flatnonzero(np.asarray(batch["valid"]) > 0)[:limit]:
         pixels = denormalize_image(batch["image"][i], batch["image_size"][i])
         picture = side_by_side(pixels, np.asarray(batch["label"][i]), np.asarray(pred[i]))
         os.makedirs(out_dir, exist_ok=True)

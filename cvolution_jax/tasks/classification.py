@@ -2,7 +2,7 @@
 the involution / CedNet ImageNet optimizer (`create_optimizer`), label-smoothed cross-entropy
 (`train_step`) and top-1 / top-5 over the eval split (`eval_step`).
 
-Batches are dicts: `image [B, H, W, C]` float32, `label [B]` int32, `mask [B]` float32 (0 for
+Batches are dicts: `image [B, H, W, C]` float32, `label [B]` int32, `valid [B]` float32 (0 for
 padding and skipped images). Under `jax.jit` with the batch sharded over a mesh's `data` axis,
 BatchNorm's batch mean and variance are reductions over the global batch, so statistics are
 averaged across all devices without an explicit `pmean`.
@@ -25,6 +25,7 @@ import optax
 from jax.experimental import multihost_utils
 
 from cvolution_jax import data, models
+from cvolution_jax.data import registry
 from cvolution_jax.tasks.backbone import check_backbone
 from cvolution_jax.train import config_checks, optim, steps
 from cvolution_jax.train.loop import (DataMesh, Run, check_eval_coverage, compute_dtype, initial_state, report,
@@ -77,19 +78,18 @@ def create_optimizer(config, steps_per_epoch: int, total_steps: int) -> optax.Gr
 def check_classification(config: ml_collections.ConfigDict, workdir: str, *, train: bool) -> None:
     """Every field the classification task (`cvolution_jax.tasks.classification`) reads before it builds
     anything, then the workdir."""
-    if config.data.name not in data.DATASETS:
-        raise config_checks.ConfigError(f"config.data.name must be one of {sorted(data.DATASETS)}; got {config.data.name!r}.")
+    registry.get("classification", config.data.name, error=config_checks.ConfigError)
     config_checks.check_int(config, "data.image_size", 1, " (images are resized to image_size x image_size)")
     config_checks.check_int(config, "data.validation_size", 0, " (Fashion-MNIST's training images held out; 0: the test set)")
     check_backbone(config, "model.name", "model.overrides")
     config_checks.check_run(config, workdir, train=train)
 
 
-def weighted_cross_entropy(logits, labels, mask, label_smoothing: float):
-    """Mean label-smoothed cross-entropy over the examples with mask 1. `logits [B, N]`."""
+def weighted_cross_entropy(logits, labels, valid, label_smoothing: float):
+    """Mean label-smoothed cross-entropy over the examples with valid 1. `logits [B, N]`, `valid [B]`."""
     targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
     losses = optax.softmax_cross_entropy(logits, targets)
-    return (losses * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+    return (losses * valid).sum() / jnp.maximum(valid.sum(), 1.0)
 
 
 def train_step(state: steps.TrainState, batch, label_smoothing: float):
@@ -103,15 +103,15 @@ def train_step(state: steps.TrainState, batch, label_smoothing: float):
         logits, updates = state.apply_fn(
             {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True, mutable=["batch_stats"]
         )
-        return weighted_cross_entropy(logits, batch["label"], batch["mask"], label_smoothing), (logits, updates)
+        return weighted_cross_entropy(logits, batch["label"], batch["valid"], label_smoothing), (logits, updates)
 
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     state = state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"])
-    correct = (logits.argmax(-1) == batch["label"]) * batch["mask"]
+    correct = (logits.argmax(-1) == batch["label"]) * batch["valid"]
     metrics = {
         "loss": loss,
-        "top1": correct.sum() / jnp.maximum(batch["mask"].sum(), 1.0),
-        "examples": batch["mask"].sum(),
+        "top1": correct.sum() / jnp.maximum(batch["valid"].sum(), 1.0),
+        "examples": batch["valid"].sum(),
         "param_norm": optax.tree.norm(state.params),
     }
     return state, metrics
@@ -120,21 +120,21 @@ def train_step(state: steps.TrainState, batch, label_smoothing: float):
 def eval_step(state: steps.TrainState, batch):
     """Sums over the real examples of a batch: `{"loss", "top1", "top5", "examples"}`."""
     logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False)
-    mask = batch["mask"]
+    valid = batch["valid"]
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
     top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
     return {
-        "loss": (losses * mask).sum(),
-        "top1": ((logits.argmax(-1) == batch["label"]) * mask).sum(),
-        "top5": ((top5 == batch["label"][:, None]).any(-1) * mask).sum(),
-        "examples": mask.sum(),
+        "loss": (losses * valid).sum(),
+        "top1": ((logits.argmax(-1) == batch["label"]) * valid).sum(),
+        "top5": ((top5 == batch["label"][:, None]).any(-1) * valid).sum(),
+        "examples": valid.sum(),
     }
 
 
 def run_eval(state, eval_split: data.Split, mesh: DataMesh, eval_fn) -> dict:
     """Top-1, top-5 and loss over the whole eval split (every example exactly once).
 
-    An image that failed to decode is left out (its mask is 0) and counted, as in training, so one
+    An image that failed to decode is left out (its valid is 0) and counted, as in training, so one
     damaged validation file never stops a run. Returns `{"loss", "top1", "top5"}` averaged over
     the `images` evaluated, plus `images` and `skipped_images` (the split's size is their sum).
     """

@@ -4,7 +4,8 @@ mmdet's losses and optimizer, and pycocotools' COCOeval as the evaluator.
     loop.train_and_evaluate(Detection(vis=8), config, workdir)    # experiments/coco.py
 
 What the task supplies: the model (`FasterRCNN` or `MaskRCNN`, by `config.model.detector`), the
-data (`cvolution_jax.data.coco_datasets` by `config.data.name`, through `cvolution_jax.data.coco`),
+data (`cvolution_jax.data.registry`'s detection datasets by `config.data.name`, read by
+`cvolution_jax.data.coco` and made examples by `cvolution_jax.data.coco_transforms`),
 the optimizer (mmdet's SGD with linear warm-up and step decay, stem and first stage frozen) and
 evaluation: COCOeval on the detections of the whole eval split, whose 12-number bbox summary (and
 for Mask R-CNN the segm one, its numbers named `segm_AP` ...) is printed and whose detections are
@@ -26,7 +27,7 @@ import optax
 from jax.experimental import multihost_utils
 
 from cvolution_jax import models, ops
-from cvolution_jax.data import coco, coco_datasets, transforms
+from cvolution_jax.data import coco, coco_transforms, pipeline, registry, transforms
 from cvolution_jax.data import masks as host_masks
 from cvolution_jax.detection import Detector, evaluation, visualize
 from cvolution_jax.detection.faster_rcnn import FasterRCNN, Settings, frozen
@@ -68,6 +69,7 @@ def check_detection(config: ml_collections.ConfigDict, workdir: str, *, train: b
     """Every field the detection task reads before it builds anything (image scale and buckets, the
     backbone, the channel counts the ops need), then the runner's fields and the workdir."""
     cfg = config.data
+    registry.get("detection", cfg.name, error=ConfigError)
     if config.model.detector not in DETECTORS:
         raise ConfigError(f"config.model.detector must be one of {', '.join(DETECTORS)}; got {config.model.detector!r}.")
     check_size(config, "data.scale")
@@ -246,7 +248,7 @@ class Detection:
 
     def preprocess_image(self, config: ml_collections.ConfigDict, image) -> tuple[np.ndarray, np.ndarray]:
         """`(inputs [1, H, W, 3] float32, display [H, W, 3] uint8)`: a PIL image as evaluation sees one."""
-        return coco.preprocess_image(config.data, image)
+        return coco_transforms.preprocess_image(config.data, image)
 
     def inference_kwargs(self) -> dict:
         """`model.apply`'s keyword arguments that run every layer holding a spatial op that sees only
@@ -259,14 +261,18 @@ class Detection:
     def build(self, config: ml_collections.ConfigDict, workdir: str, mesh: DataMesh, *, train: bool) -> Run:
         if train:
             check_pretrained(config.model.pretrained)
-        paths = coco_datasets.dataset_paths(config.data, workdir)
+        paths = registry.get("detection", config.data.name).paths(config.data, workdir)
         eval_data = coco.load_coco(**paths["val"])
         model = create_detector(config, len(eval_data.category_ids))
         if model.with_mask:
             check_segm_ground_truth(eval_data.annotation_file)  # before training, not at its first evaluation
         train_data = coco.load_coco(**paths["train"]) if train else None
-        # The schedule's length is no part of the state a checkpoint is restored into.
-        steps_per_epoch, total_steps = schedule_length(config, len(train_data.records)) if train else (1, 1)
+        train_examples = examples(config, train_data, with_mask=model.with_mask, train=True) if train else None
+        # The schedule's length is no part of the state a checkpoint is restored into. An epoch is
+        # the stream's: the images with targets, whole batches per size bucket (mmdet's epoch).
+        steps_per_epoch, total_steps = (
+            schedule_length(config, len(train_data.records), pipeline.batches_per_epoch(train_examples, config.batch_size))
+            if train else (1, 1))
         height, width = config.data.buckets[0]
         example = {"image": jnp.zeros((1, height, width, 3)), "image_size": jnp.asarray([[height, width]], jnp.int32)}
         variables = jax.jit(model.init)(jax.random.key(config.seed), example)
@@ -289,21 +295,24 @@ class Detection:
         def evaluate(state, step):
             return run_eval(evaluation, state, workdir, step, vis=self.vis if step == total_steps else 0)
 
-        train_iter = iter(coco.train_stream(train_data, seed=config.seed, flip_prob=config.data.flip_prob,
-                                            **stream_args(config, mesh, model.with_mask)))
+        train_iter = iter(pipeline.train_stream(train_examples, seed=config.seed, **loader_args(config, mesh)))
         return Run(state=state, evaluate=evaluate, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                    train_iter=train_iter, step_fn=step_fn, learning_rate=learning_rate_schedule(config, steps_per_epoch))
 
 
-def stream_args(config: ml_collections.ConfigDict, mesh: DataMesh, with_mask: bool) -> dict:
-    """The keyword arguments of `coco.train_stream` and `coco.eval_pass` that `config` and `mesh`
-    give, for a detector with a mask branch or without (its `with_mask`)."""
+def examples(config: ml_collections.ConfigDict, dataset: coco.CocoDataset, *, with_mask: bool,
+             train: bool) -> pipeline.Examples:
+    """`dataset` as the pipeline's examples at `config.data`'s scale, buckets and ground-truth slots,
+    with instance masks for a detector with a mask branch (its `with_mask`)."""
     cfg = config.data
     # Only a detector with a mask head reads instance masks; Faster R-CNN does not pay for decoding them.
-    mask_size = cfg.mask_size if with_mask else 0
-    return dict(batch_size=mesh.per_process, scale=cfg.scale, buckets=cfg.buckets,
-                max_gt=cfg.max_gt, process_index=jax.process_index(), process_count=jax.process_count(),
-                num_threads=cfg.num_threads, num_workers=cfg.num_workers, mask_size=mask_size)
+    return coco_transforms.examples(dataset, train=train, scale=cfg.scale, buckets=cfg.buckets, max_gt=cfg.max_gt,
+                                    mask_size=cfg.mask_size if with_mask else 0, flip_prob=cfg.flip_prob)
+
+
+def loader_args(config: ml_collections.ConfigDict, mesh: DataMesh) -> dict:
+    """The keyword arguments of `pipeline.train_stream` and `pipeline.eval_pass` that `config` and `mesh` give."""
+    return dict(batch_size=mesh.per_process, num_workers=config.data.num_workers, num_threads=config.data.num_threads)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -328,17 +337,16 @@ def run_eval(run: Evaluation, state, workdir: str, step: int, vis: int = 0) -> d
     shape_of = {r.image_id: (r.height, r.width) for r in dataset.records}
     results, drawn, evaluated, skipped = [], 0, [], []
     out_dir = os.path.join(workdir, f"eval_{step}")
-    keys = ("image_id", "scale", "mask", "corrupt")
-    stream = stream_args(run.config, run.mesh, run.model.with_mask)
-    if not vis:
-        stream["mask_size"] = 0  # ground-truth masks only serve the pictures
-    for batch in coco.eval_pass(dataset, **stream):
+    keys = ("image_id", "scale", "valid", "corrupt")
+    # Ground-truth masks only serve the pictures.
+    eval_examples = examples(run.config, dataset, with_mask=run.model.with_mask and vis > 0, train=False)
+    for batch in pipeline.eval_pass(eval_examples, **loader_args(run.config, run.mesh)):
         dets = predict(state, run.mesh.shard({k: batch[k] for k in ("image", "image_size")}))
         dets = jax.tree.map(np.asarray, multihost_utils.process_allgather(dets, tiled=True))
         host = multihost_utils.process_allgather({k: batch[k] for k in keys}, tiled=True)
         if jax.process_index() != 0:
             continue  # process 0 evaluates: it alone pastes masks and keeps the results
-        real = host["mask"] > 0
+        real = host["valid"] > 0
         evaluated += host["image_id"][real].tolist()
         skipped += host["image_id"][host["corrupt"] > 0].tolist()
         # A skipped image keeps its id in the batch; -1 makes to_coco_results drop its slot as padding.
@@ -397,7 +405,7 @@ def check_segm_ground_truth(annotation_file: str) -> None:
 def _draw(batch, dets, dataset, out_dir, limit: int, mask_threshold: float) -> int:
     drawn = 0
     for i in range(len(batch["image_id"])):
-        if drawn == limit or batch["mask"][i] == 0:
+        if drawn == limit or batch["valid"][i] == 0:
             continue
         picture = transforms.denormalize_image(batch["image"][i], batch["image_size"][i])
         height, width = picture.shape[:2]

@@ -1,11 +1,12 @@
 """Semantic segmentation as a task of the runner: mmseg's Semantic FPN or UPerNet
-(`cvolution_jax.segmentation`), `cvolution_jax.data.semantic`'s data, mmseg's cross-entropy, SGD
-with poly decay, and mIoU / mAcc / aAcc from one confusion matrix over the eval set.
+(`cvolution_jax.segmentation`), `cvolution_jax.data.registry`'s segmentation datasets made examples
+by `cvolution_jax.data.semantic`, mmseg's cross-entropy, SGD with poly decay, and mIoU / mAcc / aAcc
+from one confusion matrix over the eval set.
 
     loop.train_and_evaluate(Segmentation(vis=8), config, workdir)    # experiments/cityscapes.py
 
 Batches are dicts: `image [B, h, w, 3]` float32, `label [B, H, W]` uint8 (255 ignored),
-`image_size [B, 2]`, `mask [B]`. The eval step sums the confusion matrix over the global batch
+`image_size [B, 2]`, `valid [B]`. The eval step sums the confusion matrix over the global batch
 inside `jax.jit`, so every process holds the same totals without a gather.
 """
 
@@ -25,7 +26,8 @@ import optax
 from jax.experimental import multihost_utils
 
 from cvolution_jax import models, ops
-from cvolution_jax.data import semantic
+from cvolution_jax.data import pipeline, registry, semantic
+from cvolution_jax.data.semantic_records import SemanticSet
 from cvolution_jax.necks.fpn import FPN
 from cvolution_jax.layers import SpatialOp
 from cvolution_jax.segmentation import metrics as seg_metrics
@@ -54,7 +56,7 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int | None = No
     """
     cfg = config.model
     dtype = compute_dtype(config)
-    num_classes = num_classes or len(semantic.class_names(config.data))
+    num_classes = num_classes or len(registry.get("segmentation", config.data.name).class_names)
     backbone = models.create(cfg.backbone, dtype=dtype, **dict(cfg.backbone_overrides))
     if cfg.decode_head == "fpn":
         neck = FPN(cfg.channels, SpatialOp.named(cfg.neck_op, dict(cfg.op_kwargs)), dtype=dtype, num_outs=4)
@@ -70,9 +72,7 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int | None = No
 def check_segmentation(config: ml_collections.ConfigDict, workdir: str, *, train: bool) -> None:
     """Every field the segmentation task reads before it builds anything, then the workdir."""
     cfg, model = config.data, config.model
-    if cfg.name not in semantic.NAMES:
-        raise config_checks.ConfigError(
-            f"config.data.name must be one of {', '.join(semantic.NAMES)}; got {cfg.name!r}.")
+    registry.get("segmentation", cfg.name, error=config_checks.ConfigError)
     for key in ("scale", "crop_size"):
         value = tuple(cfg[key])
         if len(value) != 2 or not all(config_checks.is_int(n) and n >= 1 for n in value):
@@ -115,7 +115,7 @@ def create_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> opt
 
 
 def train_step(state: steps.TrainState, batch, key):
-    """One SGD step: the new state and `{"loss", "decode", ("aux"), "param_norm"}`. Slots with mask 0
+    """One SGD step: the new state and `{"loss", "decode", ("aux"), "param_norm"}`. Slots with valid 0
     (images that failed to decode) have labels 255 throughout, so they add no loss."""
     labels = batch["label"].astype(jnp.int32)
 
@@ -144,7 +144,7 @@ class Evaluation:
 
     config: ml_collections.ConfigDict
     mesh: DataMesh
-    dataset: semantic.SemanticSet
+    dataset: SemanticSet
     eval_fn: object
 
 
@@ -155,16 +155,16 @@ def run_eval(run: Evaluation, state, workdir: str, step: int, vis: int = 0) -> d
     cfg = run.config.data
     total = np.zeros((run.dataset.num_classes,) * 2, np.int64)
     evaluated = corrupt = drawn = 0
-    for batch in semantic.eval_pass(run.dataset, cfg, batch_size=run.mesh.per_process,
-                                    process_index=jax.process_index(), process_count=jax.process_count()):
+    for batch in pipeline.eval_pass(semantic.examples(run.dataset, cfg, train=False), batch_size=run.mesh.per_process,
+                                    num_workers=cfg.num_workers, num_threads=cfg.num_threads):
         confusion, pred = run.eval_fn(state, run.mesh.shard(batch))
         total += np.asarray(jax.device_get(confusion), np.int64)
-        evaluated += int(batch["mask"].sum())
+        evaluated += int(batch["valid"].sum())
         corrupt += int(batch["corrupt"].sum())
         if drawn < vis and jax.process_index() == 0:
             # Process 0's devices hold the first slots of the global batch: its own images.
             shards = sorted(pred.addressable_shards, key=lambda shard: shard.index[0].start or 0)
-            local = np.concatenate([np.asarray(shard.data) for shard in shards])[:len(batch["mask"])]
+            local = np.concatenate([np.asarray(shard.data) for shard in shards])[:len(batch["valid"])]
             drawn += visualize.draw_batch(batch, local, os.path.join(workdir, f"eval_{step}"), vis - drawn, drawn)
     if jax.process_count() > 1:  # each process counted its own slots
         evaluated, corrupt = (int(v) for v in np.sum(multihost_utils.process_allgather(
@@ -215,10 +215,11 @@ class Segmentation:
     def build(self, config: ml_collections.ConfigDict, workdir: str, mesh: DataMesh, *, train: bool) -> Run:
         if train:
             check_pretrained(config.model.pretrained)
-        eval_data = semantic.load_split(config.data, workdir, "val")
+        dataset = registry.get("segmentation", config.data.name)
+        eval_data = dataset.load(config.data, workdir, "val")
         model = create_model(config, eval_data.num_classes)
         if train:
-            train_data = semantic.load_split(config.data, workdir, "train")
+            train_data = dataset.load(config.data, workdir, "train")
             # What the first evaluation would find wrong, found before the first step: the eval set's
             # one image size and every val label, and a sample of the train labels.
             semantic.eval_sizes(eval_data, tuple(config.data.scale))
@@ -250,7 +251,8 @@ class Segmentation:
         def evaluate(state, step):
             return run_eval(evaluation, state, workdir, step, self.vis if step == total_steps else 0)
 
-        stream = semantic.train_stream(train_data, config.data, batch_size=mesh.per_process, seed=config.seed,
-                                       process_index=jax.process_index(), process_count=jax.process_count())
+        stream = pipeline.train_stream(semantic.examples(train_data, config.data, train=True), batch_size=mesh.per_process,
+                                       seed=config.seed, num_workers=config.data.num_workers,
+                                       num_threads=config.data.num_threads)
         return Run(state=state, evaluate=evaluate, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                    train_iter=iter(stream), step_fn=step_fn, learning_rate=learning_rate_schedule(config, total_steps))

@@ -62,11 +62,15 @@ def report(message: str) -> None:
         tqdm.write(message)
 
 
-def schedule_length(config: ml_collections.ConfigDict, num_train_examples: int) -> tuple[int, int]:
+def schedule_length(config: ml_collections.ConfigDict, num_train_examples: int,
+                    steps_per_epoch: int | None = None) -> tuple[int, int]:
     """(steps per epoch, total training steps) of a run of `config` on `num_train_examples` images,
-    for every task: whole global batches per epoch; `config.num_train_steps` if > 0, else
-    `config.num_epochs` epochs. ValueError when a batch exceeds the data or the run has no step."""
-    steps_per_epoch = num_train_examples // config.batch_size
+    for every task: `steps_per_epoch` global batches per epoch (the train stream's own count, e.g.
+    `data.pipeline.batches_per_epoch`; default the whole batches of the examples); `config.num_train_steps`
+    if > 0, else `config.num_epochs` epochs. ValueError when a batch exceeds the data or the run has
+    no step."""
+    if steps_per_epoch is None:
+        steps_per_epoch = num_train_examples // config.batch_size
     if steps_per_epoch == 0:
         raise ValueError(
             f"config.batch_size={config.batch_size} exceeds the {num_train_examples} training examples; lower it.")
