@@ -89,8 +89,9 @@ def check_detection(config: ml_collections.ConfigDict, workdir: str, *, train: b
             f"config.model.backbone_overrides gives the backbone {len(backbone.stage_strides)} stages "
             f"(stage_sizes {tuple(backbone.stage_sizes)}); the FPN takes C2-C5, so give {NUM_STAGES}."
         )
-    check_int(config, "model.channels", 1)
-    check_int(config, "model.fc_dim", 1)
+    for field in ("channels", "fc_dim"):  # the sizes the registered detector takes
+        if field in DETECTORS[config.model.detector].config_fields:
+            check_int(config, f"model.{field}", 1)
     try:
         detector = create_detector(config, num_classes=1)
     except ValueError as error:
