@@ -45,14 +45,17 @@ CURVES = (("train", "rcnn_accuracy", "train R-CNN accuracy"), ("eval", "AP", "ev
 # config.model fields the two-stage detectors take; one absent from the config keeps the module's default.
 _TWO_STAGE_FIELDS = ("neck_op", "rpn_op", "channels", "fc_dim", "norm_eval")
 _MASK_FIELDS = ("mask_op", "mask_convs", "mask_channels")
-# The detectors by config.model.detector: each a `cvolution_jax.detection.Detector` module and the
-# config.model fields it takes. A new detector is its module(s), its configs and one line here.
+
+
 class Registered(NamedTuple):
+    """A `DETECTORS` entry."""
+
     module: type  # the flax module, a `cvolution_jax.detection.Detector`
     settings: type  # the dataclass of its `settings` field, filled from config.model.settings
     config_fields: tuple[str, ...]  # the config.model fields it takes
 
 
+# The detectors by config.model.detector. A new detector is its module(s), its configs and one line here.
 DETECTORS = {
     "faster_rcnn": Registered(FasterRCNN, Settings, _TWO_STAGE_FIELDS),
     "mask_rcnn": Registered(MaskRCNN, Settings, _TWO_STAGE_FIELDS + _MASK_FIELDS),
